@@ -1,0 +1,256 @@
+"""Typed configs: dataclasses filled from YAML, then overridden by dotted `key=value` arguments.
+
+One chain: dataclass defaults -> YAML file -> command-line overrides. Every value is converted to
+its field's declared type; unknown keys, wrong types and invalid values raise a ConfigError that
+names the dotted field (and suggests the closest key for a typo).
+
+A component config validates itself in `__post_init__` by raising ConfigError(field, reason) with
+its own field name; `build` prefixes the path of the section it sits in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A bad config value: `field` is the dotted path, `reason` what is wrong and what is allowed."""
+
+    def __init__(self, field: str, reason: str):
+        self.field, self.reason = field, reason
+        super().__init__(f"{field}: {reason}" if field else reason)
+
+    def under(self, prefix: str) -> ConfigError:
+        return ConfigError(f"{prefix}.{self.field}" if self.field else prefix, self.reason)
+
+
+def check(condition: bool, field: str, reason: str) -> None:
+    """Raise ConfigError(field, reason) unless condition holds (for __post_init__ validation)."""
+    if not condition:
+        raise ConfigError(field, reason)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def build(cls: type[T], data: Any, path: str = "") -> T:
+    """Turn plain data (from YAML) into an instance of dataclass `cls`, recursively and type-checked."""
+    if isinstance(data, cls):
+        return data
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(path, f"expected a mapping for {cls.__name__}, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(_join(path, str(key)), "unknown key" + _suggest(str(key), fields))
+        kwargs[key] = convert(value, hints[key], _join(path, key))
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise e.under(path) if path else e
+    except TypeError as e:  # a required field left out
+        raise ConfigError(path, str(e)) from None
+
+
+def convert(value: Any, tp: Any, path: str) -> Any:
+    """Convert `value` to type `tp` (dataclass, Optional, Literal, list, tuple, dict, scalar)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return convert(value, option, path)
+            except ConfigError as e:
+                errors.append(e.reason)
+        raise ConfigError(path, " / ".join(errors))
+    if origin is Literal:
+        for choice in args:
+            if value == choice or (isinstance(value, str) and str(choice) == value):
+                return choice
+        raise ConfigError(path, f"must be one of {', '.join(map(str, args))}; got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, path)
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(path, f"expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(path, f"expected {len(args)} values, got {len(value)}")
+            return tuple(convert(v, a, f"{path}.{i}") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        items = [convert(v, item, f"{path}.{i}") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"expected a mapping, got {value!r}")
+        return dict(value)
+    return _scalar(value, tp, path)
+
+
+def _scalar(value: Any, tp: Any, path: str) -> Any:
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(path, f"expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = float(value.replace("_", ""))
+            except ValueError:
+                number = None
+            if number is not None and number.is_integer():
+                return int(number)
+        raise ConfigError(path, f"expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(path, f"expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(path, f"expected a string, got {value!r}")
+    raise ConfigError(path, f"unsupported field type {tp!r}")
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _suggest(key: str, options) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else f"; valid keys: {', '.join(sorted(options))}"
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def apply_override(data: dict, dotted: str, raw: str, cls: type) -> None:
+    """Set `dotted` (e.g. `optim.lr`, `data.gssm.nodes.0.state_dim`) to `raw` inside plain data.
+
+    The path is checked against the dataclass schema `cls` as it is walked, so a typo is reported
+    with the full dotted key and a suggestion. The value is parsed as YAML (lists, null, numbers)
+    and converted to the field's type later, by `build`.
+    """
+    keys = dotted.split(".")
+    node: Any = data
+    schema: Any = cls
+    for depth, key in enumerate(keys):
+        here = ".".join(keys[: depth + 1])
+        last = depth == len(keys) - 1
+        schema = _unwrap_optional(schema)
+        if dataclasses.is_dataclass(schema):
+            fields = {f.name: f for f in dataclasses.fields(schema) if f.init}
+            if key not in fields:
+                raise ConfigError(here, "unknown key" + _suggest(key, fields))
+            field_type = typing.get_type_hints(schema)[key]
+            if last:
+                node[key] = yaml.safe_load(raw) if raw.strip() else raw
+                return
+            if node.get(key) is None:
+                node[key] = _default_as_data(fields[key])
+            node, schema = node[key], field_type
+        elif typing.get_origin(schema) in (list, tuple):
+            if not key.isdigit() or not isinstance(node, list) or int(key) >= len(node):
+                size = len(node) if isinstance(node, list) else 0
+                raise ConfigError(here, f"no list item {key} (the list has {size} items)")
+            if last:
+                node[int(key)] = yaml.safe_load(raw)
+                return
+            node, schema = node[int(key)], typing.get_args(schema)[0]
+        elif typing.get_origin(schema) is dict or schema is dict:
+            if last:
+                node[key] = yaml.safe_load(raw)
+                return
+            node = node.setdefault(key, {})
+            schema = Any
+        else:
+            raise ConfigError(".".join(keys[:depth]), f"is a value, not a section (cannot set {dotted})")
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(options) == 1:
+            return options[0]
+    return tp
+
+
+def _default_as_data(field: dataclasses.Field) -> Any:
+    """A field's default as plain data, so an override can descend into a section the YAML omitted."""
+    if field.default_factory is not dataclasses.MISSING:
+        return to_dict(field.default_factory())
+    if field.default is not dataclasses.MISSING and field.default is not None:
+        return to_dict(field.default)
+    return {}
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def load(cls: type[T], path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Defaults -> YAML file at `path` -> `key=value` overrides, validated into a `cls` instance."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError("", f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError("", f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError("", f"{path} must hold a mapping at the top level")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError("", f"expected key=value on the command line, got {item!r}")
+        apply_override(data, key.strip(), value, cls)
+    return build(cls, data)
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain data (dicts, lists, scalars) of a config, suitable for YAML."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def dump(obj: Any) -> str:
+    return yaml.safe_dump(to_dict(obj), sort_keys=False)

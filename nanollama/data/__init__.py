@@ -1,0 +1,1 @@
+"""Data: GSSM synthetic sequences (sampling, exact likelihood) and loading."""

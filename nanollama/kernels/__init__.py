@@ -1,0 +1,10 @@
+"""nanollama.kernels: the fast paths under the model, importable on their own.
+
+Each op lives in its own module with its eager reference beside it.
+"""
+
+from nanollama.kernels import masks
+from nanollama.kernels.attention import attention, attention_ref
+from nanollama.kernels.rope import apply_rope, rope_frequencies, rope_ref
+
+__all__ = ["apply_rope", "attention", "attention_ref", "masks", "rope_frequencies", "rope_ref"]
