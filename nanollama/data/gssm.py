@@ -75,8 +75,11 @@ class GSSMConfig:
         observed = [n.name for n in self.nodes if n.observed]
         check(len(observed) == 1, "nodes", f"exactly one node must be observed, got {len(observed)} {observed}")
         for i, n in enumerate(self.nodes):
-            check(not (n.observed is False and observed[0] in n.parents), f"nodes.{i}.parents",
-                  f"node '{n.name}': the observed node '{observed[0]}' cannot be a parent")
+            check(
+                not (n.observed is False and observed[0] in n.parents),
+                f"nodes.{i}.parents",
+                f"node '{n.name}': the observed node '{observed[0]}' cannot be a parent",
+            )
         done: list[NodeConfig] = []
         pending = list(self.nodes)
         while pending:

@@ -1,0 +1,174 @@
+"""A thin Llama-style Transformer: pre-norm blocks of RMSNorm, GQA attention with RoPE, SwiGLU MLP.
+
+Attention and RoPE go through nanollama.kernels, so the fast paths apply without the model knowing.
+The model knows nothing of torch.distributed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanollama.config import check
+from nanollama.kernels import apply_rope, attention, masks, rope_frequencies
+
+
+@dataclass
+class TransformerConfig:
+    """Model shape. vocab_size None means: take it from the data (the GSSM observed node)."""
+
+    vocab_size: int | None = None
+    dim: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: as many as n_heads (plain multi-head attention)
+    max_seq_len: int = 256
+    hidden_dim: int | None = None  # None: about 8/3 * dim, rounded up to a multiple of 16
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.hidden_dim is None:
+            self.hidden_dim = 16 * math.ceil(8 * self.dim / 3 / 16)
+        check(self.vocab_size is None or self.vocab_size >= 1, "vocab_size", f"must be >= 1, got {self.vocab_size}")
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "hidden_dim"):
+            check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        check(self.dim % self.n_heads == 0, "n_heads", f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        check(
+            self.n_heads % self.n_kv_heads == 0,
+            "n_kv_heads",
+            f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}",
+        )
+        check(self.head_dim % 2 == 0, "n_heads", f"head_dim = dim / n_heads = {self.head_dim} must be even for RoPE")
+        check(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
+        check(self.norm_eps > 0, "norm_eps", f"must be > 0, got {self.norm_eps}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the compute dtype: the mean of squares is where bf16 hurts.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        # One fused projection: q, k and v are strided views of its output.
+        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, positions=None):
+        B, S, _ = x.shape
+        qkv = self.wqkv(x).view(B, S, self.n_heads + 2 * self.n_kv_heads, self.head_dim)  # (B, S, Hq+2Hk, D)
+        q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)  # (B, S, H*, D) views
+        q, k = apply_rope(q, k, cos, sin, positions)
+        # (B, S, H, D) -> (B, H, S, D), the layout attention kernels want
+        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask=mask)
+        return self.wo(out.transpose(1, 2).reshape(B, S, -1))  # (B, S, Hq*D)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x, cos, sin, mask, positions=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, positions)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        check(cfg.vocab_size is not None, "vocab_size", "must be set (or derived from the data) to build the model")
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_frequencies(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
+        # Not saved in checkpoints: derived from the config, and kept in float32 whatever the model dtype.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Normal(0, std) weights; residual output projections scaled by 1/sqrt(2 * n_layers) (depth-scaled)."""
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=residual_std)
+            elif p.dim() >= 2:
+                nn.init.normal_(p, mean=0.0, std=std)
+            else:
+                nn.init.ones_(p)  # norm gains
+
+    def forward(self, tokens: torch.Tensor, mask=None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, S) -> logits (B, S, vocab). mask defaults to causal; positions (B, S) or None."""
+        B, S = tokens.shape
+        if S > self.config.max_seq_len and positions is None:
+            raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.config.max_seq_len}")
+        mask = masks.causal() if mask is None else mask
+        h = self.tok_embeddings(tokens)  # (B, S, dim)
+        for layer in self.layers:
+            h = layer(h, self.rope_cos, self.rope_sin, mask, positions)
+        return self.output(self.norm(h)).float()  # logits in float32 for a stable cross-entropy
+
+    def num_params(self, embeddings: bool = True) -> int:
+        """Parameter count (tied weights once); embeddings=False leaves out the token embedding table."""
+        n = sum(p.numel() for p in self.parameters())
+        if not embeddings and not self.config.tie_embeddings:
+            n -= self.tok_embeddings.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6N + 12 * L * H * Q * T (the nanoGPT / torchtitan convention).
+
+        N counts the parameters that do matmuls (all but the token embedding lookup; with tied
+        embeddings the table is the output matmul and is counted). 6N is forward (2N) plus backward
+        (4N); 12 * L * H * Q * T is attention's scores and weighted sum (L layers, H heads, head dim
+        Q, context T), forward and backward, without discounting the causal mask.
+        """
+        c = self.config
+        return 6 * self.num_params(embeddings=False) + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len

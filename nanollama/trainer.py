@@ -1,0 +1,295 @@
+"""The single-process training loop: data -> model -> AdamW, with exact resume.
+
+Everything a resumed run needs is in the checkpoint: model, optimizer, grad scaler, the step (which
+is also the data stream's position: batch seeds are derived from it) and every RNG state. So a
+relaunch of the same command continues with exactly the losses an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nanollama import checkpoint, config
+from nanollama.data.gssm import GSSM
+from nanollama.model import Transformer
+from nanollama.monitor import MetricsFile, hostname, rss_bytes
+from nanollama.optim import build_optimizer, lr_at
+from nanollama.run_config import TrainConfig
+
+log = logging.getLogger("nanollama")
+
+# Exit codes a launcher can act on (0 is a finished run, 2 a bad config).
+EXIT_NONFINITE = 3  # the loss became NaN or infinite; the last good checkpoint is kept
+EXIT_PREEMPTED = 75  # SIGTERM or SIGUSR1: checkpointed, relaunch to resume (EX_TEMPFAIL)
+EXIT_INTERRUPTED = 130  # Ctrl-C: checkpointed
+
+_TRAIN, _EVAL = 0, 1  # stream tags: the training and held-out batches never share a seed
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def stream_seed(*key: int) -> int:
+    """A 63-bit seed for one batch, derived from (seed, stream tag, step, micro-step)."""
+    return int(np.random.SeedSequence(list(key)).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+class StopRequest:
+    """Turns SIGINT / SIGTERM / SIGUSR1 into a flag the loop checks after each step."""
+
+    CODES = {signal.SIGINT: EXIT_INTERRUPTED, signal.SIGTERM: EXIT_PREEMPTED, signal.SIGUSR1: EXIT_PREEMPTED}
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for signum in self.CODES:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return self.CODES[self.signum]
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        if cfg.device == "auto":
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            self.device = torch.device(cfg.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise config.ConfigError("device", "cuda was asked for but no CUDA device is available")
+        self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+
+        _seed_everything(cfg.seed)
+        self.gssm = GSSM(cfg.data.gssm, seed=cfg.data.graph_seed)
+        self.model = Transformer(cfg.model).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        self.step = 0
+        self.metrics = MetricsFile(self.run_dir / "metrics.jsonl")
+        self._eval_batches: list[torch.Tensor] | None = None
+        self._bayes_loss: float | None = None
+
+    # ------------------------------------------------------------------ data
+
+    def train_batch(self, step: int, micro: int) -> torch.Tensor:
+        """Tokens (B, seq_len + 1) for one micro-step: inputs are [:, :-1], targets [:, 1:]."""
+        d = self.cfg.data
+        return self.gssm.sample(d.batch_size, d.seq_len + 1, seed=stream_seed(self.cfg.seed, _TRAIN, step, micro))
+
+    def eval_batches(self) -> list[torch.Tensor]:
+        """The held-out batches: fixed by the graph seed, so runs on one graph share them."""
+        if self._eval_batches is None:
+            d = self.cfg.data
+            self._eval_batches = [
+                self.gssm.sample(d.batch_size, d.seq_len + 1, seed=stream_seed(d.graph_seed, _EVAL, i))
+                for i in range(self.cfg.eval.batches)
+            ]
+        return self._eval_batches
+
+    def bayes_loss(self) -> float | None:
+        """The Bayes-optimal NLL of the eval targets (positions 2..T+1), when the GSSM provides it."""
+        if self._bayes_loss is None and hasattr(self.gssm, "nll"):
+            nlls = [self.gssm.nll(batch)[:, 1:].double().mean().item() for batch in self.eval_batches()]
+            self._bayes_loss = float(np.mean(nlls))
+        return self._bayes_loss
+
+    # ------------------------------------------------------------------ steps
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def loss_on(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.to(self.device, non_blocking=True)
+        with self.autocast():
+            logits = self.model(tokens[:, :-1])  # (B, T, vocab), float32
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1))
+
+    def train_step(self) -> dict:
+        """One optimizer step over accum_steps micro-batches; returns the step's metrics."""
+        cfg = self.cfg.optim
+        lr = lr_at(self.step, self.cfg.steps, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = 0.0
+        for micro in range(cfg.accum_steps):
+            loss = self.loss_on(self.train_batch(self.step, micro))
+            self.scaler.scale(loss / cfg.accum_steps).backward()
+            total += loss.item() / cfg.accum_steps
+        if not math.isfinite(total):
+            raise NonFiniteLoss(f"the loss became {total} at step {self.step + 1}")
+        self.scaler.unscale_(self.optimizer)
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"loss": total, "lr": lr, "grad_norm": grad_norm}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.model.eval()
+        losses = [self.loss_on(batch).item() for batch in self.eval_batches()]
+        self.model.train()
+        record = {"eval_loss": float(np.mean(losses))}
+        bayes = self.bayes_loss()
+        if bayes is not None:
+            record.update(bayes_loss=bayes, excess_loss=record["eval_loss"] - bayes)
+        return record
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self) -> Path:
+        state = {
+            "step": self.step,
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+        }
+        parts = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "train_state": state,
+        }
+        return checkpoint.save(self.ckpt_root, self.step, parts, keep=self.cfg.checkpoint.keep)
+
+    def resume(self) -> bool:
+        path = checkpoint.latest(self.ckpt_root)
+        if path is None:
+            return False
+        parts = checkpoint.load(path, map_location=self.device)
+        self.model.load_state_dict(parts["model"])
+        self.optimizer.load_state_dict(parts["optimizer"])
+        self.scaler.load_state_dict(parts["scaler"])
+        state = parts["train_state"]
+        self.step = state["step"]
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"].cpu())
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+        self.metrics.truncate_after(self.step)
+        log.info(f"resumed from {path} at step {self.step}")
+        return True
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> int:
+        """Train to cfg.steps (resuming if a checkpoint exists); returns the process exit code."""
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.run_dir / "config.yaml", config.dump(cfg))
+        _setup_logging(self.run_dir / "train.log")
+        log.info(f"host {hostname()} | pid rss {rss_bytes() / 2**20:.0f} MiB | device {self.device} | {cfg.precision}")
+        log.info(
+            f"model: {self.model.num_params() / 1e6:.3f}M parameters, "
+            f"{self.model.flops_per_token(cfg.data.seq_len) / 1e6:.2f} MFLOP/token | run_dir {self.run_dir}"
+        )
+        self.resume()
+        if self.step >= cfg.steps:
+            log.info(f"already at step {self.step} >= steps={cfg.steps}: nothing to do (raise steps to go on)")
+            return 0
+        bayes = self.bayes_loss()
+        if bayes is not None:
+            log.info(f"Bayes-optimal loss on the eval batches: {bayes:.4f}")
+        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.optim.accum_steps
+        self.model.train()
+        with StopRequest() as stop:
+            clock, steps_timed = time.perf_counter(), 0
+            while self.step < cfg.steps:
+                try:
+                    record = self.train_step()
+                except NonFiniteLoss as e:
+                    last = checkpoint.latest(self.ckpt_root)
+                    log.error(f"{e}; stopping. Last good checkpoint: {last or 'none'} (try a lower optim.lr)")
+                    return EXIT_NONFINITE
+                steps_timed += 1
+                if self.step % cfg.log.every == 0 or self.step == cfg.steps:
+                    elapsed = time.perf_counter() - clock
+                    record.update(step=self.step, tokens_per_s=tokens_per_step * steps_timed / elapsed)
+                    self.log_train(record)
+                    clock, steps_timed = time.perf_counter(), 0
+                if (cfg.eval.every and self.step % cfg.eval.every == 0) or self.step == cfg.steps:
+                    self.log_eval(self.evaluate())
+                if self.step % cfg.checkpoint.every == 0 or self.step == cfg.steps:
+                    self.save()
+                if stop.signum is not None:
+                    path = self.save()
+                    log.info(f"stopped by {signal.Signals(stop.signum).name} at step {self.step}; checkpoint {path}")
+                    return stop.exit_code
+        log.info(f"done: step {self.step}")
+        return 0
+
+    def log_train(self, r: dict) -> None:
+        r = {"step": r["step"], "loss": r["loss"], "lr": r["lr"], "grad_norm": r["grad_norm"], **r}
+        self.metrics.write(r)
+        log.info(
+            f"step {r['step']:>6}/{self.cfg.steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
+            f"grad_norm {r['grad_norm']:.3f} | tok/s {r['tokens_per_s']:,.0f}"
+        )
+
+    def log_eval(self, r: dict) -> None:
+        self.metrics.write({"step": self.step, **r})
+        line = f"eval {self.step:>6}/{self.cfg.steps} | eval_loss {r['eval_loss']:.4f}"
+        if "bayes_loss" in r:
+            line += f" | bayes_loss {r['bayes_loss']:.4f} | excess_loss {r['excess_loss']:.4f}"
+        log.info(line)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _setup_logging(path: Path) -> None:
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(path)):
+        handler.setFormatter(fmt)
+        log.addHandler(handler)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

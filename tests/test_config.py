@@ -1,0 +1,99 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nanollama import config
+from nanollama.run_config import TrainConfig
+from nanollama.train import parse
+
+DEBUG = Path(__file__).parents[1] / "configs" / "gssm" / "debug.yaml"
+
+
+def error_of(args: list[str]) -> str:
+    with pytest.raises(config.ConfigError) as info:
+        parse(args)
+    return str(info.value)
+
+
+def test_yaml_then_overrides_with_types():
+    cfg = parse([str(DEBUG), "steps=50", "optim.lr=3e-3", "run_dir=runs/try1", "data.gssm.nodes.0.state_dim=16"])
+    assert cfg.steps == 50 and isinstance(cfg.steps, int)
+    assert cfg.optim.lr == 3e-3 and isinstance(cfg.optim.lr, float)  # PyYAML alone reads "3e-3" as a string
+    assert cfg.run_dir == "runs/try1"
+    assert cfg.data.gssm.nodes[0].state_dim == 16
+    assert cfg.data.gssm.nodes[1].state_dim == 4  # untouched list items keep the file's values
+    assert cfg.optim.betas == (0.9, 0.95) and isinstance(cfg.optim.betas, tuple)
+    assert cfg.model.vocab_size == 16  # derived from the observed node
+
+
+def test_overrides_of_lists_booleans_and_sections_missing_from_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 3\n")
+    cfg = config.load(TrainConfig, path, ["optim.betas=[0.8, 0.99]", "model.tie_embeddings=true", "eval.every=0"])
+    assert cfg.optim.betas == (0.8, 0.99)
+    assert cfg.model.tie_embeddings is True
+    assert cfg.eval.every == 0
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("optim.lrr=1", "optim.lrr: unknown key (did you mean 'optim.lr'?)"),
+        ("stepz=3", "stepz: unknown key (did you mean 'steps'?)"),
+        ("steps=abc", "steps: expected an integer, got 'abc'"),
+        ("optim.lr=-1", "optim.lr: must be > 0, got -1.0"),
+        ("precision=fp64", "precision: must be one of fp32, bf16, fp16; got 'fp64'"),
+        ("model.n_heads=3", "model.n_heads: dim=64 is not divisible by n_heads=3"),
+        ("model.n_kv_heads=3", "model.n_kv_heads: n_heads=4 is not a multiple of n_kv_heads=3"),
+        ("data.gssm.nodes.7.state_dim=3", "data.gssm.nodes.7: no list item 7 (the list has 3 items)"),
+        ("data.gssm.nodes.0.alpha=0", "data.gssm.nodes.0.alpha: node 'Z1': alpha must be > 0, got 0.0"),
+        ("optim.lr.x=1", "optim.lr: is a value, not a section"),
+        ("model.vocab_size=10", "model.vocab_size: is 10 but data.gssm's observed node has state_dim 16"),
+        ("data.seq_len=500", "data.seq_len: 500 exceeds model.max_seq_len=128"),
+        ("log.every=0", "log.every: must be >= 1, got 0"),
+    ],
+)
+def test_bad_values_name_the_dotted_field(override, expected):
+    assert expected in error_of([str(DEBUG), override])
+
+
+def test_bad_graphs_name_the_node():
+    assert "unknown parent 'nope'" in error_of([str(DEBUG), "data.gssm.nodes.1.parents=[nope]"])
+    assert "cycle" in error_of([str(DEBUG), "data.gssm.nodes.0.parents=[Z2]"])
+    assert "exactly one node must be observed" in error_of([str(DEBUG), "data.gssm.nodes.0.observed=true"])
+
+
+def test_unknown_key_in_the_yaml_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 0.1\n  warmpu: 3\n")
+    with pytest.raises(config.ConfigError, match=r"optim.warmpu: unknown key \(did you mean 'warmup'\?\)"):
+        config.load(TrainConfig, path)
+
+
+def test_missing_file_and_bad_arguments():
+    assert "config file not found: nope.yaml" in error_of(["nope.yaml"])
+    assert "expected key=value" in error_of([str(DEBUG), "steps"])
+    assert "first argument must be a config file" in error_of(["steps=3"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = parse([str(DEBUG), "optim.lr=0.01"])
+    path = tmp_path / "config.yaml"
+    path.write_text(config.dump(cfg))
+    assert config.load(TrainConfig, path) == cfg
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["missing.yaml"], "error: config file not found: missing.yaml"),
+        ([str(DEBUG), "optim.lrr=3"], "error: optim.lrr: unknown key (did you mean 'optim.lr'?)"),
+    ],
+)
+def test_cli_errors_are_one_line_with_exit_code_2(args, message):
+    proc = subprocess.run([sys.executable, "-m", "nanollama.train", *args], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == message
+    assert "Traceback" not in proc.stderr + proc.stdout

@@ -1,0 +1,131 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from nanollama import checkpoint
+from nanollama.monitor import MetricsFile
+from nanollama.train import main, parse
+from nanollama.trainer import EXIT_INTERRUPTED, EXIT_NONFINITE, Trainer
+
+ROOT = Path(__file__).parents[1]
+DEBUG = ROOT / "configs" / "gssm" / "debug.yaml"
+TINY = [
+    "model.dim=32",
+    "model.n_layers=1",
+    "model.max_seq_len=32",
+    "data.batch_size=8",
+    "data.seq_len=16",
+    "optim.warmup=2",
+    "log.every=1",
+    "eval.every=5",
+    "eval.batches=2",
+]
+
+
+def run(tmp_path, *extra, name="run") -> tuple[int, list[dict]]:
+    run_dir = tmp_path / name
+    code = main([str(DEBUG), *TINY, f"run_dir={run_dir}", *extra])
+    return code, MetricsFile(run_dir / "metrics.jsonl").read()
+
+
+def losses(records):
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_short_run_lowers_the_loss_and_writes_the_run_directory(tmp_path):
+    code, records = run(tmp_path, "steps=60", "optim.lr=1e-2", "checkpoint.every=25", "checkpoint.keep=2")
+    assert code == 0
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 61))
+    for r in train:
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= r.keys()
+    first, last = sum(r["loss"] for r in train[:5]) / 5, sum(r["loss"] for r in train[-5:]) / 5
+    assert last < first - 0.3, (first, last)
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [5 * i for i in range(1, 13)]
+    run_dir = tmp_path / "run"
+    assert checkpoint.complete_steps(run_dir / "checkpoints") == [50, 60]  # keep=2
+    assert parse([str(run_dir / "config.yaml")]).steps == 60
+    log = (run_dir / "train.log").read_text()
+    assert "host " in log and "rss" in log and "step     60/60" in log
+
+
+def test_resume_equals_uninterrupted_bitwise(tmp_path):
+    args = ("steps=20", "checkpoint.every=7", "checkpoint.keep=5")
+    _, full = run(tmp_path, *args, name="full")
+    _, partial = run(tmp_path, *args, name="partial")
+    # Pretend the run died after step 14: drop the later checkpoints, then relaunch the same command.
+    ckpts = tmp_path / "partial" / "checkpoints"
+    for step in (20,):
+        import shutil
+
+        shutil.rmtree(checkpoint.step_dir(ckpts, step))
+    code, resumed = run(tmp_path, *args, name="partial")
+    assert code == 0
+    assert losses(resumed) == losses(full)  # exact float equality, steps 1..20
+    assert [r["step"] for r in resumed if "loss" in r] == list(range(1, 21))  # no duplicated records
+    assert losses(partial) == losses(full)
+
+
+def test_raising_steps_at_relaunch_trains_on(tmp_path):
+    run(tmp_path, "steps=6", "optim.schedule=constant")
+    code, records = run(tmp_path, "steps=9", "optim.schedule=constant")
+    assert code == 0 and sorted(losses(records)) == list(range(1, 10))
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real = Trainer.loss_on
+
+    def poisoned(self, tokens):
+        loss = real(self, tokens)
+        return loss * float("nan") if self.step == 5 else loss
+
+    monkeypatch.setattr(Trainer, "loss_on", poisoned)
+    code, records = run(tmp_path, "steps=20", "checkpoint.every=2")
+    assert code == EXIT_NONFINITE
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert checkpoint.complete_steps(ckpts) == [2, 4]
+    assert max(losses(records)) <= 5
+    model = checkpoint.load(checkpoint.latest(ckpts))["model"]
+    assert all(torch.isfinite(t).all() for t in model.values())
+
+
+def test_half_written_checkpoints_are_ignored(tmp_path):
+    run(tmp_path, "steps=4", "checkpoint.every=2")
+    ckpts = tmp_path / "run" / "checkpoints"
+    # a crash mid-write leaves a temporary directory, or (on odd filesystems) a step without its marker
+    (ckpts / ".tmp-step_00000009-1").mkdir()
+    (ckpts / ".tmp-step_00000009-1" / "model.pt").write_bytes(b"garbage")
+    unmarked = checkpoint.step_dir(ckpts, 8)
+    unmarked.mkdir()
+    (unmarked / "model.pt").write_bytes(b"garbage")
+    assert checkpoint.latest(ckpts) == checkpoint.step_dir(ckpts, 4)
+    code, records = run(tmp_path, "steps=6", "checkpoint.every=2")  # resumes from step 4, not 8 or 9
+    assert code == 0 and sorted(losses(records)) == list(range(1, 7))
+
+
+def test_ctrl_c_checkpoints_and_the_relaunch_matches_an_uninterrupted_run(tmp_path):
+    args = [*TINY, "steps=400", "checkpoint.every=1000", "log.every=1"]
+    _, full = run(tmp_path, *args[len(TINY) :], name="full")
+    run_dir = tmp_path / "interrupted"
+    cmd = [sys.executable, "-m", "nanollama.train", str(DEBUG), *args, f"run_dir={run_dir}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    metrics = MetricsFile(run_dir / "metrics.jsonl")
+    deadline = time.time() + 120
+    while len(metrics.read()) < 5 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_INTERRUPTED, out
+    assert "Traceback" not in out and "stopped by SIGINT" in out
+    stopped_at = checkpoint.complete_steps(run_dir / "checkpoints")
+    assert len(stopped_at) == 1 and 5 <= stopped_at[0] < 400
+    code = subprocess.run(cmd, env=env, capture_output=True).returncode
+    assert code == 0
+    assert losses(metrics.read()) == losses(full)
