@@ -60,7 +60,7 @@ def build(cls: type[T], data: Any, path: str = "") -> T:
     try:
         return cls(**kwargs)
     except ConfigError as e:
-        raise e.under(path) if path else e
+        raise (e.under(path) if path else e) from None
     except TypeError as e:  # a required field left out
         raise ConfigError(path, str(e)) from None
 
