@@ -255,17 +255,19 @@ def _block_n(head_dim: int) -> int:
 
 
 def _pick_split_size(B: int, Hk: int, S_max: int, block_n: int, device: torch.device) -> int:
-    """Keys per split: enough programs to fill the device when the cache is full, no split under 256 keys.
+    """Keys per split, from the shapes only (reading the lengths would sync the host and break CUDA graphs).
 
-    The choice depends only on shapes, never on the lengths' values: reading those would sync the host
-    and break CUDA graphs. Ragged batches still save, as programs past a sequence's end exit at once.
+    Enough splits to give the device ~4 programs per SM when the cache is full; splits of at most
+    1024 keys, so a ragged batch's long sequences spread over many programs instead of a few long
+    ones finishing last; and at least 256 keys, so the partial outputs (G x D floats per split and
+    head group, written and read back) stay a few percent of the K/V bytes read.
     """
-    sms = (
-        _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-        if device.type == "cuda"
-        else 8
-    )
-    n_splits = max(1, min(_cdiv(4 * sms, B * Hk), _cdiv(S_max, 256)))
+    if device.type == "cuda":
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        sms = 8  # the interpreter: any value works
+    n_splits = max(_cdiv(4 * sms, B * Hk), _cdiv(S_max, 1024))
+    n_splits = max(1, min(n_splits, _cdiv(S_max, 256)))
     return max(block_n, _cdiv(_cdiv(S_max, n_splits), block_n) * block_n)
 
 
