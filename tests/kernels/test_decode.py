@@ -212,3 +212,18 @@ def test_gpu_cuda_graph_replay_with_new_lengths():
         graph.replay()
         torch.cuda.synchronize()
         check(out, q, k, v, L)
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_reduce_overhead_no_recompile():
+    # What generate() needs: a compiled decode step under CUDA graphs, lengths changing every step,
+    # traced once.
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    q, k, v, L = make_inputs(4, 8, 2, 512, 64, [512] * 4, torch.bfloat16, device="cuda")
+    step = torch.compile(decode_attention, fullgraph=True, mode="reduce-overhead")
+    for lengths in ([1, 512, 77, 300], [2, 511, 78, 301], [3, 100, 79, 302], [4, 5, 80, 303]):
+        L = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+        out = step(q, k, v, L).clone()  # clone: cudagraph outputs are overwritten by the next replay
+        check(out, q, k, v, L)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
