@@ -113,6 +113,15 @@ def test_triton_strided_views(triton_path):
     check(decode_attention(q, k, v, L), q, k, v, L)
 
 
+@pytest.mark.parametrize("mode", ["triton", "reference"])
+def test_lengths_past_s_max_are_clamped(monkeypatch, mode):
+    # Checking values would sync the host, so the contract clamps: both paths read at most S_max slots.
+    monkeypatch.setenv("NANOLLAMA_KERNELS", mode)
+    q, k, v, L = make_inputs(2, 4, 2, 37, 16, [37, 37], torch.float32)
+    out = decode_attention(q, k, v, torch.tensor([37 + 5, 1000], dtype=torch.int32))
+    check(out, q, k, v, L)
+
+
 def test_triton_empty_sequence_gives_zeros(triton_path):
     q, k, v, L = make_inputs(2, 4, 2, 37, 16, [0, 9], torch.float32)
     out = decode_attention(q, k, v, L, split_size=16)
