@@ -114,3 +114,43 @@ def test_decode_attention(benchmark, case, variant, monkeypatch):
             sum_lengths=int(lengths.sum()),
             padded_bytes=cache_bytes,
         )
+
+
+def sweep() -> None:
+    """GPU only: GB/s of the Triton kernel for each launch configuration in decode.TUNING's neighbourhood.
+
+    `PYTHONPATH=. python bench/bench_decode.py` prints one line per (case, config), best per case last.
+    """
+    import functools
+    import itertools
+
+    import triton.testing
+
+    from nanollama.kernels import decode as decode_mod
+
+    if DEVICE.type != "cuda":
+        raise SystemExit("the sweep times the Triton kernel: it needs a CUDA device")
+    default = dict(decode_mod.TUNING)
+    grid = {"num_warps": [4, 8], "num_stages": [1, 2, 3], "max_split": [512, 1024, 2048]}
+    for case in [(1, 8192, "full"), (8, 32768, "full"), (64, 8192, "ragged"), (32, 32768, "skew")]:
+        B, S_max, pattern = case
+        lengths = _lengths(B, S_max, pattern).to(DEVICE)
+        q = torch.randn(B, HQ, D, device=DEVICE, dtype=DTYPE)
+        k = torch.randn(B, HK, S_max, D, device=DEVICE, dtype=DTYPE)
+        v = torch.randn(B, HK, S_max, D, device=DEVICE, dtype=DTYPE)
+        needed = 2 * int(lengths.sum()) * HK * D * DTYPE.itemsize
+        results = []
+        for values in itertools.product(*grid.values()):
+            decode_mod.TUNING.update(dict(zip(grid, values)))
+            call = functools.partial(decode_attention, q, k, v, lengths)
+            ms = triton.testing.do_bench(call, warmup=25, rep=100)
+            results.append((needed / ms / 1e6, dict(zip(grid, values)), ms))
+            print(f"{_case_id(case):18s} {results[-1][1]} {ms * 1e3:9.1f} us {results[-1][0]:8.1f} GB/s", flush=True)
+        decode_mod.TUNING.clear()
+        decode_mod.TUNING.update(default)
+        best = max(results, key=lambda r: r[0])
+        print(f"BEST {_case_id(case):18s} {best[1]} {best[2] * 1e3:9.1f} us {best[0]:8.1f} GB/s", flush=True)
+
+
+if __name__ == "__main__":
+    sweep()

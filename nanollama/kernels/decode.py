@@ -245,6 +245,11 @@ def _check_inputs(q, k_cache, v_cache, cache_seqlens, split_size=None, dtypes=_D
 # ----------------------------------------------------------------------------------------------
 
 
+# Launch configuration. Not yet tuned on a GPU: `python bench/bench_decode.py` on one sweeps these
+# (num_stages 2 gives cp.async double buffering of K/V on sm_90 at 38 KB of shared memory per program).
+TUNING = {"num_warps": 4, "num_stages": 2, "programs_per_sm": 4, "min_split": 256, "max_split": 1024}
+
+
 @functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -266,8 +271,8 @@ def _pick_split_size(B: int, Hk: int, S_max: int, block_n: int, device: torch.de
         sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:
         sms = 8  # the interpreter: any value works
-    n_splits = max(_cdiv(4 * sms, B * Hk), _cdiv(S_max, 1024))
-    n_splits = max(1, min(n_splits, _cdiv(S_max, 256)))
+    n_splits = max(_cdiv(TUNING["programs_per_sm"] * sms, B * Hk), _cdiv(S_max, TUNING["max_split"]))
+    n_splits = max(1, min(n_splits, _cdiv(S_max, TUNING["min_split"])))
     return max(block_n, _cdiv(_cdiv(S_max, n_splits), block_n) * block_n)
 
 
@@ -313,7 +318,7 @@ def decode_attention_launch(
         *o_part.stride(), *lse.stride(),
         scale * math.log2(math.e), S_max, split_size,
         HK=Hk, GROUP=group, HEAD_DIM=D, BLOCK_G=max(16, _next_pow2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
-        DOT_PRECISION=precision, num_warps=4, num_stages=2,
+        DOT_PRECISION=precision, num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
     )  # fmt: skip
     _decode_reduce_kernel[(B * Hq,)](
         o_part, lse, cache_seqlens, out,
