@@ -7,6 +7,9 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import math  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -190,6 +193,58 @@ def test_bad_inputs_name_the_argument(bad, message):
     args = dict(q=q, k=k, v=v, L=L, split_size=None) | bad
     with pytest.raises(ValueError, match=message):
         decode_attention(args["q"], args["k"], args["v"], args["L"], split_size=args["split_size"])
+
+
+# Compiles both kernels for an H100/H200 (sm_90) through ptxas, with the JIT's specialisations (unit
+# strides as constants, 16-divisible pointers and strides). The interpreter never lowers the kernels,
+# so this is what catches a bf16 tl.dot or layout error on a machine without a GPU. A subprocess,
+# because this module's kernels were built for the interpreter.
+_AOT = textwrap.dedent(
+    """
+    import triton
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError:
+        raise SystemExit(3)
+    from nanollama.kernels import decode as m
+
+    def compile_(fn, types, consts):
+        sig, attrs = {}, {}
+        for i, name in enumerate(fn.arg_names):
+            if name in consts:
+                sig[name] = "constexpr"
+            else:
+                sig[name] = types.get(name, "i32")
+                if name != "qk_scale_log2":
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        try:
+            src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
+        except TypeError:  # another Triton's private API: nothing to check here
+            raise SystemExit(3)
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
+        assert "ld.global" in kernel.asm["ptx"] and kernel.asm["cubin"]
+
+    units = {n: 1 for n in m._decode_split_kernel.arg_names if n.endswith("_d") or n == "stride_seqlens_b"}
+    io = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "SEQLENS": "*i32", "OPART": "*fp32", "LSE": "*fp32"}
+    consts = dict(HK=8, GROUP=4, HEAD_DIM=128, BLOCK_G=16, BLOCK_N=64, BLOCK_D=128, DOT_PRECISION="tf32")
+    compile_(m._decode_split_kernel, {**io, "qk_scale_log2": "fp32"}, {**consts, **units})
+    units = {n: 1 for n in m._decode_reduce_kernel.arg_names if n.endswith("_d") or n == "stride_seqlens_b"}
+    io = {"OPART": "*fp32", "LSE": "*fp32", "SEQLENS": "*i64", "OUT": "*bf16"}
+    compile_(m._decode_reduce_kernel, io, dict(HQ=32, HEAD_DIM=128, BLOCK_S=32, BLOCK_D=128, **units))
+    """
+)
+
+
+def test_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NANOLLAMA_KERNELS")}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo: nanollama/
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    run = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True, timeout=300)
+    if run.returncode == 3:
+        pytest.skip("this Triton has no ASTSource/GPUTarget API to compile ahead of time")
+    assert run.returncode == 0, run.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------------------------
