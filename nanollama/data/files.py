@@ -64,7 +64,11 @@ def _write_split(tmp: Path, gssm: Any, split: str, n: int, seq_len: int, seed: i
     tokens_file = f"{split}_tokens.npy"
     dtype = token_dtype(gssm.vocab_size)
     tokens = np.lib.format.open_memmap(tmp / tokens_file, mode="w+", dtype=dtype, shape=(n, row))
-    entry: dict = {"n": n, "seed_tag": TAGS[split], "tokens": {"file": tokens_file, "shape": [n, row], "dtype": str(dtype)}}
+    entry: dict = {
+        "n": n,
+        "seed_tag": TAGS[split],
+        "tokens": {"file": tokens_file, "shape": [n, row], "dtype": str(dtype)},
+    }
     states = None
     if hidden:
         dims = [nd.state_dim for nd in gssm.config.nodes if not nd.observed]
@@ -114,7 +118,12 @@ def write_dataset(
     `config`: the training config as plain data, recorded in the manifest for provenance.
     Raises DataError if `out` exists (and is not an empty directory) unless `force`.
     """
-    for name, value, low in (("seq_len", seq_len, 1), ("--train", n_train, 1), ("--test", n_test, 1), ("seed", seed, 0)):
+    for name, value, low in (
+        ("seq_len", seq_len, 1),
+        ("--train", n_train, 1),
+        ("--test", n_test, 1),
+        ("seed", seed, 0),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise DataError(f"{name} must be an integer >= {low}, got {value!r}")
     out = Path(out)

@@ -12,7 +12,8 @@ number of batches the consumer took", and a resumed run may even change its work
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info

@@ -50,14 +50,17 @@ def _field(obj: dict, dotted: str) -> Any:
 def check_array(root: Path, spec: dict, where: str) -> None:
     """Check one .npy file against its manifest entry {file, shape, dtype}: present, same header, full size."""
     for key in _ARRAY_FIELDS:
-        _field({where: spec}, f"{where}.{key}")
+        if not isinstance(spec, dict) or key not in spec:
+            raise DataError(f"{MANIFEST}: missing field '{where}.{key}'")
     path = root / spec["file"]
     if not path.is_file():
         raise DataError(f"{path}: missing (listed in {MANIFEST} as {where})")
     try:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
             shape, fortran, dtype = read_header(f)
             offset = f.tell()
     except (ValueError, OSError) as e:

@@ -8,7 +8,7 @@ epoch (different ones each epoch); without it the shards are disjoint and cover 
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 from torch.utils.data import Sampler

@@ -15,8 +15,9 @@ rank's own stream exactly, with any number of workers.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader
