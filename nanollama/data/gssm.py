@@ -414,3 +414,9 @@ def _extension():
         log.warning("nanollama._gssm_sampler is not built (%s): GSSM sampling falls back to the slow numpy sampler", e)
         return None
     return _gssm_sampler
+
+
+if __name__ == "__main__":  # python -m nanollama.data.gssm CONFIG --out DIR --train N --test M
+    from nanollama.data.files import main
+
+    raise SystemExit(main())
