@@ -12,6 +12,7 @@ its parents' new states only; tokens x_1..x_T are the observed node's states at 
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -409,11 +410,10 @@ def _usable_cores() -> int:
 def _extension():
     """The compiled sampler, or None (warned once) where it was not built."""
     try:
-        from nanollama import _gssm_sampler
+        return importlib.import_module("nanollama._gssm_sampler")
     except ImportError as e:
         log.warning("nanollama._gssm_sampler is not built (%s): GSSM sampling falls back to the slow numpy sampler", e)
         return None
-    return _gssm_sampler
 
 
 if __name__ == "__main__":  # python -m nanollama.data.gssm CONFIG --out DIR --train N --test M
