@@ -1,15 +1,14 @@
 """Seeds for every batch and file chunk, derived from a key of integers with numpy's SeedSequence.
 
 Each stream has its own tag as the key's second word, so no two streams ever hand the sampler the
-same seed. The trainer's own keys are (seed, 0, step, micro) for training batches and
-(graph_seed, 1, i) for held-out batches; SeedSequence pads a short key with zeros, so the tags
-below start at 2 to stay clear of both.
+same seed. SeedSequence pads a short key with zeros, so no tag is 0.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+EVAL = 1  # key (graph_seed, EVAL, i): the trainer's held-out batches
 ONFLY = 2  # key (seed, ONFLY, rank, batch index): the on-the-fly training stream
 FILE_TRAIN = 3  # key (seed, FILE_TRAIN, chunk): the train split written to files
 FILE_TEST = 4  # key (seed, FILE_TEST, chunk): the test split written to files
