@@ -44,7 +44,7 @@ def _op(variant: str):
         requires_gpu()
         return _triton
     if "fn" not in _compiled:
-        _compiled["fn"] = torch.compile(_eager)
+        _compiled["fn"] = torch.compile(_eager, dynamic=False)  # one static graph per shape, as a model would
     return _compiled["fn"]
 
 

@@ -124,6 +124,24 @@ def test_reference_path_matches_triton(triton_kernels, monkeypatch):
         torch.testing.assert_close(a, b, **TOL[torch.float32])
 
 
+def test_zero_stride_upstream_gradients(triton_kernels):
+    """.sum() hands the backward expanded (stride 0) gradients: read them as they are."""
+    torch.manual_seed(9)
+    q, k = _qk(2, 37, 4, 2, 32, "fused", torch.float32)
+    cos, sin = rope_frequencies(37, 32, device=DEVICE)
+    q_out, k_out = apply_rope(q, k, cos, sin, interleaved=True)
+    dq, dk = torch.autograd.grad(q_out.sum() + 2 * k_out.sum(), (q, k))
+    ones = torch.ones(1, 1, 1, 32, dtype=torch.float64, device=DEVICE)
+    c64, s64 = cos.double(), sin.double()
+    # The backward of a rotation is the inverse rotation: R(-angle) applied to the upstream gradient.
+    torch.testing.assert_close(
+        dq.double(), rope_ref(ones.expand(2, 37, 4, 32), c64, -s64, None, True), **TOL[torch.float32]
+    )
+    torch.testing.assert_close(
+        dk.double(), rope_ref(2 * ones.expand(2, 37, 2, 32), c64, -s64, None, True), **TOL[torch.float32]
+    )
+
+
 def test_rotation_preserves_norm_and_relative_angle():
     """What RoPE is for: |Rx| = |x| and <R_m q, R_n k> depends on m - n only."""
     torch.manual_seed(4)
