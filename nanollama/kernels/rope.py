@@ -176,23 +176,34 @@ if triton is not None:
 
     @triton.jit
     def _rotate_heads(
-        X, OUT, H, stride_x_b, stride_x_s, stride_x_h, stride_x_d,
-        stride_out_b, stride_out_s, stride_out_h, stride_out_d,
-        b, s, mask_t, cos, sin, i1, i2, mask_d, BLOCK_H: tl.constexpr,
+        X, OUT, H, HALF, stride_x_b, stride_x_s, stride_x_h, stride_x_d,
+        stride_out_b, stride_out_s, stride_out_h, stride_out_d, b, s, mask_t, cos, sin,
+        INTERLEAVED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
     ):  # fmt: skip
-        # Rotate all H heads of BLOCK_T tokens (b, s): pairs (i1, i2) by cos, sin (BLOCK_T, 1, BLOCK_HALF).
+        # Rotate all H heads of BLOCK_T tokens (b, s) by cos, sin (BLOCK_T, 1, BLOCK_HALF).
         x_tok = (X + b * stride_x_b + s * stride_x_s)[:, None, None]  # (BLOCK_T, 1, 1) pointers
         out_tok = (OUT + b * stride_out_b + s * stride_out_s)[:, None, None]
-        j1, j2 = i1[None, None, :], i2[None, None, :]  # (1, 1, BLOCK_HALF)
         for h0 in range(0, H, BLOCK_H):
             h = (h0 + tl.arange(0, BLOCK_H))[None, :, None]  # (1, BLOCK_H, 1)
-            mask = mask_t[:, None, None] & (h < H) & mask_d[None, None, :]  # (BLOCK_T, BLOCK_H, BLOCK_HALF)
-            x = x_tok + h * stride_x_h
-            x1 = tl.load(x + j1 * stride_x_d, mask=mask, other=0.0).to(tl.float32)
-            x2 = tl.load(x + j2 * stride_x_d, mask=mask, other=0.0).to(tl.float32)
-            out = out_tok + h * stride_out_h
-            tl.store(out + j1 * stride_out_d, (x1 * cos - x2 * sin).to(OUT.dtype.element_ty), mask=mask)
-            tl.store(out + j2 * stride_out_d, (x2 * cos + x1 * sin).to(OUT.dtype.element_ty), mask=mask)
+            x_row, out_row = x_tok + h * stride_x_h, out_tok + h * stride_out_h
+            if INTERLEAVED:
+                # Pairs (2i, 2i + 1): load whole rows (wide contiguous loads) and split the pairs
+                # in registers, rather than two stride-2 loads.
+                d = tl.arange(0, 2 * BLOCK_HALF)[None, None, :]  # (1, 1, D)
+                mask = mask_t[:, None, None] & (h < H) & (d < 2 * HALF)  # (BLOCK_T, BLOCK_H, D)
+                x = tl.load(x_row + d * stride_x_d, mask=mask, other=0.0).to(tl.float32)
+                x1, x2 = tl.split(tl.reshape(x, (BLOCK_T, BLOCK_H, BLOCK_HALF, 2)))  # (BLOCK_T, BLOCK_H, D/2)
+                out = tl.join(x1 * cos - x2 * sin, x2 * cos + x1 * sin)  # (BLOCK_T, BLOCK_H, D/2, 2)
+                out = tl.reshape(out, (BLOCK_T, BLOCK_H, 2 * BLOCK_HALF))
+                tl.store(out_row + d * stride_out_d, out.to(OUT.dtype.element_ty), mask=mask)
+            else:
+                # Pairs (i, i + D/2): two contiguous half-row loads.
+                i = tl.arange(0, BLOCK_HALF)[None, None, :]  # (1, 1, D/2)
+                mask = mask_t[:, None, None] & (h < H) & (i < HALF)  # (BLOCK_T, BLOCK_H, D/2)
+                x1 = tl.load(x_row + i * stride_x_d, mask=mask, other=0.0).to(tl.float32)
+                x2 = tl.load(x_row + (i + HALF) * stride_x_d, mask=mask, other=0.0).to(tl.float32)
+                tl.store(out_row + i * stride_out_d, (x1 * cos - x2 * sin).to(OUT.dtype.element_ty), mask=mask)
+                tl.store(out_row + (i + HALF) * stride_out_d, (x2 * cos + x1 * sin).to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _rope_kernel(
@@ -225,19 +236,15 @@ if triton is not None:
         if CONJ:  # the inverse (transposed) rotation: the backward pass
             sin = -sin
         cos, sin = cos[:, None, :], sin[:, None, :]  # (BLOCK_T, 1, BLOCK_HALF), broadcast over heads
-        if INTERLEAVED:  # pairs (2i, 2i + 1)
-            i1 = 2 * i
-            i2 = 2 * i + 1
-        else:  # pairs (i, i + D/2)
-            i1 = i
-            i2 = i + HALF
         _rotate_heads(
-            Q, Q_OUT, HQ, stride_q_b, stride_q_s, stride_q_h, stride_q_d,
-            stride_qo_b, stride_qo_s, stride_qo_h, stride_qo_d, b, s, mask_t, cos, sin, i1, i2, mask_d, BLOCK_H,
+            Q, Q_OUT, HQ, HALF, stride_q_b, stride_q_s, stride_q_h, stride_q_d,
+            stride_qo_b, stride_qo_s, stride_qo_h, stride_qo_d, b, s, mask_t, cos, sin,
+            INTERLEAVED, BLOCK_T, BLOCK_H, BLOCK_HALF,
         )  # fmt: skip
         _rotate_heads(
-            K, K_OUT, HK, stride_k_b, stride_k_s, stride_k_h, stride_k_d,
-            stride_ko_b, stride_ko_s, stride_ko_h, stride_ko_d, b, s, mask_t, cos, sin, i1, i2, mask_d, BLOCK_H,
+            K, K_OUT, HK, HALF, stride_k_b, stride_k_s, stride_k_h, stride_k_d,
+            stride_ko_b, stride_ko_s, stride_ko_h, stride_ko_d, b, s, mask_t, cos, sin,
+            INTERLEAVED, BLOCK_T, BLOCK_H, BLOCK_HALF,
         )  # fmt: skip
 
 

@@ -26,6 +26,7 @@ SHAPES = [
     (2, 37, 4, 2, 32, "fused"),
     (1, 37, 6, 2, 64, "heads_first"),
     (2, 37, 2, 2, 128, "contiguous"),
+    (1, 5, 2, 1, 48, "fused"),  # D/2 = 24 is not a power of two: masked lanes
 ]
 
 
