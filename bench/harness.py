@@ -210,6 +210,8 @@ def measure(
     per_round = max(time.perf_counter() - start, 1e-7)
     rounds = int(min(max(target_s / per_round, 3), 200))
     benchmark.pedantic(step, rounds=rounds, iterations=calls, warmup_rounds=0)
+    if getattr(benchmark, "stats", None) is None:  # --benchmark-disable: ran once as a plain test
+        return {}
 
     seconds = benchmark.stats.stats.median
     extra: dict[str, Any] = {
