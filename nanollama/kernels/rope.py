@@ -6,6 +6,7 @@ the `nanollama::rope` torch op (forward and backward, traceable by torch.compile
 eager reference `rope_ref`. The backward is the same kernel with the conjugate rotation (sin -> -sin).
 """
 
+import contextlib
 import math
 
 import torch
@@ -314,18 +315,20 @@ def _launch_rope(q, k, cos, sin, positions, interleaved: bool, conj: bool):
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if q.numel() + k.numel() == 0:
         return q_out, k_out
+    block_t, block_h, block_half = _blocks(B * S, max(Hq, Hk), half, q.device)
     pos = positions if positions is not None else q  # a dummy pointer, never read when HAS_POS is False
     pos_strides = positions.stride() if positions is not None else (0, 0)
-    block_t, block_h, block_half = _blocks(B * S, max(Hq, Hk), half, q.device)
-    _rope_kernel[(triton.cdiv(B * S, block_t),)](
-        q, k, q_out, k_out, cos, sin, pos,
-        B, S, Hq, Hk, half,
-        *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(),
-        *cos.stride(), *sin.stride(), *pos_strides,
-        HAS_POS=positions is not None, INTERLEAVED=interleaved, CONJ=conj,
-        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half,
-        num_warps=4 if block_t * block_h * block_half <= 2048 else 8,
-    )  # fmt: skip
+    # Triton launches on the current CUDA device: make it q's (nothing to do on the CPU).
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _rope_kernel[(triton.cdiv(B * S, block_t),)](
+            q, k, q_out, k_out, cos, sin, pos,
+            B, S, Hq, Hk, half,
+            *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(),
+            *cos.stride(), *sin.stride(), *pos_strides,
+            HAS_POS=positions is not None, INTERLEAVED=interleaved, CONJ=conj,
+            BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half,
+            num_warps=4 if block_t * block_h * block_half <= 2048 else 8,
+        )  # fmt: skip
     return q_out, k_out
 
 
