@@ -13,7 +13,10 @@ PY=${PYTHON:-python3}
 mkdir -p "$OUT_DIR"
 cd "$ROOT"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-unset TRITON_INTERPRET NANOLLAMA_KERNELS  # real kernels, default dispatch
+# Real kernels, default dispatch. TRITON_INTERPRET=0 rather than unset: test modules that
+# setdefault it to 1 (for CPU machines) must not switch the interpreter on here.
+export TRITON_INTERPRET=0
+unset NANOLLAMA_KERNELS
 status=0
 
 {

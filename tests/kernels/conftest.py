@@ -1,10 +1,9 @@
 """Kernel tests: Triton runs under its interpreter on the CPU.
 
 triton.jit picks the interpreter when it decorates a kernel, so TRITON_INTERPRET=1 must be set
-before nanollama.kernels is first imported. This file sets it as early as pytest lets a
-directory's conftest run; a test module elsewhere that imports nanollama.kernels at collection
-time, before this directory is reached, would defeat it (the root tests/conftest.py is the safer
-home for the setdefault). On a machine with a GPU the kernels run for real on CUDA tensors.
+before nanollama.kernels is first imported. The root tests/conftest.py does that for the whole
+suite; this file repeats it (setdefault) so tests/kernels also works as its own rootdir. On a
+machine with a GPU the kernels run for real on CUDA tensors.
 """
 
 import os
