@@ -33,15 +33,14 @@ def block_counts(
     rows_b = batch if mask.per_batch else 1
     n_q = -(-q_len // block_size)
     n_kv = -(-kv_len // block_size)
-    kv = torch.arange(n_kv * block_size, device=device)
     tile = block_size * block_size
     partial = torch.empty(rows_b, n_q, n_kv, dtype=torch.bool, device=device)
     full = torch.empty_like(partial)
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // (rows_b * block_size * n_kv * block_size))
     for start in range(0, n_q, rows_per_chunk):
         stop = min(n_q, start + rows_per_chunk)
-        q = torch.arange(start * block_size, stop * block_size, device=device)
-        allowed = mask.evaluate(batch, q, kv, q_len, kv_len)  # (B|1, rows*block, n_kv*block)
+        # (B|1, rows*block, n_kv*block)
+        allowed = mask.evaluate(batch, q_len, kv_len, device, start * block_size, stop * block_size, n_kv * block_size)
         allowed = allowed.expand(rows_b, -1, -1)
         # (B, rows, block, n_kv, block): count the visible pairs of each tile
         counts = allowed.reshape(rows_b, stop - start, block_size, n_kv, block_size).sum(dim=(2, 4))

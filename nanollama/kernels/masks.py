@@ -103,20 +103,25 @@ class Mask:
             _STATIC_CACHE.popitem(last=False)
         return value
 
-    def evaluate(self, batch: int, q_idx: torch.Tensor, kv_idx: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:
-        """The mask on index grids q_idx (n,) x kv_idx (m,) -> bool (batch or 1, n, m).
+    def evaluate(
+        self, batch: int, q_len: int, kv_len: int, device, q_start: int = 0, q_stop: int | None = None, kv_stop=None
+    ) -> torch.Tensor:
+        """The mask on query rows [q_start, q_stop) x key columns [0, kv_stop) -> bool (B or 1, rows, cols).
 
-        Indices outside [0, Sq) x [0, Skv) are allowed (block padding): they read as False.
+        Rows past Sq and columns past Skv are allowed (block padding): they read as False.
         """
-        device = q_idx.device
+        q_stop = q_len if q_stop is None else q_stop
+        kv_stop = kv_len if kv_stop is None else kv_stop
         mod = self.mask_mod_for(q_len, kv_len, device)
         b = torch.arange(batch if self.per_batch else 1, device=device)[:, None, None]  # (B, 1, 1)
         h = torch.zeros((), dtype=torch.long, device=device)
-        qc = q_idx.clamp(0, q_len - 1)[None, :, None]  # (1, n, 1), clamped so tensor lookups stay in range
-        kc = kv_idx.clamp(0, kv_len - 1)[None, None, :]  # (1, 1, m)
-        allowed = mod(b, h, qc, kc)
-        valid = (q_idx < q_len)[None, :, None] & (kv_idx < kv_len)[None, None, :]
-        return allowed & valid
+        q = torch.arange(q_start, q_stop, device=device)[None, :, None]  # (1, rows, 1)
+        kv = torch.arange(kv_stop, device=device)[None, None, :]  # (1, 1, cols)
+        if q_stop <= q_len and kv_stop <= kv_len:  # the common case: no full-size & for the padding
+            return mod(b, h, q, kv)
+        valid = (q < q_len) & (kv < kv_len)
+        # clamped so tensor lookups stay in range; the padding reads False through `valid`
+        return mod(b, h, q.clamp(max=q_len - 1), kv.clamp(max=kv_len - 1)) & valid
 
     def dense(self, batch: int, q_len: int, kv_len: int, device=None) -> torch.Tensor:
         """Boolean (B, Sq, Skv), True where query i may attend to key j (cached; do not modify)."""
@@ -124,9 +129,7 @@ class Mask:
         device = torch.device(device if device is not None else "cpu")
 
         def build():
-            q = torch.arange(q_len, device=device)
-            kv = torch.arange(kv_len, device=device)
-            return self.evaluate(batch, q, kv, q_len, kv_len)
+            return self.evaluate(batch, q_len, kv_len, device)
 
         rows = self.cached(("dense", batch if self.per_batch else 1, q_len, kv_len, device), build)
         return rows.expand(batch, q_len, kv_len)
@@ -270,12 +273,14 @@ class Document(Mask):
 
     def _mod(self, q_len, kv_len, tensors):
         (ids,) = tensors
-        negative = kv_len < q_len  # then early queries sit before position 0: clamp the lookup, causal hides them
+        last = ids.shape[1] - 1
 
         def document_mod(b, h, q_idx, kv_idx):
             q = _shift(q_idx, q_len, kv_len)
-            q_doc = ids[b, q.clamp(min=0)] if negative else ids[b, q]
-            return (kv_idx <= q) & (q_doc == ids[b, kv_idx])
+            # lookups clamped into range: queries before position 0 (Sq > Skv) and a kernel's padded
+            # tail block must not read out of bounds; causality (or the kernel) hides those pairs anyway
+            same = ids[b, q.clamp(0, last)] == ids[b, kv_idx.clamp(0, last)]
+            return (kv_idx <= q) & same
 
         return document_mod
 
