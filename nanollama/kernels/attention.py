@@ -66,20 +66,18 @@ def check_inputs(q, k, v, mask) -> None:
         raise ValueError(f"attention: mask must be a nanollama.kernels.masks.Mask or None, got {type(mask).__name__}")
 
 
-def _visible_rows(mask: Mask, B: int, Sq: int, Skv: int, device) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """(allowed (B, 1, Sq, Skv), row_has_key (B, 1, Sq, 1), any_empty_row), cached on the mask.
+def _visible_rows(mask: Mask, B: int, Sq: int, Skv: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(allowed (B, 1, Sq, Skv), row_has_key (B, 1, Sq, 1)) for SDPA, cached on the mask.
 
-    Rows with no visible key are opened to every key (so softmax stays finite) and their output
-    is zeroed afterwards; their gradients are then exactly zero instead of NaN.
+    Rows with no visible key are opened to every key (so softmax stays finite whatever the SDPA
+    kernel) and their output is zeroed afterwards: their gradients are then exactly zero, not NaN.
+    Done unconditionally: asking whether any row is empty would cost a host sync (and a graph break).
     """
 
     def build():
         allowed = mask.dense(B, Sq, Skv, device)  # (B, Sq, Skv)
         has_key = allowed.any(dim=-1)  # (B, Sq)
-        empty = bool((~has_key).any())  # one sync per batch and shape, then cached
-        if empty:
-            allowed = allowed | ~has_key[..., None]
-        return allowed[:, None], has_key[:, None, :, None], empty
+        return (allowed | ~has_key[..., None])[:, None], has_key[:, None, :, None]
 
     return mask.cached(("sdpa", B, Sq, Skv, torch.device(device)), build)
 
@@ -109,11 +107,11 @@ def attention_sdpa(q, k, v, mask: Mask | None = None, scale: float | None = None
     Hk, Skv = k.shape[1], k.shape[2]
     if mask is None or (mask.is_causal and Sq == Skv):
         return F.scaled_dot_product_attention(q, k, v, is_causal=mask is not None, scale=scale, enable_gqa=Hq != Hk)
-    allowed, has_key, empty = _visible_rows(mask, B, Sq, Skv, q.device)
+    allowed, has_key = _visible_rows(mask, B, Sq, Skv, q.device)
     # the fused kernels take GQA badly with a mask: give them full heads
     k, v = _expand_kv(k, Hq // Hk), _expand_kv(v, Hq // Hk)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
-    return out.masked_fill(~has_key, 0.0) if empty else out
+    return out.masked_fill(~has_key, 0.0)
 
 
 # -- flex -----------------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ NANOLLAMA_ATTENTION=flex|sdpa|flash|reference skips all this and forces one back
 On the CPU, auto never considers flex: PyTorch has no CPU backward for it, eager flex is unfused
 (slower than SDPA), and compiled flex costs about 25 s per new shape on our 2-core machines, far
 more than any forward-only gain at CPU sizes. NANOLLAMA_ATTENTION=flex still forces it.
-Under torch.compile tracing nothing is measured: a cached choice is used, else flex on CUDA and
-sdpa elsewhere.
+Under torch.compile tracing nothing is measured or read: flex on CUDA, sdpa elsewhere (or the
+NANOLLAMA_ATTENTION override).
 """
 
 from __future__ import annotations
@@ -190,6 +190,8 @@ def choose_backend(q, k, v, mask, scale) -> str:
     names = candidates(q, k, mask, grad)
     if len(names) == 1:
         return names[0]
+    if torch.compiler.is_compiling():  # no timing or file reads inside a trace: a fixed rule
+        return "flex" if q.device.type == "cuda" and "flex" in names else "sdpa"
     key = selection_key(q, k, mask, grad)
     path = cache_file(q.device)
     chosen = _MEMORY.get((str(path), key))
@@ -202,8 +204,6 @@ def choose_backend(q, k, v, mask, scale) -> str:
         _MEMORY[(str(path), key)] = entry["backend"]
         log.debug("attention auto: %s -> %s (from %s)", key, entry["backend"], path)
         return entry["backend"]
-    if torch.compiler.is_compiling():  # no timing inside a trace
-        return "flex" if q.device.type == "cuda" and "flex" in names else "sdpa"
     times = measure(names, q, k, v, mask, scale, grad)
     if not times:
         raise RuntimeError(f"attention auto: every backend failed for {key}")
