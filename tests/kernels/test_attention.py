@@ -199,6 +199,29 @@ def test_compiled_flex_never_recompiles(monkeypatch, device):
     assert not counters["recompiles"], dict(counters["recompiles"])
 
 
+def test_traces_in_one_graph_under_torch_compile():
+    """A model compiled whole: a fresh document mask per batch, no graph break (fullgraph), no recompile."""
+    from torch._dynamo.utils import counters
+
+    S, H = 64, 2
+    g = torch.Generator().manual_seed(5)
+
+    def layer(q, k, v, mask):
+        return attention(q * 1.0, k, v, mask=mask)
+
+    compiled = torch.compile(layer, fullgraph=True)
+    graphs = None
+    for _ in range(3):
+        mask = masks.document(torch.sort(torch.randint(0, 4, (B, S), generator=g), dim=1).values)
+        q, k, v = (torch.randn(B, H, S, D, generator=g).requires_grad_() for _ in range(3))
+        out = compiled(q, k, v, mask)
+        out.sum().backward()
+        torch.testing.assert_close(out.double(), ref64(q, k, v, mask), **TOL[torch.float32])
+        assert torch.isfinite(q.grad).all()
+        graphs = counters["stats"]["unique_graphs"] if graphs is None else graphs
+    assert counters["stats"]["unique_graphs"] == graphs, "a new batch recompiled"
+
+
 # -- auto: measured choice, memory and disk caches, override --------------------------------------
 @pytest.fixture
 def fresh_cache(tmp_path, monkeypatch):
