@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import re
 import statistics
 import tempfile
@@ -62,9 +63,16 @@ def cache_dir() -> Path:
 
 
 def device_name(device: torch.device) -> str:
+    """'NVIDIA H200' on CUDA; the processor model and thread count on the CPU (timings differ by both)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{device.type}-{os.cpu_count()}cores"
+    model = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{device.type} {model} {torch.get_num_threads()} threads"
 
 
 def cache_file(device: torch.device) -> Path:

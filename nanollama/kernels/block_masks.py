@@ -41,9 +41,11 @@ def block_counts(
         stop = min(n_q, start + rows_per_chunk)
         # (B|1, rows*block, n_kv*block)
         allowed = mask.evaluate(batch, q_len, kv_len, device, start * block_size, stop * block_size, n_kv * block_size)
-        allowed = allowed.expand(rows_b, -1, -1)
-        # (B, rows, block, n_kv, block): count the visible pairs of each tile
-        counts = allowed.reshape(rows_b, stop - start, block_size, n_kv, block_size).sum(dim=(2, 4))
+        rows = stop - start
+        # count the visible pairs of each tile: first along the contiguous key axis (a fast
+        # reduction), (B, rows*block, n_kv, block) -> (B, rows*block, n_kv), then over the tile's queries
+        counts = allowed.expand(rows_b, -1, -1).reshape(rows_b, rows * block_size, n_kv, block_size)
+        counts = counts.sum(dim=-1, dtype=torch.int32).view(rows_b, rows, block_size, n_kv).sum(dim=2)
         partial[:, start:stop] = (counts > 0) & (counts < tile)
         full[:, start:stop] = counts == tile
     return partial[:, None], full[:, None]  # (B|1, H=1, n_q, n_kv): heads share the mask
