@@ -44,7 +44,7 @@ def block_counts(
         rows = stop - start
         # count the visible pairs of each tile: first along the contiguous key axis (a fast
         # reduction), (B, rows*block, n_kv, block) -> (B, rows*block, n_kv), then over the tile's queries
-        counts = allowed.expand(rows_b, -1, -1).reshape(rows_b, rows * block_size, n_kv, block_size)
+        counts = allowed.reshape(rows_b, rows * block_size, n_kv, block_size)
         counts = counts.sum(dim=-1, dtype=torch.int32).view(rows_b, rows, block_size, n_kv).sum(dim=2)
         partial[:, start:stop] = (counts > 0) & (counts < tile)
         full[:, start:stop] = counts == tile

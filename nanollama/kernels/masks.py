@@ -34,7 +34,7 @@ _STATIC_CACHE_SIZE = 64
 
 
 class Mask:
-    """Base class. Subclasses define `kind`, `_mod(q_len, kv_len, device)` and their tensors."""
+    """Base class. Subclasses define `kind`, `_mod(q_len, kv_len, tensors)`, `_tensors()` and `check`."""
 
     kind: str = "mask"
 
@@ -54,7 +54,7 @@ class Mask:
         """A hashable key for masks without tensors (shared cache); None when the mask holds tensors."""
         return None
 
-    def _check(self, batch: int, q_len: int, kv_len: int) -> None:
+    def check(self, batch: int, q_len: int, kv_len: int) -> None:
         """Raise a one-line ValueError when this mask cannot describe a (batch, Sq, Skv) call."""
 
     # -- derived API ------------------------------------------------------------------------
@@ -83,9 +83,6 @@ class Mask:
     def mask_mod(self) -> MaskMod:
         """The mask_mod for Sq == Skv (the usual training case)."""
         return self._mod(0, 0, self._tensors())
-
-    def check(self, batch: int, q_len: int, kv_len: int) -> None:
-        self._check(batch, q_len, kv_len)
 
     def cached(self, what: tuple, build: Callable[[], object]):
         """Memoise `build()` under `what` (on the object, or module-wide for tensor-free masks)."""
@@ -118,14 +115,15 @@ class Mask:
         q = torch.arange(q_start, q_stop, device=device)[None, :, None]  # (1, rows, 1)
         kv = torch.arange(kv_stop, device=device)[None, None, :]  # (1, 1, cols)
         if q_stop <= q_len and kv_stop <= kv_len:  # the common case: no full-size & for the padding
-            return mod(b, h, q, kv)
-        valid = (q < q_len) & (kv < kv_len)
-        # clamped so tensor lookups stay in range; the padding reads False through `valid`
-        return mod(b, h, q.clamp(max=q_len - 1), kv.clamp(max=kv_len - 1)) & valid
+            allowed = mod(b, h, q, kv)
+        else:  # clamped so tensor lookups stay in range; the padding reads False through `valid`
+            allowed = mod(b, h, q.clamp(max=q_len - 1), kv.clamp(max=kv_len - 1)) & (q < q_len) & (kv < kv_len)
+        # a mask_mod may ignore an axis (padding ignores queries): broadcast to the full grid
+        return allowed.expand(b.shape[0], q_stop - q_start, kv_stop)
 
     def dense(self, batch: int, q_len: int, kv_len: int, device=None) -> torch.Tensor:
         """Boolean (B, Sq, Skv), True where query i may attend to key j (cached; do not modify)."""
-        self._check(batch, q_len, kv_len)
+        self.check(batch, q_len, kv_len)
         device = torch.device(device if device is not None else "cpu")
 
         def build():
@@ -138,7 +136,7 @@ class Mask:
         """FlexAttention BlockMask for (B, Sq, Skv), built once and reused by every layer."""
         from nanollama.kernels.block_masks import build_block_mask
 
-        self._check(batch, q_len, kv_len)
+        self.check(batch, q_len, kv_len)
         device = torch.device(device if device is not None else "cpu")
         what = ("block", batch if self.per_batch else 1, q_len, kv_len, device, block_size)
         return self.cached(what, lambda: build_block_mask(self, batch, q_len, kv_len, device, block_size))
@@ -237,7 +235,7 @@ class PrefixLM(Mask):
     def _tensors(self):
         return (self.prefix_lengths,)
 
-    def _check(self, batch, q_len, kv_len):
+    def check(self, batch, q_len, kv_len):
         _check_batch("prefix_lm", self.prefix_lengths, batch)
 
     def _mod(self, q_len, kv_len, tensors):
@@ -264,7 +262,7 @@ class Document(Mask):
     def _tensors(self):
         return (self.document_ids,)
 
-    def _check(self, batch, q_len, kv_len):
+    def check(self, batch, q_len, kv_len):
         _check_batch("document", self.document_ids, batch)
         if self.document_ids.shape[1] != kv_len:
             raise ValueError(
@@ -297,7 +295,7 @@ class Padding(Mask):
     def _tensors(self):
         return (self.lengths,)
 
-    def _check(self, batch, q_len, kv_len):
+    def check(self, batch, q_len, kv_len):
         _check_batch("padding", self.lengths, batch)
 
     def _mod(self, q_len, kv_len, tensors):
@@ -327,9 +325,9 @@ class _Combined(Mask):
         keys = tuple(p.static_key for p in self.parts)
         return None if any(k is None for k in keys) else (self.op, *keys)
 
-    def _check(self, batch, q_len, kv_len):
+    def check(self, batch, q_len, kv_len):
         for p in self.parts:
-            p._check(batch, q_len, kv_len)
+            p.check(batch, q_len, kv_len)
 
     def _tensors(self):
         return tuple(t for p in self.parts for t in p._tensors())
@@ -393,20 +391,3 @@ def sliding_window(window: int) -> SlidingWindow:
 
 def padding(lengths: torch.Tensor) -> Padding:
     return Padding(lengths)
-
-
-__all__ = [
-    "And",
-    "Causal",
-    "Document",
-    "Mask",
-    "Or",
-    "Padding",
-    "PrefixLM",
-    "SlidingWindow",
-    "causal",
-    "document",
-    "padding",
-    "prefix_lm",
-    "sliding_window",
-]

@@ -67,9 +67,9 @@ def test_dense_matches_definition(q_len, kv_len):
         assert torch.equal(got, expected), f"{name} at Sq={q_len}, Skv={kv_len}"
 
 
-@pytest.mark.parametrize("q_len,kv_len", [(129, 129), (70, 129), (300, 257)])
+@pytest.mark.parametrize("q_len,kv_len", [(256, 256), (129, 129), (70, 129), (300, 257)])
 def test_block_mask_matches_torch(q_len, kv_len, monkeypatch):
-    # a tiny chunk forces the builder through several query-block chunks
+    # a tiny chunk forces the builder through several query-block chunks; 256 fills its blocks exactly
     monkeypatch.setattr(block_masks, "_CHUNK_ELEMENTS", 1)
     for name, (mask, _) in _cases(kv_len).items():
         ours = mask.block_mask(B, q_len, kv_len)
