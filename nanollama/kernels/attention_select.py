@@ -18,6 +18,7 @@ NANOLLAMA_ATTENTION override).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -55,13 +56,20 @@ def override() -> str | None:
     return value
 
 
-def cache_dir() -> Path:
+def _cache_dir_str() -> str:
+    # plain strings: this runs on every auto call, where pathlib costs more than the lookup
     if os.environ.get("NANOLLAMA_CACHE_DIR"):
-        return Path(os.environ["NANOLLAMA_CACHE_DIR"])
+        return os.environ["NANOLLAMA_CACHE_DIR"]
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "nanollama"
+    return os.path.join(base, "nanollama")
 
 
+def cache_dir() -> Path:
+    """$NANOLLAMA_CACHE_DIR, else $XDG_CACHE_HOME/nanollama, else ~/.cache/nanollama."""
+    return Path(_cache_dir_str())
+
+
+@functools.cache
 def device_name(device: torch.device) -> str:
     """'NVIDIA H200' on CUDA; the processor model and thread count on the CPU (timings differ by both)."""
     if device.type == "cuda":
@@ -75,9 +83,15 @@ def device_name(device: torch.device) -> str:
     return f"{device.type} {model} {torch.get_num_threads()} threads"
 
 
-def cache_file(device: torch.device) -> Path:
+@functools.cache
+def _file_name(device: torch.device) -> str:
     slug = re.sub(r"[^A-Za-z0-9.]+", "_", f"{device_name(device)}-torch{torch.__version__}")
-    return cache_dir() / f"attention-{slug}.json"
+    return f"attention-{slug}.json"
+
+
+def cache_file(device: torch.device) -> Path:
+    """The JSON file holding this device's choices (one per device name and torch version)."""
+    return Path(_cache_dir_str(), _file_name(device))
 
 
 def needs_grad(*tensors: torch.Tensor) -> bool:
@@ -201,15 +215,16 @@ def choose_backend(q, k, v, mask, scale) -> str:
     if torch.compiler.is_compiling():  # no timing or file reads inside a trace: a fixed rule
         return "flex" if q.device.type == "cuda" and "flex" in names else "sdpa"
     key = selection_key(q, k, mask, grad)
-    path = cache_file(q.device)
-    chosen = _MEMORY.get((str(path), key))
+    memory_key = (os.path.join(_cache_dir_str(), _file_name(q.device)), key)
+    chosen = _MEMORY.get(memory_key)
     if chosen in names:
         STATS["memory_hits"] += 1
         return chosen
+    path = cache_file(q.device)
     entry = _read(path).get(key)
     if isinstance(entry, dict) and entry.get("backend") in names:
         STATS["disk_hits"] += 1
-        _MEMORY[(str(path), key)] = entry["backend"]
+        _MEMORY[memory_key] = entry["backend"]
         log.debug("attention auto: %s -> %s (from %s)", key, entry["backend"], path)
         return entry["backend"]
     times = measure(names, q, k, v, mask, scale, grad)
@@ -217,7 +232,7 @@ def choose_backend(q, k, v, mask, scale) -> str:
         raise RuntimeError(f"attention auto: every backend failed for {key}")
     chosen = min(times, key=times.get)
     STATS["measured"] += 1
-    _MEMORY[(str(path), key)] = chosen
+    _MEMORY[memory_key] = chosen
     ms = {name: round(t * 1e3, 4) for name, t in times.items()}
     _write(path, q.device, key, {"backend": chosen, "ms": ms})
     log.info("attention auto: %s -> %s (ms: %s)", key, chosen, ms)
