@@ -154,10 +154,15 @@ def test_bad_input(call, message):
         call(q, k, v)
 
 
-def test_flex_refuses_cpu_backward():
+def test_unsupported_backends_say_why(monkeypatch):
     q, k, v = (t.detach().requires_grad_() for t in _inputs(8, 8, 2, 2, torch.float32))
     with pytest.raises(RuntimeError, match="no backward on the CPU"):
         attention(q, k, v, mask=masks.causal(), backend="flex")
+    with pytest.raises(RuntimeError, match="attention backend 'flash': flash-attn (is not installed|runs on CUDA)"):
+        attention(q, k, v, mask=masks.causal(), backend="flash")
+    monkeypatch.setenv("NANOLLAMA_FLEX_COMPILE", "yes")
+    with torch.no_grad(), pytest.raises(ValueError, match="NANOLLAMA_FLEX_COMPILE must be auto, 0 or 1"):
+        attention(q, k, v, backend="flex")
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
