@@ -30,7 +30,16 @@ MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tor
 
 DEFAULT_BLOCK_SIZE = 128  # FlexAttention's sparse block size
 _STATIC_CACHE: OrderedDict = OrderedDict()  # (static key, what, shape, device) -> built tensor or BlockMask
-_STATIC_CACHE_SIZE = 64
+_STATIC_CACHE_ENTRIES = 64
+_STATIC_CACHE_BYTES = 1 << 30  # dense masks are Sq x Skv booleans: 64 MiB at 8K, so bound the bytes too
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.untyped_storage().nbytes()  # an expanded view costs only its storage
+    if isinstance(value, tuple):
+        return sum(_nbytes(v) for v in value)
+    return 0  # BlockMasks: a few int32 per tile, negligible
 
 
 class Mask:
@@ -96,7 +105,11 @@ class Mask:
             _STATIC_CACHE.move_to_end(full)
             return _STATIC_CACHE[full]
         value = _STATIC_CACHE[full] = build()
-        while len(_STATIC_CACHE) > _STATIC_CACHE_SIZE:
+        # least recently used first; the newest entry always stays
+        while len(_STATIC_CACHE) > 1 and (
+            len(_STATIC_CACHE) > _STATIC_CACHE_ENTRIES
+            or sum(_nbytes(v) for v in _STATIC_CACHE.values()) > _STATIC_CACHE_BYTES
+        ):
             _STATIC_CACHE.popitem(last=False)
         return value
 

@@ -109,6 +109,15 @@ def test_built_once_and_shared(monkeypatch):
     assert len(calls) == 4  # the document mask, causal, and the two windows
 
 
+def test_shared_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(masks, "_STATIC_CACHE_BYTES", 3 * 100 * 100)  # three 100 x 100 dense masks
+    for n in range(100, 106):
+        masks.causal().dense(1, n, n)
+    dense_keys = [key for key in masks._STATIC_CACHE if key[1] == "dense"]
+    assert len(dense_keys) <= 3 and dense_keys[-1][3] == 105  # the newest stays
+    assert masks._nbytes(masks.causal().dense(4, 100, 100)) == 100 * 100  # expanded over B: stored once
+
+
 def test_kinds_and_flags():
     p, ids = torch.tensor([1, 2]), torch.zeros(2, 8, dtype=torch.long)
     combined = masks.causal() & masks.padding(p) & masks.document(ids)
