@@ -1,4 +1,5 @@
-// Fast GSSM sampler: the same draws as the numpy reference in nanollama/data/gssm.py, bit for bit.
+// Fast GSSM sampler: the same draws as the numpy reference in nanollama/data/gssm.py, bit for bit;
+// and the CPU forward algorithm behind GSSM.nll (nanollama/data/hmm.py describes the layout).
 //
 // Randomness is counter-based (SplitMix64's finaliser over a per-sequence key and a per-draw
 // counter), so each sequence is sampled independently of the others: the batch is split across
@@ -9,6 +10,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -141,10 +143,157 @@ void sample(const py::list& spec, uint64_t key, py::array_t<int64_t, py::array::
   for (std::thread& th : pool) th.join();
 }
 
+// ----------------------------------------------------------------------------- forward algorithm
+//
+// Each thread takes blocks of kBlock sequences and runs them through all steps with no
+// synchronisation. Within a block the belief over the joint hidden state (hidden axes in
+// topological order) is stored state-major, sequence-minor, so every inner loop runs over the
+// block's sequences (contiguous, vectorisable). A move views the belief as (L, d, R) and applies
+// one (d', d) matrix per l (the matrix reads the parents' states off l); the emission multiplies
+// state z by E[x, pidx[z]] (pidx: z's parents' joint state).
+
+constexpr int64_t kBlock = 16;
+
+struct Move {
+  const double* mats;  // (L, d, d) shared, or (B, L, d, d) per sequence
+  int64_t left, d, right;
+  bool batched;
+};
+
+struct ForwardArgs {
+  std::vector<Move> moves;
+  const double* emit;  // (Bk, V, P)
+  int64_t emit_batch, vocab, parents;
+  const int64_t* pidx;  // (S,)
+  int64_t states;
+  const int64_t* tokens;  // (B, T)
+  int64_t batch, seq_len;
+  double* out;  // (B, T)
+};
+
+// The hot loops, compiled twice where the compiler can: for AVX2 + FMA (chosen at load time on
+// CPUs that have them) and for the baseline ISA, so one portable build runs at full width.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define NANOLLAMA_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define NANOLLAMA_CLONES
+#endif
+
+NANOLLAMA_CLONES
+void forward_block(const ForwardArgs& a, int64_t b0, int64_t n, std::vector<double>& belief, std::vector<double>& next) {
+  const int64_t S = a.states;
+  std::fill(belief.begin(), belief.end(), 0.0);
+  for (int64_t j = 0; j < n; ++j) belief[j] = 1.0;  // every hidden node starts in state 0
+  double p[kBlock];
+  const double* e[kBlock];
+  for (int64_t t = 0; t < a.seq_len; ++t) {
+    for (const Move& mv : a.moves) {
+      const int64_t d = mv.d, R = mv.right;
+      const int64_t mat_stride = mv.left * d * d;  // between sequences, when batched
+      const int64_t run = R * kBlock;  // the contiguous (r, sequence) run one matrix entry scales
+      for (int64_t l = 0; l < mv.left; ++l) {
+        for (int64_t s2 = 0; s2 < d; ++s2) {
+          double* o = next.data() + (l * d + s2) * run;
+          for (int64_t i = 0; i < run; ++i) o[i] = 0.0;
+          for (int64_t s = 0; s < d; ++s) {
+            const double* in = belief.data() + (l * d + s) * run;
+            const int64_t at = (l * d + s2) * d + s;
+            if (!mv.batched) {
+              const double w = mv.mats[at];
+              for (int64_t i = 0; i < run; ++i) o[i] += w * in[i];
+            } else {  // per-sequence matrices: the weight changes with the sequence j
+              const double* m = mv.mats + b0 * mat_stride + at;
+              for (int64_t r = 0; r < R; ++r)
+                for (int64_t j = 0; j < n; ++j) o[r * kBlock + j] += m[j * mat_stride] * in[r * kBlock + j];
+            }
+          }
+        }
+      }
+      belief.swap(next);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t b = b0 + j;
+      e[j] = a.emit + ((a.emit_batch == 1 ? 0 : b) * a.vocab + a.tokens[b * a.seq_len + t]) * a.parents;
+      p[j] = 0.0;
+    }
+    for (int64_t z = 0; z < S; ++z) {
+      double* bz = belief.data() + z * kBlock;
+      const int64_t k = a.pidx[z];
+      for (int64_t j = 0; j < n; ++j) p[j] += (bz[j] *= e[j][k]);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      a.out[(b0 + j) * a.seq_len + t] = -std::log(p[j]);  // p(x_t | x_<t)
+      p[j] = 1.0 / p[j];
+    }
+    for (int64_t z = 0; z < S; ++z) {
+      double* bz = belief.data() + z * kBlock;
+      for (int64_t j = 0; j < kBlock; ++j) bz[j] *= p[j < n ? j : 0];
+    }
+  }
+}
+
+// Blocks b, b + stride, ... : the split does not change any sequence's arithmetic.
+void forward_worker(const ForwardArgs& a, int64_t first, int64_t stride) {
+  std::vector<double> belief(a.states * kBlock), next(a.states * kBlock);
+  const int64_t blocks = (a.batch + kBlock - 1) / kBlock;
+  for (int64_t blk = first; blk < blocks; blk += stride) {
+    const int64_t b0 = blk * kBlock;
+    forward_block(a, b0, std::min(kBlock, a.batch - b0), belief, next);
+  }
+}
+
+template <typename T>
+using Array = py::array_t<T, py::array::c_style>;
+
+// moves: [(mats float64 (N, d, d), left, d, right, batched)] in topological order; emit (Bk, V, P);
+// pidx (S,) int64; tokens (B, T) int64; out (B, T) float64, written with -log p(x_t | x_<t).
+void forward(const py::list& spec, Array<double> emit, Array<int64_t> pidx, Array<int64_t> tokens, Array<double> out,
+             int threads) {
+  std::vector<Move> moves;
+  std::vector<Array<double>> keep;
+  const int64_t batch = tokens.shape(0), seq_len = tokens.shape(1), states = pidx.shape(0);
+  if (tokens.ndim() != 2 || out.ndim() != 2 || out.shape(0) != batch || out.shape(1) != seq_len)
+    throw std::invalid_argument("tokens and out must both be (B, T)");
+  if (emit.ndim() != 3 || (emit.shape(0) != 1 && emit.shape(0) != batch))
+    throw std::invalid_argument("emit must be (1 or B, V, P)");
+  const int64_t vocab = emit.shape(1), parents = emit.shape(2);
+  int64_t size = 1;
+  for (const py::handle& item : spec) {
+    auto tup = item.cast<py::tuple>();
+    auto mats = Array<double>::ensure(tup[0]);
+    Move mv{nullptr, tup[1].cast<int64_t>(), tup[2].cast<int64_t>(), tup[3].cast<int64_t>(), tup[4].cast<bool>()};
+    if (!mats || mats.ndim() != 3 || mats.shape(1) != mv.d || mats.shape(2) != mv.d ||
+        mats.shape(0) != (mv.batched ? batch : 1) * mv.left || mv.left * mv.d * mv.right != states)
+      throw std::invalid_argument("a move's matrices do not match its (left, d, right)");
+    keep.push_back(mats);
+    mv.mats = mats.data();
+    moves.push_back(mv);
+    size *= mv.d;
+  }
+  if (size != states) throw std::invalid_argument("pidx must have one entry per joint state");
+  const int64_t* p = pidx.data();
+  for (int64_t z = 0; z < states; ++z)
+    if (p[z] < 0 || p[z] >= parents) throw std::invalid_argument("pidx out of range");
+  const int64_t* tok = tokens.data();
+  for (int64_t i = 0; i < batch * seq_len; ++i)
+    if (tok[i] < 0 || tok[i] >= vocab) throw std::invalid_argument("token out of range");
+  ForwardArgs args{std::move(moves), emit.data(), emit.shape(0), vocab, parents, p, states, tok, batch, seq_len,
+                   out.mutable_data()};
+  const int64_t blocks = (batch + kBlock - 1) / kBlock;
+  const int64_t n_threads = std::max<int64_t>(1, std::min<int64_t>(threads, blocks));
+  py::gil_scoped_release release;
+  std::vector<std::thread> pool;
+  for (int64_t i = 1; i < n_threads; ++i) pool.emplace_back(forward_worker, std::cref(args), i, n_threads);
+  forward_worker(args, 0, n_threads);
+  for (std::thread& th : pool) th.join();
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_gssm_sampler, m) {
   m.doc() = "GSSM sampler over numpy buffers (see nanollama/data/gssm.py for the semantics)";
   m.def("sample", &sample, py::arg("nodes"), py::arg("key"), py::arg("states"), py::arg("threads") = 1,
         "Fill states (B, T, n_nodes) int64 with a GSSM sample; deterministic whatever the thread count.");
+  m.def("forward", &forward, py::arg("moves"), py::arg("emit"), py::arg("pidx"), py::arg("tokens"), py::arg("out"),
+        py::arg("threads") = 1, "Fill out (B, T) with the Bayes-optimal -log p(x_t | x_<t) of tokens (B, T).");
 }

@@ -331,18 +331,31 @@ class GSSM:
             tables.append(torch.from_numpy(t).to(device=device, dtype=dtype))
         return tables
 
-    def nll(self, tokens: torch.Tensor, seed: int | None = None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    def nll(
+        self,
+        tokens: torch.Tensor,
+        seed: int | None = None,
+        dtype: torch.dtype = torch.float64,
+        backend: str = "auto",
+        threads: int | None = None,
+    ) -> torch.Tensor:
         """Bayes-optimal -log p(x_t | x_<t) under the true model for tokens (B, T), as (B, T) on their device.
 
         A context graph needs the `seed` that `sample` was given: row b is scored with the kernels
-        of sequence b of that call (the oracle that knows each sequence's kernels).
+        of sequence b of that call (the oracle that knows each sequence's kernels). `backend`:
+        "auto" (the compiled forward for float64 CPU tokens when built, else torch), "cpp" or "torch".
         """
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
             raise ValueError(f"tokens must be a (B, T) tensor, got {getattr(tokens, 'shape', type(tokens))}")
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
-            raise ValueError(
-                f"tokens must lie in [0, {self.vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]"
-            )
+            lo, hi = int(tokens.min()), int(tokens.max())
+            raise ValueError(f"tokens must lie in [0, {self.vocab_size}), got [{lo}, {hi}]")
+        if backend not in ("auto", "cpp", "torch"):
+            raise ValueError(f"backend must be auto, cpp or torch, got {backend!r}")
+        on_cpu64 = tokens.device.type == "cpu" and dtype == torch.float64
+        ext = _extension() if backend != "torch" and on_cpu64 else None
+        if backend == "cpp" and ext is None:
+            raise RuntimeError("backend='cpp' needs float64 CPU tokens and a built nanollama._gssm_sampler")
         tokens = tokens.long()
         if self.context:
             if seed is None:
@@ -354,6 +367,8 @@ class GSSM:
             if key not in self._forward:
                 self._forward[key] = hmm_lib.Forward(self, self._tables([self.kernels], tokens.device, dtype))
             forward = self._forward[key]
+        if ext is not None:
+            return forward.nll_compiled(ext, tokens, threads or _usable_cores())
         return forward.nll(tokens)
 
     def entropy_rate(self, n_seqs: int = 256, seq_len: int = 256, seed: int = 2**31 - 1) -> tuple[float, float]:

@@ -102,6 +102,12 @@ class Forward:
         shape = [1] * len(self.dims)
         for i in order:
             shape[axes[i]] = t.shape[1 + i]
+        # the compiled forward's form: (Bk, V, P) over the parents' joint state, and each joint state's index in it
+        n_par = int(np.prod(t.shape[1:-1]))
+        self.emit_parents = t.reshape(t.shape[0], n_par, obs.dim).transpose(1, 2)
+        states = np.indices(self.dims).reshape(len(self.dims), int(np.prod(self.dims)))
+        parent_states = tuple(states[a] for a in axes)
+        self.pidx = np.ravel_multi_index(parent_states, t.shape[1:-1]) if axes else np.zeros(states.shape[1], np.int64)
         emit = t.permute([0, len(axes) + 1] + [1 + i for i in order]).reshape(t.shape[0], obs.dim, *shape)
         if self.batched:  # (B, V, parent axes): row b gathers its token
             self.emit = emit.expand(self.batch, *emit.shape[1:]).contiguous()
@@ -115,11 +121,27 @@ class Forward:
         states = np.indices(self.dims[:k]).reshape(k, left) if k else np.zeros((0, 1), dtype=np.int64)
         return tuple(torch.from_numpy(states[self.axis[i]]) for i in node.inputs[1:])
 
+    def nll_compiled(self, ext, tokens: torch.Tensor, threads: int) -> torch.Tensor:
+        """The same as `nll`, by the C++ forward (float64 CPU tables only): one thread per batch slice,
+        no synchronisation between steps, no per-step dispatch overhead."""
+        self._check_batch(tokens)
+        moves = [(mat.numpy(), left, d, right, self.batched) for left, d, right, mat in self.moves]
+        tokens = tokens.contiguous()
+        out = torch.empty(tokens.shape, dtype=torch.float64)
+        emit = np.ascontiguousarray(self.emit_parents.numpy())
+        ext.forward(moves, emit, np.ascontiguousarray(self.pidx, dtype=np.int64), tokens.numpy(), out.numpy(), threads)
+        return out
+
+    def _check_batch(self, tokens: torch.Tensor) -> None:
+        if self.batched and tokens.shape[0] != self.batch:
+            raise ValueError(
+                f"tokens have {tokens.shape[0]} rows but the per-sequence kernels were drawn for {self.batch}"
+            )
+
     def nll(self, tokens: torch.Tensor) -> torch.Tensor:
         """-log p(x_t | x_<t) for tokens (B, T): a (B, T) tensor in the tables' dtype."""
         B, T = tokens.shape
-        if self.batched and B != self.batch:
-            raise ValueError(f"tokens have {B} rows but the per-sequence kernels were drawn for {self.batch}")
+        self._check_batch(tokens)
         dtype, device, hidden = self.emit.dtype, self.emit.device, len(self.dims)
         shape = [B, *self.dims] if self.batched else [*self.dims, B]
         belief = torch.zeros(shape, dtype=dtype, device=device)
