@@ -322,15 +322,6 @@ class GSSM:
             raise ValueError("hmm(): a context graph redraws its kernels per sequence, so it has no single HMM")
         return hmm_lib.joint_hmm(self, self.kernels, max_states)
 
-    def _tables(self, kernel_sets: list[list[list[np.ndarray]]], device, dtype) -> list[torch.Tensor]:
-        """Per node, its conditional table (Bk, d_in..., d): Bk = 1 when shared, else one per sequence."""
-        tables = []
-        for j, node in enumerate(self.nodes):
-            sets = kernel_sets if node.context else kernel_sets[:1]
-            t = np.stack([hmm_lib.conditional_table(self, node, ks[j]) for ks in sets])
-            tables.append(torch.from_numpy(t).to(device=device, dtype=dtype))
-        return tables
-
     def nll(
         self,
         tokens: torch.Tensor,
@@ -357,16 +348,9 @@ class GSSM:
         if backend == "cpp" and ext is None:
             raise RuntimeError("backend='cpp' needs float64 CPU tokens and a built nanollama._gssm_sampler")
         tokens = tokens.long()
-        if self.context:
-            if seed is None:
-                raise ValueError("nll(): a context graph needs the seed its tokens were sampled with")
-            sets = [self.sequence_kernels(seed, b) for b in range(tokens.shape[0])]
-            forward = hmm_lib.Forward(self, self._tables(sets, tokens.device, dtype))
-        else:
-            key = (str(tokens.device), dtype)
-            if key not in self._forward:
-                self._forward[key] = hmm_lib.Forward(self, self._tables([self.kernels], tokens.device, dtype))
-            forward = self._forward[key]
+        if self.context and seed is None:
+            raise ValueError("nll(): a context graph needs the seed its tokens were sampled with")
+        forward = hmm_lib.forward_for(self, tokens, seed, dtype)
         if ext is not None:
             return forward.nll_compiled(ext, tokens, threads or _usable_cores())
         return forward.nll(tokens)

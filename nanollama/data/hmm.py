@@ -68,6 +68,28 @@ def joint_hmm(
     return torch.from_numpy(pi), torch.from_numpy(trans), torch.from_numpy(emit.reshape(n_states, obs.dim).copy())
 
 
+def tables(g: GSSM, kernel_sets: list[list[list[np.ndarray]]], device, dtype) -> list[torch.Tensor]:
+    """Per node, its conditional table (Bk, d_in..., d): Bk = 1 when shared, else one per kernel set."""
+    out = []
+    for j, node in enumerate(g.nodes):
+        sets = kernel_sets if node.context else kernel_sets[:1]
+        t = np.stack([conditional_table(g, node, ks[j]) for ks in sets])
+        out.append(torch.from_numpy(t).to(device=device, dtype=dtype))
+    return out
+
+
+def forward_for(g: GSSM, tokens: torch.Tensor, seed: int | None, dtype: torch.dtype) -> Forward:
+    """The forward pass scoring `tokens`: cached per (device, dtype) for fixed kernels; for a context
+    graph, built from the kernels of sequences 0..B-1 of `sample(..., seed)`."""
+    if g.context:
+        sets = [g.sequence_kernels(seed, b) for b in range(tokens.shape[0])]
+        return Forward(g, tables(g, sets, tokens.device, dtype))
+    key = (str(tokens.device), dtype)
+    if key not in g._forward:
+        g._forward[key] = Forward(g, tables(g, [g.kernels], tokens.device, dtype))
+    return g._forward[key]
+
+
 class Forward:
     """Batched scaled forward algorithm over a GSSM's factorised joint state.
 
