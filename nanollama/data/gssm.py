@@ -86,6 +86,7 @@ class GSSMConfig:
             check(names.count(n.name) == 1, f"nodes.{i}.name", f"node name '{n.name}' is used twice")
             for p in n.parents:
                 check(p in names, f"nodes.{i}.parents", f"node '{n.name}': unknown parent '{p}'")
+                check(n.parents.count(p) == 1, f"nodes.{i}.parents", f"node '{n.name}': parent '{p}' is listed twice")
         observed = [n.name for n in self.nodes if n.observed]
         check(len(observed) == 1, "nodes", f"exactly one node must be observed, got {len(observed)} {observed}")
         for i, n in enumerate(self.nodes):
@@ -99,10 +100,21 @@ class GSSMConfig:
         while pending:
             ready = [n for n in pending if all(p in {d.name for d in done} for p in n.parents)]
             if not ready:
-                raise ConfigError("nodes", f"the parent links form a cycle through node '{pending[0].name}'")
+                raise ConfigError("nodes", f"the parent links form a cycle: {_cycle(pending)}")
             done += ready
             pending = [n for n in pending if n not in ready]
         return done
+
+
+def _cycle(pending: list[NodeConfig]) -> str:
+    """A cycle among nodes that are all waiting for a parent, as 'a' -> 'b' -> 'a'."""
+    waiting = {n.name: n for n in pending}
+    path, node = [], pending[0]
+    while node.name not in path:  # every waiting node has a waiting parent, so this walk must loop
+        path.append(node.name)
+        node = waiting[next(p for p in node.parents if p in waiting)]
+    loop = path[path.index(node.name) :] + [node.name]
+    return " -> ".join(f"'{name}'" for name in loop)
 
 
 # ----------------------------------------------------------------------------- the model

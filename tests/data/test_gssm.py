@@ -33,6 +33,20 @@ def small(mode: str = "default", kernel_type: str = "product", observed_mode: st
 # ----------------------------------------------------------------------------- validation
 
 BAD = {
+    "self parent": (lambda: graph(NodeConfig("a", 2, parents=["a"]), NodeConfig("o", 2, observed=True)), "'a' -> 'a'"),
+    "duplicate parent": (
+        lambda: graph(NodeConfig("a", 2), NodeConfig("o", 2, parents=["a", "a"], observed=True)),
+        "node 'o': parent 'a' is listed twice",
+    ),
+    "cycle behind a node": (
+        lambda: graph(
+            NodeConfig("x", 2, parents=["b"]),
+            NodeConfig("a", 2, parents=["b"]),
+            NodeConfig("b", 2, parents=["a"]),
+            NodeConfig("o", 2, parents=["x"], observed=True),
+        ),
+        "cycle: 'b' -> 'a' -> 'b'",
+    ),
     "cycle": (
         lambda: graph(
             NodeConfig("a", 2, parents=["b"]),
@@ -226,3 +240,14 @@ def test_numpy_fallback_warns_once(monkeypatch, caplog):
     assert x.shape == (2, 3) and "numpy sampler" in caplog.text
     with pytest.raises(RuntimeError, match="not built"):
         g.sample(2, 3, seed=1, backend="cpp")
+
+
+def test_errors_from_yaml_name_the_field_and_the_node():
+    from nanollama.config import build
+
+    data = {"nodes": [{"name": "h", "state_dim": 4}, {"name": "o", "state_dim": 0, "parents": ["h"], "observed": True}]}
+    with pytest.raises(ConfigError, match=r"nodes\.1\.state_dim: node 'o'"):
+        build(GSSMConfig, data)
+    data["nodes"][1] |= {"state_dim": 3, "kernel_type": "lowrank"}
+    with pytest.raises(ConfigError, match=r"nodes\.1\.kernel_type"):
+        build(GSSMConfig, data)
