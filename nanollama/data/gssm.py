@@ -269,10 +269,10 @@ class GSSM:
             return "table", [np.ascontiguousarray(cum)]
         return "factors", [np.ascontiguousarray(np.stack([ms[k] for ms in per_seq])) for k in range(len(mats))]
 
-    def _plan(self, batch_size: int, seed: int) -> list[tuple[str, list[np.ndarray]]]:
+    def _plan(self, batch_size: int, seed: int, first: int) -> list[tuple[str, list[np.ndarray]]]:
         if not self.context:
             return self._plan_fixed
-        seqs = [self.sequence_kernels(seed, b) for b in range(batch_size)]
+        seqs = [self.sequence_kernels(seed, first + b) for b in range(batch_size)]
         return [
             self._sampler_tables(n, [s[j] for s in seqs]) if n.context else self._plan_fixed[j]
             for j, n in enumerate(self.nodes)
@@ -280,8 +280,11 @@ class GSSM:
 
     # --------------------------------------------------------------------- sampling
 
-    def _key(self, seed: int) -> int:
-        return int(np.random.SeedSequence([self.seed, _check_seed(seed)]).generate_state(1, np.uint64)[0])
+    def _key(self, seed: int, first: int) -> int:
+        """The samplers' key: sequence b of the call hashes key + (b + 1) * golden, so shifting the key
+        by `first` golden steps makes row b sequence first + b of the seed's stream."""
+        key = int(np.random.SeedSequence([self.seed, _check_seed(seed)]).generate_state(1, np.uint64)[0])
+        return (key + _check_seed(first, "first") * _GOLDEN) & _MASK
 
     def sample(
         self,
@@ -291,8 +294,13 @@ class GSSM:
         return_hidden: bool = False,
         backend: str | None = None,
         threads: int | None = None,
+        first: int = 0,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Tokens (B, T) int64, and with `return_hidden` the hidden states (B, T, n_hidden) in config order.
+
+        Row b is sequence `first + b` of the stream `seed` names: the same sequence whatever B, T
+        (its first T tokens) and `first` it is asked for with, so a resumable loader can keep one
+        seed and advance `first`.
 
         `backend`: "auto" (the compiled sampler when built, else numpy with a warning), "cpp" or
         "numpy"; defaults to `self.backend`. `threads`: the C++ sampler's threads (default: the
@@ -304,7 +312,7 @@ class GSSM:
         backend = backend or self.backend
         if backend not in ("auto", "cpp", "numpy"):
             raise ValueError(f"backend must be auto, cpp or numpy, got {backend!r}")
-        plan, key = self._plan(batch_size, seed), self._key(seed)
+        plan, key = self._plan(batch_size, seed, first), self._key(seed, first)
         ext = _extension() if backend != "numpy" else None
         if backend == "cpp" and ext is None:
             raise RuntimeError("backend='cpp' but nanollama._gssm_sampler is not built (run `make install`)")
@@ -341,11 +349,12 @@ class GSSM:
         dtype: torch.dtype = torch.float64,
         backend: str = "auto",
         threads: int | None = None,
+        first: int = 0,
     ) -> torch.Tensor:
         """Bayes-optimal -log p(x_t | x_<t) under the true model for tokens (B, T), as (B, T) on their device.
 
-        A context graph needs the `seed` that `sample` was given: row b is scored with the kernels
-        of sequence b of that call (the oracle that knows each sequence's kernels). `backend`:
+        A context graph needs the `seed` (and `first`) that `sample` was given: row b is scored with
+        the kernels of sequence first + b of that stream (the oracle that knows each sequence's kernels). `backend`:
         "auto" (the compiled forward for float64 CPU tokens when built, else torch), "cpp" or "torch".
         """
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
@@ -362,7 +371,7 @@ class GSSM:
         tokens = tokens.long()
         if self.context and seed is None:
             raise ValueError("nll(): a context graph needs the seed its tokens were sampled with")
-        forward = hmm_lib.forward_for(self, tokens, seed, dtype)
+        forward = hmm_lib.forward_for(self, tokens, seed, first, dtype)
         if ext is not None:
             return forward.nll_compiled(ext, tokens, threads or _usable_cores())
         return forward.nll(tokens)

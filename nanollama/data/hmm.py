@@ -78,11 +78,11 @@ def tables(g: GSSM, kernel_sets: list[list[list[np.ndarray]]], device, dtype) ->
     return out
 
 
-def forward_for(g: GSSM, tokens: torch.Tensor, seed: int | None, dtype: torch.dtype) -> Forward:
+def forward_for(g: GSSM, tokens: torch.Tensor, seed: int | None, first: int, dtype: torch.dtype) -> Forward:
     """The forward pass scoring `tokens`: cached per (device, dtype) for fixed kernels; for a context
-    graph, built from the kernels of sequences 0..B-1 of `sample(..., seed)`."""
+    graph, built from the kernels of sequences first..first+B-1 of the stream `seed`."""
     if g.context:
-        sets = [g.sequence_kernels(seed, b) for b in range(tokens.shape[0])]
+        sets = [g.sequence_kernels(seed, first + b) for b in range(tokens.shape[0])]
         return Forward(g, tables(g, sets, tokens.device, dtype))
     key = (str(tokens.device), dtype)
     if key not in g._forward:

@@ -98,6 +98,9 @@ def test_sampling_is_deterministic_per_seed(mode):
     # sequence b depends on neither the batch size nor the length asked for
     z = GSSM(cfg, seed=3).sample(2, 25, seed=7, backend="numpy")
     assert torch.equal(z, x[:2, :25])
+    # nor on where the call starts in the seed's stream
+    w, v = GSSM(cfg, seed=3).sample(3, 40, seed=7, return_hidden=True, backend="numpy", first=2)
+    assert torch.equal(w, x[2:5]) and torch.equal(v, h[2:5])
     assert 0 <= int(x.min()) and int(x.max()) < 5 and int(h[..., 0].max()) < 3 and int(h[..., 1].max()) < 2
 
 
@@ -229,6 +232,7 @@ def test_cpp_equals_numpy_whatever_the_threads(mode, table_limit, monkeypatch):
     for threads in (1, 2, 5, 13, 64):
         x, h = g.sample(13, 37, seed=9, return_hidden=True, backend="cpp", threads=threads)
         assert torch.equal(x, ref) and torch.equal(h, ref_hidden), threads
+    assert torch.equal(g.sample(5, 37, seed=9, backend="cpp", first=8), ref[8:])
 
 
 def test_numpy_fallback_warns_once(monkeypatch, caplog):
