@@ -179,6 +179,11 @@ struct ForwardArgs {
 #define NANOLLAMA_CLONES
 #endif
 
+// setup.py turns FMA contraction off for the bit-exact sampler; the forward may fuse (and round less).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=fast")
+#endif
 NANOLLAMA_CLONES
 void forward_block(const ForwardArgs& a, int64_t b0, int64_t n, std::vector<double>& belief, std::vector<double>& next) {
   const int64_t S = a.states;
@@ -231,6 +236,10 @@ void forward_block(const ForwardArgs& a, int64_t b0, int64_t n, std::vector<doub
     }
   }
 }
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
 
 // Blocks b, b + stride, ... : the split does not change any sequence's arithmetic.
 void forward_worker(const ForwardArgs& a, int64_t first, int64_t stride) {
