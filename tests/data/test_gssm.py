@@ -205,6 +205,21 @@ def test_sampler_matches_the_hmm(mode, kind, backend):
 
 
 @needs_cpp
+@pytest.mark.parametrize("mode,kind", [("default", "product"), ("dead", "fullrank"), ("slow", "product")])
+def test_hidden_states_follow_the_hmm(mode, kind):
+    """The joint hidden state (config order, mixed radix) at steps 1..3 has law pi T^(t-1)."""
+    g = GSSM(small(mode, kind), seed=11)
+    pi, trans, _ = g.hmm()
+    _, hidden = g.sample(20000, 3, seed=3, return_hidden=True)
+    dims = [g.nodes[j].dim for j in g.hidden]
+    joint = hidden[..., 0] * dims[1] + hidden[..., 1]  # (B, T)
+    law = pi
+    for t in range(3):
+        empirical = torch.bincount(joint[:, t], minlength=len(pi)).double() / len(joint)
+        assert 0.5 * float((empirical - law).abs().sum()) < 0.02, t
+        law = law @ trans
+
+
 def test_package_uses_the_compiled_sampler(monkeypatch):
     assert gssm_module._extension() is not None, "nanollama._gssm_sampler exists but does not import"
 
