@@ -185,12 +185,12 @@ struct ForwardArgs {
 #pragma GCC optimize("fp-contract=fast")
 #endif
 NANOLLAMA_CLONES
-void forward_block(const ForwardArgs& a, int64_t b0, int64_t n, std::vector<double>& belief, std::vector<double>& next) {
+void forward_block(const ForwardArgs& a, int64_t b0, int64_t n, std::vector<double>& belief, std::vector<double>& next,
+                   std::vector<double>& like) {
   const int64_t S = a.states;
   std::fill(belief.begin(), belief.end(), 0.0);
   for (int64_t j = 0; j < n; ++j) belief[j] = 1.0;  // every hidden node starts in state 0
   double p[kBlock];
-  const double* e[kBlock];
   for (int64_t t = 0; t < a.seq_len; ++t) {
     for (const Move& mv : a.moves) {
       const int64_t d = mv.d, R = mv.right;
@@ -216,23 +216,27 @@ void forward_block(const ForwardArgs& a, int64_t b0, int64_t n, std::vector<doub
       }
       belief.swap(next);
     }
-    for (int64_t j = 0; j < n; ++j) {
+    // the block's emission likelihood per parent state, sequence-minor (padding lanes get 0), so
+    // the pass over the states below reads it with contiguous vector loads
+    for (int64_t j = 0; j < kBlock; ++j) {
       const int64_t b = b0 + j;
-      e[j] = a.emit + ((a.emit_batch == 1 ? 0 : b) * a.vocab + a.tokens[b * a.seq_len + t]) * a.parents;
+      const double* e =
+          j < n ? a.emit + ((a.emit_batch == 1 ? 0 : b) * a.vocab + a.tokens[b * a.seq_len + t]) * a.parents : nullptr;
+      for (int64_t k = 0; k < a.parents; ++k) like[k * kBlock + j] = e ? e[k] : 0.0;
       p[j] = 0.0;
     }
     for (int64_t z = 0; z < S; ++z) {
       double* bz = belief.data() + z * kBlock;
-      const int64_t k = a.pidx[z];
-      for (int64_t j = 0; j < n; ++j) p[j] += (bz[j] *= e[j][k]);
+      const double* lk = like.data() + a.pidx[z] * kBlock;
+      for (int64_t j = 0; j < kBlock; ++j) p[j] += (bz[j] *= lk[j]);
     }
-    for (int64_t j = 0; j < n; ++j) {
-      a.out[(b0 + j) * a.seq_len + t] = -std::log(p[j]);  // p(x_t | x_<t)
-      p[j] = 1.0 / p[j];
+    for (int64_t j = 0; j < kBlock; ++j) {
+      if (j < n) a.out[(b0 + j) * a.seq_len + t] = -std::log(p[j]);  // p(x_t | x_<t)
+      p[j] = j < n ? 1.0 / p[j] : 0.0;
     }
     for (int64_t z = 0; z < S; ++z) {
       double* bz = belief.data() + z * kBlock;
-      for (int64_t j = 0; j < kBlock; ++j) bz[j] *= p[j < n ? j : 0];
+      for (int64_t j = 0; j < kBlock; ++j) bz[j] *= p[j];
     }
   }
 }
@@ -243,11 +247,11 @@ void forward_block(const ForwardArgs& a, int64_t b0, int64_t n, std::vector<doub
 
 // Blocks b, b + stride, ... : the split does not change any sequence's arithmetic.
 void forward_worker(const ForwardArgs& a, int64_t first, int64_t stride) {
-  std::vector<double> belief(a.states * kBlock), next(a.states * kBlock);
+  std::vector<double> belief(a.states * kBlock), next(a.states * kBlock), like(a.parents * kBlock);
   const int64_t blocks = (a.batch + kBlock - 1) / kBlock;
   for (int64_t blk = first; blk < blocks; blk += stride) {
     const int64_t b0 = blk * kBlock;
-    forward_block(a, b0, std::min(kBlock, a.batch - b0), belief, next);
+    forward_block(a, b0, std::min(kBlock, a.batch - b0), belief, next, like);
   }
 }
 
