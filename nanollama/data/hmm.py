@@ -58,7 +58,7 @@ def joint_hmm(
     for k, j in enumerate(g.hidden):
         node = g.nodes[j]
         table = conditional_table(g, node, kernels[j])
-        trans = trans * _place(table, _axes(g, node, n_hidden) + [n_hidden + k], 2 * n_hidden)
+        trans *= _place(table, _axes(g, node, n_hidden) + [n_hidden + k], 2 * n_hidden)
     obs = g.nodes[g.observed]
     table = conditional_table(g, obs, kernels[g.observed])
     emit = np.broadcast_to(_place(table, _axes(g, obs, 0) + [n_hidden], n_hidden + 1), dims + [obs.dim])
