@@ -98,7 +98,15 @@ void sample_range(const std::vector<Node>& nodes, uint64_t key, int64_t b0, int6
 }
 
 // nodes: [(dim, inputs, prev, kind, arrays)] in topological order; states: int64 (B, T, n_nodes), written.
-void sample(const py::list& spec, uint64_t key, py::array_t<int64_t, py::array::c_style> states, int threads) {
+// An output buffer must be written where the caller sees it: refuse anything pybind11 would copy.
+template <typename T>
+T* output(py::array& a, const char* name) {
+  if (!a.dtype().is(py::dtype::of<T>()) || !(a.flags() & py::array::c_style) || !a.writeable())
+    throw std::invalid_argument(std::string(name) + " must be a writeable C-contiguous array of the right dtype");
+  return static_cast<T*>(a.mutable_data());
+}
+
+void sample(const py::list& spec, uint64_t key, py::array states, int threads) {
   std::vector<Node> nodes;
   std::vector<py::array_t<double, py::array::c_style>> keep;  // hold the buffers while we read them
   if (states.ndim() != 3) throw std::invalid_argument("states must be (B, T, n_nodes)");
@@ -128,7 +136,7 @@ void sample(const py::list& spec, uint64_t key, py::array_t<int64_t, py::array::
       if (i < 0 || i >= static_cast<int64_t>(spec.size())) throw std::invalid_argument("input index out of range");
     nodes.push_back(std::move(n));
   }
-  int64_t* out = states.mutable_data();
+  int64_t* out = output<int64_t>(states, "states");
   const int64_t n_threads = std::max<int64_t>(1, std::min<int64_t>(threads, batch));
   py::gil_scoped_release release;
   if (n_threads == 1) {
@@ -173,7 +181,7 @@ struct ForwardArgs {
 
 // The hot loops, compiled twice where the compiler can: for AVX2 + FMA (chosen at load time on
 // CPUs that have them) and for the baseline ISA, so one portable build runs at full width.
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__GLIBC__) && !defined(__clang__)  // ifuncs: glibc
 #define NANOLLAMA_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define NANOLLAMA_CLONES
@@ -260,7 +268,7 @@ using Array = py::array_t<T, py::array::c_style>;
 
 // moves: [(mats float64 (N, d, d), left, d, right, batched)] in topological order; emit (Bk, V, P);
 // pidx (S,) int64; tokens (B, T) int64; out (B, T) float64, written with -log p(x_t | x_<t).
-void forward(const py::list& spec, Array<double> emit, Array<int64_t> pidx, Array<int64_t> tokens, Array<double> out,
+void forward(const py::list& spec, Array<double> emit, Array<int64_t> pidx, Array<int64_t> tokens, py::array out,
              int threads) {
   std::vector<Move> moves;
   std::vector<Array<double>> keep;
@@ -291,7 +299,7 @@ void forward(const py::list& spec, Array<double> emit, Array<int64_t> pidx, Arra
   for (int64_t i = 0; i < batch * seq_len; ++i)
     if (tok[i] < 0 || tok[i] >= vocab) throw std::invalid_argument("token out of range");
   ForwardArgs args{std::move(moves), emit.data(), emit.shape(0), vocab, parents, p, states, tok, batch, seq_len,
-                   out.mutable_data()};
+                   output<double>(out, "out")};
   const int64_t blocks = (batch + kBlock - 1) / kBlock;
   const int64_t n_threads = std::max<int64_t>(1, std::min<int64_t>(threads, blocks));
   py::gil_scoped_release release;

@@ -144,8 +144,8 @@ class Forward:
         return tuple(torch.from_numpy(states[self.axis[i]]) for i in node.inputs[1:])
 
     def nll_compiled(self, ext, tokens: torch.Tensor, threads: int) -> torch.Tensor:
-        """The same as `nll`, by the C++ forward (float64 CPU tables only): one thread per batch slice,
-        no synchronisation between steps, no per-step dispatch overhead."""
+        """The same as `nll`, by the C++ forward (float64 CPU tables only): blocks of sequences spread
+        over `threads` threads, no synchronisation between steps, no per-step dispatch overhead."""
         self._check_batch(tokens)
         moves = [(mat.numpy(), left, d, right, self.batched) for left, d, right, mat in self.moves]
         tokens = tokens.contiguous()
