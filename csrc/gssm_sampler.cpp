@@ -192,6 +192,29 @@ struct ForwardArgs {
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=fast")
 #endif
+// A move with shared matrices and a node of D states, D known at compile time: W lanes of the D
+// input states sit in registers while the D outputs are accumulated and stored once (W shrinks
+// as D grows so that inputs and accumulators still fit the 16 vector registers).
+template <int D, int W = (D <= 4 ? 8 : 4)>
+inline void move_shared(const double* mats, const double* in, double* out, int64_t left, int64_t run) {
+  for (int64_t l = 0; l < left; ++l) {
+    const double* m = mats + l * D * D;
+    const double* src = in + l * D * run;
+    double* dst = out + l * D * run;
+    for (int64_t i = 0; i < run; i += W) {
+      double x[D][W];
+      for (int s = 0; s < D; ++s)
+        for (int j = 0; j < W; ++j) x[s][j] = src[s * run + i + j];
+      for (int s2 = 0; s2 < D; ++s2) {
+        double acc[W] = {};
+        for (int s = 0; s < D; ++s)
+          for (int j = 0; j < W; ++j) acc[j] += m[s2 * D + s] * x[s][j];
+        for (int j = 0; j < W; ++j) dst[s2 * run + i + j] = acc[j];
+      }
+    }
+  }
+}
+
 NANOLLAMA_CLONES
 void forward_block(const ForwardArgs& a, int64_t b0, int64_t n, std::vector<double>& belief, std::vector<double>& next,
                    std::vector<double>& like) {
@@ -204,6 +227,23 @@ void forward_block(const ForwardArgs& a, int64_t b0, int64_t n, std::vector<doub
       const int64_t d = mv.d, R = mv.right;
       const int64_t mat_stride = mv.left * d * d;  // between sequences, when batched
       const int64_t run = R * kBlock;  // the contiguous (r, sequence) run one matrix entry scales
+      if (!mv.batched && (d <= 8 || d == 16)) {
+        double* o = next.data();
+        const double* in = belief.data();
+        switch (d) {
+          case 1: move_shared<1>(mv.mats, in, o, mv.left, run); break;
+          case 2: move_shared<2>(mv.mats, in, o, mv.left, run); break;
+          case 3: move_shared<3>(mv.mats, in, o, mv.left, run); break;
+          case 4: move_shared<4>(mv.mats, in, o, mv.left, run); break;
+          case 5: move_shared<5>(mv.mats, in, o, mv.left, run); break;
+          case 6: move_shared<6>(mv.mats, in, o, mv.left, run); break;
+          case 7: move_shared<7>(mv.mats, in, o, mv.left, run); break;
+          case 8: move_shared<8>(mv.mats, in, o, mv.left, run); break;
+          default: move_shared<16>(mv.mats, in, o, mv.left, run); break;
+        }
+        belief.swap(next);
+        continue;
+      }
       for (int64_t l = 0; l < mv.left; ++l) {
         for (int64_t s2 = 0; s2 < d; ++s2) {
           double* o = next.data() + (l * d + s2) * run;

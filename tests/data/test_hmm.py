@@ -57,11 +57,22 @@ def test_nll_matches_a_dense_forward(mode, kind, backend):
         torch.testing.assert_close(g.nll(tokens[3:], seed=8, first=3, backend=backend), nll[3:], rtol=1e-12, atol=0)
 
 
+WIDE = GSSMConfig(  # node sizes the compiled forward specialises (1..8, 16) and one it does not (9)
+    nodes=[
+        NodeConfig("a", 16, 0.3),
+        NodeConfig("b", 9, 0.3, parents=["a"]),
+        NodeConfig("c", 1, 0.3, parents=["b"]),
+        NodeConfig("d", 7, 0.3, parents=["c", "a"]),
+        NodeConfig("o", 11, 0.3, parents=["d", "b"], observed=True),
+    ]
+)
+
+
 @needs_cpp
-@pytest.mark.parametrize("mode", ["default", "context"])
+@pytest.mark.parametrize("mode", ["default", "context", "wide"])
 def test_compiled_forward_equals_torch_whatever_the_threads(mode):
     """Batches that are not a multiple of the C++ block (16), several blocks per thread."""
-    g = GSSM(config(mode, "product"), seed=6)
+    g = GSSM(WIDE if mode == "wide" else config(mode, "product"), seed=6)
     tokens = g.sample(37, 19, seed=2)
     ref = g.nll(tokens, seed=2, backend="torch")
     one = g.nll(tokens, seed=2, backend="cpp", threads=1)
