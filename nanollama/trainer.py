@@ -48,6 +48,7 @@ class StopRequest:
 
     def __init__(self):
         self.signum: int | None = None
+        self._since = 0.0
         self._previous = {}
 
     def __enter__(self):
@@ -60,9 +61,12 @@ class StopRequest:
             signal.signal(signum, handler)
 
     def _handle(self, signum, frame):
-        if self.signum == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
-        self.signum = signum
+        # A second Ctrl-C stops at once, without a checkpoint; one within a second is the same
+        # keypress delivered twice (by the terminal and by torchrun).
+        if self.signum == signal.SIGINT and signum == signal.SIGINT and time.monotonic() - self._since > 1.0:
+            raise KeyboardInterrupt
+        if self.signum is None:
+            self.signum, self._since = signum, time.monotonic()
 
     @property
     def exit_code(self) -> int:
