@@ -1,12 +1,24 @@
-"""GSSM: graph-structured sequential models, hidden Markov chains on a DAG emitting tokens.
+"""GSSM: graph-structured sequential models, hidden Markov chains on a DAG whose observed node emits tokens.
 
-Config and validation only, for now; sampling arrives with the GSSM issue.
+`GSSMConfig` describes the graph; `GSSM(config, seed)` draws its transition kernels and samples
+token sequences (a compiled sampler from csrc/ when built, a numpy reference otherwise). The exact
+likelihood (equivalent HMM, Bayes-optimal NLL) lives in nanollama/data/hmm.py.
+
+Semantics: every hidden node starts in state 0; at each step the nodes are sampled in topological
+order, a hidden node from its own previous state and its parents' new states, the observed node from
+its parents' new states only; tokens x_1..x_T are the observed node's states at steps 1..T.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
 from dataclasses import dataclass, field
 from typing import Literal
+
+import numpy as np
+import torch
 
 from nanollama.config import ConfigError, check
 
@@ -53,7 +65,7 @@ class GSSMConfig:
     )
 
     def __post_init__(self):
-        self.order  # validates: unique names, one observed node, known parents, no cycle
+        _ = self.order  # validates: unique names, one observed node, known parents, no cycle
 
     @property
     def observed(self) -> NodeConfig:
@@ -89,3 +101,256 @@ class GSSMConfig:
             done += ready
             pending = [n for n in pending if n not in ready]
         return done
+
+
+# ----------------------------------------------------------------------------- the model
+
+# Kernel entries are floored so that a product of rows never underflows to an all-zero row and every
+# transition has a finite log-likelihood; with rows of at most a few hundred states the floor moves
+# less than 1e-9 of probability mass.
+FLOOR = 1e-12
+# A node whose joint-input table (rows x states) is at most this large is sampled from a precomputed
+# cumulative table; a larger product node multiplies its factor rows at every step instead.
+TABLE_LIMIT = 1 << 22
+
+_GOLDEN, _M1, _M2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_MASK = (1 << 64) - 1
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Node:
+    """A validated node in topological position: where its inputs live and what it draws from."""
+
+    name: str
+    dim: int
+    alpha: float
+    mode: str
+    kernel_type: str
+    observed: bool
+    inputs: list[int]  # topological positions of the inputs: own previous state first (hidden nodes), then parents
+    prev: list[bool]  # whether each input is read at the previous step (only a hidden node's own state)
+
+    @property
+    def context(self) -> bool:
+        return self.mode == "context"
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on uint64 arrays (wrapping arithmetic), the same as csrc/gssm_sampler.cpp."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(_M1)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(_M2)
+    return z ^ (z >> np.uint64(31))
+
+
+def _check_seed(seed: int, name: str = "seed") -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
+class GSSM:
+    """A GSSM with its kernels drawn from `seed`: the same seed gives the same graph on every rank.
+
+    Randomness is counter-based: the uniform that drives node j at step t of sequence b is a hash of
+    (graph seed, sample seed, b, t, j). So sequence b of `sample(B, T, seed)` does not depend on B,
+    its first T' tokens are those of `sample(B, T', seed)`, and the numpy and C++ samplers agree
+    token for token. In context mode, sequence b's kernels come from the generator seeded with
+    (graph seed, sample seed, b), which `nll` replays.
+    """
+
+    def __init__(self, config: GSSMConfig, seed: int = 0):
+        if not isinstance(config, GSSMConfig):
+            raise TypeError(f"config must be a GSSMConfig, got {type(config).__name__}")
+        self.config, self.seed = config, _check_seed(seed)
+        self.backend = "auto"  # "auto" | "cpp" | "numpy": which sampler `sample` uses by default
+        order = config.order  # validates the graph
+        pos = {n.name: i for i, n in enumerate(order)}
+        self.nodes: list[Node] = []
+        for i, n in enumerate(order):
+            own = [] if n.observed else [i]
+            self.nodes.append(
+                Node(
+                    n.name,
+                    n.state_dim,
+                    n.alpha,
+                    n.mode,
+                    n.kernel_type,
+                    n.observed,
+                    own + [pos[p] for p in n.parents],
+                    [True] * len(own) + [False] * len(n.parents),
+                )
+            )
+        # hidden nodes in config order: the layout of `return_hidden` and of the joint state in hmm()
+        self.hidden = [pos[n.name] for n in config.nodes if not n.observed]
+        self.observed = pos[config.observed.name]
+        rng = np.random.default_rng(self.seed)
+        self.kernels = [None if n.context else self._draw(rng, n) for n in self.nodes]
+        self._plan_fixed = [
+            None if k is None else self._sampler_tables(n, [k]) for n, k in zip(self.nodes, self.kernels)
+        ]
+
+    # --------------------------------------------------------------------- kernels
+
+    @property
+    def vocab_size(self) -> int:
+        return self.nodes[self.observed].dim
+
+    @property
+    def hidden_names(self) -> list[str]:
+        return [self.nodes[i].name for i in self.hidden]
+
+    @property
+    def context(self) -> bool:
+        return any(n.context for n in self.nodes)
+
+    def input_dims(self, node: Node) -> list[int]:
+        return [self.nodes[i].dim for i in node.inputs]
+
+    def _draw(self, rng: np.random.Generator, node: Node) -> list[np.ndarray]:
+        """The node's kernel matrices: one (d_in, d) per input (product) or one (prod d_in, d) (fullrank)."""
+        dims = self.input_dims(node)
+        rows = [int(np.prod(dims))] if node.kernel_type == "fullrank" or not dims else dims
+        mats = []
+        for r in rows:
+            m = rng.dirichlet(np.full(node.dim, node.alpha), size=r)
+            m = np.maximum(m, FLOOR)
+            m /= m.sum(1, keepdims=True)
+            if node.mode in ("slow", "dead"):
+                # swap each row's largest probability onto the diagonal (sticky) or onto state 0
+                idx = np.arange(r)
+                top = m.argmax(1)
+                target = idx if node.mode == "slow" else np.zeros(r, dtype=np.int64)
+                a, b = m[idx, top].copy(), m[idx, target].copy()
+                m[idx, top], m[idx, target] = b, a
+            mats.append(m)
+        return mats
+
+    def sequence_kernels(self, seed: int, index: int) -> list[list[np.ndarray] | None]:
+        """Kernels of sequence `index` of `sample(..., seed)`: the fixed ones, and the context ones redrawn."""
+        rng = np.random.default_rng([self.seed, _check_seed(seed), _check_seed(index, "index")])
+        return [self._draw(rng, n) if n.context else k for n, k in zip(self.nodes, self.kernels)]
+
+    @staticmethod
+    def weights(node: Node, mats: list[np.ndarray]) -> np.ndarray:
+        """Unnormalised next-state weights per joint input, (prod d_in, d), inputs in C order.
+
+        A product node's row is the elementwise product of its factor rows, multiplied left to right
+        as the samplers do at run time, so table and run-time sampling give the same bits.
+        """
+        w = mats[0]
+        for m in mats[1:]:
+            w = (w[:, None, :] * m[None, :, :]).reshape(-1, node.dim)
+        return w
+
+    def _sampler_tables(self, node: Node, per_seq: list[list[np.ndarray]]) -> tuple[str, list[np.ndarray]]:
+        """What the samplers read for a node: ("table", [cum]) or ("factors", mats), each with a leading
+        batch axis of 1 (fixed kernels) or B (context kernels)."""
+        mats = per_seq[0]
+        rows = int(np.prod([m.shape[0] for m in mats]))
+        if len(mats) == 1 or rows * node.dim * len(per_seq) <= TABLE_LIMIT:
+            cum = np.stack([np.cumsum(self.weights(node, ms), axis=1) for ms in per_seq])
+            return "table", [np.ascontiguousarray(cum)]
+        return "factors", [np.ascontiguousarray(np.stack([ms[k] for ms in per_seq])) for k in range(len(mats))]
+
+    def _plan(self, batch_size: int, seed: int) -> list[tuple[str, list[np.ndarray]]]:
+        if not self.context:
+            return self._plan_fixed
+        seqs = [self.sequence_kernels(seed, b) for b in range(batch_size)]
+        return [
+            self._sampler_tables(n, [s[j] for s in seqs]) if n.context else self._plan_fixed[j]
+            for j, n in enumerate(self.nodes)
+        ]
+
+    # --------------------------------------------------------------------- sampling
+
+    def _key(self, seed: int) -> int:
+        return int(np.random.SeedSequence([self.seed, _check_seed(seed)]).generate_state(1, np.uint64)[0])
+
+    def sample(
+        self,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        return_hidden: bool = False,
+        backend: str | None = None,
+        threads: int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Tokens (B, T) int64, and with `return_hidden` the hidden states (B, T, n_hidden) in config order.
+
+        `backend`: "auto" (the compiled sampler when built, else numpy with a warning), "cpp" or
+        "numpy"; defaults to `self.backend`. `threads`: the C++ sampler's threads (default: the
+        usable cores); the result does not depend on it.
+        """
+        for name, v in (("batch_size", batch_size), ("seq_len", seq_len)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        backend = backend or self.backend
+        if backend not in ("auto", "cpp", "numpy"):
+            raise ValueError(f"backend must be auto, cpp or numpy, got {backend!r}")
+        plan, key = self._plan(batch_size, seed), self._key(seed)
+        ext = _extension() if backend != "numpy" else None
+        if backend == "cpp" and ext is None:
+            raise RuntimeError("backend='cpp' but nanollama._gssm_sampler is not built (run `make install`)")
+        if ext is not None:
+            threads = threads or _usable_cores()
+            states = np.empty((batch_size, seq_len, len(self.nodes)), dtype=np.int64)
+            ext.sample(
+                [(n.dim, n.inputs, n.prev, kind, arrays) for n, (kind, arrays) in zip(self.nodes, plan)],
+                key,
+                states,
+                int(threads or 1),
+            )
+        else:
+            states = self._sample_numpy(plan, key, batch_size, seq_len)
+        tokens = torch.from_numpy(np.ascontiguousarray(states[:, :, self.observed]))
+        if not return_hidden:
+            return tokens
+        return tokens, torch.from_numpy(np.ascontiguousarray(states[:, :, self.hidden]))
+
+    def _sample_numpy(self, plan, key: int, batch_size: int, seq_len: int) -> np.ndarray:
+        """The reference sampler, vectorised over the batch: states (B, T, n_nodes) in topological order."""
+        n_nodes = len(self.nodes)
+        seq_key = _mix(np.uint64(key) + (np.arange(1, batch_size + 1, dtype=np.uint64) * np.uint64(_GOLDEN)))
+        states = np.zeros((batch_size, seq_len, n_nodes), dtype=np.int64)
+        prev = np.zeros((n_nodes, batch_size), dtype=np.int64)  # every hidden node starts in state 0
+        cur = np.zeros_like(prev)
+        rows_b = np.arange(batch_size)
+        for t in range(seq_len):
+            for j, (node, (kind, arrays)) in enumerate(zip(self.nodes, plan)):
+                ins = [prev[i] if p else cur[i] for i, p in zip(node.inputs, node.prev)]
+                if kind == "table":
+                    cum = arrays[0]
+                    row = np.zeros(batch_size, dtype=np.int64)
+                    for i, s in zip(node.inputs, ins):
+                        row = row * self.nodes[i].dim + s
+                    c = cum[0, row] if cum.shape[0] == 1 else cum[rows_b, row]
+                else:
+                    w = None
+                    for f, s in zip(arrays, ins):
+                        r = f[0, s] if f.shape[0] == 1 else f[rows_b, s]
+                        w = r if w is None else w * r
+                    c = np.cumsum(w, axis=1)
+                ctr = np.uint64(((t * n_nodes + j + 1) * _GOLDEN) & _MASK)
+                u = (_mix(seq_key + ctr) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+                v = u * c[:, -1]
+                cur[j] = np.minimum((c <= v[:, None]).sum(1), node.dim - 1)
+            states[:, t] = cur.T
+            prev, cur = cur, prev
+        return states
+
+
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@functools.cache
+def _extension():
+    """The compiled sampler, or None (warned once) where it was not built."""
+    try:
+        from nanollama import _gssm_sampler
+    except ImportError as e:
+        log.warning("nanollama._gssm_sampler is not built (%s): GSSM sampling falls back to the slow numpy sampler", e)
+        return None
+    return _gssm_sampler
