@@ -183,7 +183,7 @@ class SlurmCluster:
     # ------------------------------------------------------------------ stop
 
     def stop(self) -> None:
-        """Stop the daemons by their pid files (ours only) and clear their state."""
+        """Stop the daemons by their pid files (ours only; SIGKILL after 3 s: their state is thrown away)."""
         for name in ("slurmd", "slurmctld"):
             self._kill_pidfile(self._pidfiles[name])
         if self._munged_pidfile is not None:  # only a munged we started ourselves
@@ -192,7 +192,7 @@ class SlurmCluster:
             shutil.rmtree(self.root / sub, ignore_errors=True)
 
     @staticmethod
-    def _kill_pidfile(path: Path, timeout: float = 10.0) -> None:
+    def _kill_pidfile(path: Path, timeout: float = 3.0) -> None:
         try:
             pid = int(path.read_text().strip())
         except (OSError, ValueError):

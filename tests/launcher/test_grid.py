@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import DEBUG
+from launcher_helpers import DEBUG
 
 from nanollama import config
 from nanollama.config import ConfigError

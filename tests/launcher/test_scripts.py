@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import DEBUG, launcher_cli
+from launcher_helpers import DEBUG, launcher_cli
 
 from nanollama import config
 from nanollama.launcher import launch, scripts, spec
