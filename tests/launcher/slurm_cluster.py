@@ -184,34 +184,39 @@ class SlurmCluster:
 
     def stop(self) -> None:
         """Stop the daemons by their pid files (ours only; SIGKILL after 3 s: their state is thrown away)."""
-        for name in ("slurmd", "slurmctld"):
-            self._kill_pidfile(self._pidfiles[name])
+        pidfiles = [self._pidfiles["slurmd"], self._pidfiles["slurmctld"]]
         if self._munged_pidfile is not None:  # only a munged we started ourselves
-            self._kill_pidfile(self._munged_pidfile)
+            pidfiles.append(self._munged_pidfile)
+        pids = [pid for pid in map(self._signal_pidfile, pidfiles) if pid is not None]
+        deadline = time.monotonic() + 3.0
+        while pids and time.monotonic() < deadline:
+            pids = [pid for pid in pids if _alive(pid)]
+            time.sleep(0.05)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         for sub in ("state", "spool"):
             shutil.rmtree(self.root / sub, ignore_errors=True)
 
     @staticmethod
-    def _kill_pidfile(path: Path, timeout: float = 3.0) -> None:
+    def _signal_pidfile(path: Path) -> int | None:
+        """SIGTERM the process a pid file names; its pid, or None if there was none."""
         try:
             pid = int(path.read_text().strip())
-        except (OSError, ValueError):
-            return
-        try:
             os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.1)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        except (OSError, ValueError):
+            return None
+        return pid
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from launcher_helpers import DEBUG, TINY, launcher_cli
 
 from nanollama.monitor import MetricsFile
 
+pytestmark = pytest.mark.slow  # about a minute on 2 idle cores: several short trainings
+
 STEPS = 20
 COMMON = [f"config={DEBUG}", "gpus_per_node=0", f"steps={STEPS}", *TINY]
 TIMEOUT = 240  # seconds for one job; generous, for machines loaded by other work
@@ -126,11 +128,18 @@ def test_preempted_task_checkpoints_requeues_resumes_and_matches_the_uninterrupt
             time.sleep(0.05)
     finally:
         os.kill(pid, signal.SIGCONT)
-    # Requeued: Slurm holds a requeued job back for about two minutes (BeginTime); start it now.
+    # Requeued: Slurm holds a requeued job back for two minutes (BeginTime). Start it sooner, but only
+    # once the first attempt is cleaned up (node idle) and a couple of seconds have passed: slurmd
+    # revokes the job's credential at the requeue, with one-second resolution, and would refuse a
+    # relaunch within that second.
     deadline = time.monotonic() + 60
     while "BeginTime" not in slurm.run(["squeue", "-h", "-j", job, "-o", "%r"], check=False).stdout:
         assert time.monotonic() < deadline, (log_dir / "stdout" / "0.out").read_text()
         time.sleep(0.2)
+    while slurm.run(["sinfo", "-h", "-N", "-o", "%t"], check=False).stdout.strip() != "idle":
+        assert time.monotonic() < deadline, slurm.run(["sinfo", "-N"], check=False).stdout
+        time.sleep(0.2)
+    time.sleep(2.5)
     slurm.run(["scontrol", "update", f"JobId={job}_0", "StartTime=now"])
     states = _wait_done(slurm, job)
     assert states == {"0": "COMPLETED 0:0"}, states
