@@ -28,7 +28,7 @@ TINY = [
 # A stand-in task for tests of the scripts themselves: counts steps in run_dir/step, prints its
 # VERSION, exits 75 after a step once SIGUSR1 or SIGTERM arrived (like nanollama.train), and resumes.
 FAKE_TASK = """
-import pathlib, signal, sys, time
+import os, pathlib, signal, sys, time
 import yaml
 
 VERSION = {version!r}
@@ -40,7 +40,8 @@ step = int(state.read_text()) if state.exists() else 0
 stop = []
 signal.signal(signal.SIGUSR1, lambda *a: stop.append("USR1"))
 signal.signal(signal.SIGTERM, lambda *a: stop.append("TERM"))
-print("VERSION", VERSION, "start", step, "value", cfg["value"], flush=True)
+rank = os.environ.get("RANK", "-")  # set by torchrun
+print("VERSION", VERSION, "start", step, "value", cfg["value"], "rank", rank, flush=True)
 while step < cfg["steps"]:
     time.sleep(cfg["sleep"])
     step += 1

@@ -125,7 +125,7 @@ def _fake_slurm_bin(tmp_path: Path) -> Path:
     return bin_dir
 
 
-def _prepare_fake(tmp_path: Path, launcher: str, steps: int, sleep: float, values=(1,)) -> launch.Prepared:
+def _prepare_fake(tmp_path: Path, launcher: str, steps: int, sleep: float, values=(1,), *more) -> launch.Prepared:
     run = tmp_path / "run.yaml"
     run.write_text(yaml.safe_dump({"steps": steps, "sleep": sleep, "value": 0}))
     args = [
@@ -134,6 +134,7 @@ def _prepare_fake(tmp_path: Path, launcher: str, steps: int, sleep: float, value
         f"launcher={launcher}",
         f"log_dir={tmp_path / 'logs'}",
         f"grid.value={list(values)}",
+        *more,
     ]
     return launch.prepare(spec.parse(args), dry_run=True)
 
@@ -190,6 +191,14 @@ def test_bash_launcher_runs_every_task_and_stops_resumably_on_a_signal(fake_pkg,
         task_out = (p.log_dir / "stdout" / f"{i}.out").read_text()
         assert f"value {value}" in task_out and "done 60" in task_out
     assert "stopped by TERM" in (p.log_dir / "stdout" / "0.out").read_text()
+
+
+def test_bash_torchrun_runs_the_task_under_torchrun(fake_pkg, tmp_path):
+    p = _prepare_fake(tmp_path, "bash", 2, 0.0, (1,), "torchrun=True", "gpus_per_node=0")
+    res = subprocess.run(["bash", str(p.script)], capture_output=True, text=True, timeout=120)
+    out = (p.log_dir / "stdout" / "0.out").read_text()
+    assert res.returncode == 0, out
+    assert "value 1 rank 0" in out and "done 2" in out  # RANK comes from torchrun
 
 
 def test_tasks_run_the_code_snapshot_not_later_edits(fake_pkg, tmp_path):

@@ -174,3 +174,28 @@ def test_bash_launcher_gives_the_same_layout_and_results(grid_job, tmp_path):
         assert ours == {**theirs, "run_dir": str(log_dir / "runs" / str(i))}
         assert _final_loss(log_dir / "runs" / str(i)) == _final_loss(ref_dir / "runs" / str(i))
         assert f"done: step {STEPS}" in (log_dir / "stdout" / f"{i}.out").read_text()
+
+
+def test_torchrun_task_gets_usr1_while_torchrun_survives_and_the_task_requeues(slurm, fake_pkg, tmp_path):
+    """slurm + torchrun: srun starts torchrun, which ignores USR1; the worker checkpoints; the job requeues."""
+    run = tmp_path / "run.yaml"
+    run.write_text(yaml.safe_dump({"steps": 600, "sleep": 0.05, "value": 7}))
+    log_dir = tmp_path / "logs"
+    res = launcher_cli("script=fakepkg.work", f"config={run}", "torchrun=True", "gpus_per_node=0", f"log_dir={log_dir}")
+    assert res.returncode == 0, res.stderr
+    job = res.stdout.split("submitted job ")[1].split(":")[0]
+    step = log_dir / "runs" / "0" / "step"
+    deadline = time.monotonic() + TIMEOUT
+    while not (step.exists() and int(step.read_text() or 0) >= 2):
+        assert time.monotonic() < deadline, (log_dir / "stdout" / "0.out").read_text()
+        time.sleep(0.1)
+    slurm.run(["scancel", "--signal=USR1", "--batch", f"{job}_0"])
+    while "BeginTime" not in slurm.run(["squeue", "-h", "-j", job, "-o", "%r"], check=False).stdout:
+        assert time.monotonic() < deadline, (log_dir / "stdout" / "0.out").read_text()
+        time.sleep(0.2)
+    slurm.run(["scancel", job])  # requeued as it should be; the resume itself is tested above
+    out = (log_dir / "stdout" / "0.out").read_text()
+    assert "value 7 rank 0" in out  # started by torchrun (it sets RANK)
+    assert "stopped by USR1" in out and "exitcode  : 75" in out  # the worker, not torchrun, got the signal
+    assert "exit code 1" in out and f"requeueing {job}_0" in out  # torchrun reports 1: requeued all the same
+    assert int(step.read_text()) < 600
