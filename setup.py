@@ -16,7 +16,7 @@ CSRC = Path(__file__).parent / "csrc"
 EXTENSIONS = {"nanollama._gssm_sampler": "csrc/gssm_sampler.cpp"}
 
 ext_modules = [
-    Pybind11Extension(name, [src], cxx_std=17, extra_compile_args=["-O3"], optional=True)
+    Pybind11Extension(name, [src], cxx_std=17, extra_compile_args=["-O3", "-ffp-contract=off"], optional=True)
     for name, src in EXTENSIONS.items()
     if (Path(__file__).parent / src).exists()
 ]

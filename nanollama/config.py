@@ -55,7 +55,7 @@ def build(cls: type[T], data: Any, path: str = "") -> T:
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise ConfigError(_join(path, str(key)), "unknown key" + _suggest(str(key), fields))
+            raise ConfigError(_join(path, str(key)), "unknown key" + _suggest(str(key), fields, path))
         kwargs[key] = convert(value, hints[key], _join(path, key))
     try:
         return cls(**kwargs)
@@ -149,9 +149,10 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _suggest(key: str, options) -> str:
+def _suggest(key: str, options, section: str) -> str:
+    """' (did you mean 'optim.lr'?)' for the closest sibling key, else the list of valid keys."""
     close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else f"; valid keys: {', '.join(sorted(options))}"
+    return f" (did you mean '{_join(section, close[0])}'?)" if close else f"; valid keys: {', '.join(sorted(options))}"
 
 
 # ----------------------------------------------------------------------------- overrides
@@ -174,7 +175,7 @@ def apply_override(data: dict, dotted: str, raw: str, cls: type) -> None:
         if dataclasses.is_dataclass(schema):
             fields = {f.name: f for f in dataclasses.fields(schema) if f.init}
             if key not in fields:
-                raise ConfigError(here, "unknown key" + _suggest(key, fields))
+                raise ConfigError(here, "unknown key" + _suggest(key, fields, ".".join(keys[:depth])))
             field_type = typing.get_type_hints(schema)[key]
             if last:
                 node[key] = yaml.safe_load(raw) if raw.strip() else raw

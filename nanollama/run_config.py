@@ -15,7 +15,9 @@ from nanollama.model import TransformerConfig
 
 @dataclass
 class DataConfig:
-    source: Literal["onfly"] = "onfly"
+    source: Literal["onfly", "files"] = "onfly"
+    path: str | None = None  # source=files: a directory written by `python -m nanollama.data.gssm`
+    num_workers: int = 0  # DataLoader workers for the training stream (0: load in the training process)
     batch_size: int = 32  # sequences per micro-step
     seq_len: int = 64  # tokens the model reads per sequence (seq_len + 1 are sampled for the targets)
     graph_seed: int = 0  # draws the GSSM's kernels: one graph shared by runs that differ in `seed`
@@ -24,6 +26,12 @@ class DataConfig:
     def __post_init__(self):
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.seq_len >= 1, "seq_len", f"must be >= 1, got {self.seq_len}")
+        check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        check(
+            self.source != "files" or bool(self.path),
+            "path",
+            "data.source=files needs data.path, a directory written by python -m nanollama.data.gssm",
+        )
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 from nanollama import config
+from nanollama.data.reader import DataError
 from nanollama.run_config import TrainConfig
 from nanollama.trainer import Trainer
 
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse(argv)
         trainer = Trainer(cfg)
-    except config.ConfigError as e:
+    except (config.ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return trainer.fit()

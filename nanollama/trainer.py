@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from nanollama import checkpoint, config
+from nanollama.data import seeds
 from nanollama.data.gssm import GSSM
+from nanollama.data.stream import build_train_stream
 from nanollama.model import Transformer
 from nanollama.monitor import MetricsFile, hostname, rss_bytes
 from nanollama.optim import build_optimizer, lr_at
@@ -34,16 +36,9 @@ EXIT_NONFINITE = 3  # the loss became NaN or infinite; the last good checkpoint 
 EXIT_PREEMPTED = 75  # SIGTERM or SIGUSR1: checkpointed, relaunch to resume (EX_TEMPFAIL)
 EXIT_INTERRUPTED = 130  # Ctrl-C: checkpointed
 
-_TRAIN, _EVAL = 0, 1  # stream tags: the training and held-out batches never share a seed
-
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-def stream_seed(*key: int) -> int:
-    """A 63-bit seed for one batch, derived from (seed, stream tag, step, micro-step)."""
-    return int(np.random.SeedSequence(list(key)).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 class StopRequest:
@@ -89,35 +84,46 @@ class Trainer:
 
         _seed_everything(cfg.seed)
         self.gssm = GSSM(cfg.data.gssm, seed=cfg.data.graph_seed)
+        d = cfg.data
+        self.stream = build_train_stream(
+            d.source,
+            gssm=self.gssm,  # onfly samples it; files are checked to come from the same graph
+            path=d.path,
+            batch_size=d.batch_size,
+            seq_len=d.seq_len,
+            seed=cfg.seed,
+            rank=0,  # the FSDP trainer passes its rank and world size
+            world_size=1,
+            num_workers=d.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
         self.model = Transformer(cfg.model).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.step = 0
         self.metrics = MetricsFile(self.run_dir / "metrics.jsonl")
-        self._eval_batches: list[torch.Tensor] | None = None
+        self._eval_batches: list[tuple[int, torch.Tensor]] | None = None
         self._bayes_loss: float | None = None
 
     # ------------------------------------------------------------------ data
 
-    def train_batch(self, step: int, micro: int) -> torch.Tensor:
+    def train_batch(self) -> torch.Tensor:
         """Tokens (B, seq_len + 1) for one micro-step: inputs are [:, :-1], targets [:, 1:]."""
-        d = self.cfg.data
-        return self.gssm.sample(d.batch_size, d.seq_len + 1, seed=stream_seed(self.cfg.seed, _TRAIN, step, micro))
+        return next(self.stream)
 
-    def eval_batches(self) -> list[torch.Tensor]:
-        """The held-out batches: fixed by the graph seed, so runs on one graph share them."""
+    def eval_batches(self) -> list[tuple[int, torch.Tensor]]:
+        """The held-out (seed, tokens) batches: fixed by the graph seed, so runs on one graph share them."""
         if self._eval_batches is None:
             d = self.cfg.data
-            self._eval_batches = [
-                self.gssm.sample(d.batch_size, d.seq_len + 1, seed=stream_seed(d.graph_seed, _EVAL, i))
-                for i in range(self.cfg.eval.batches)
-            ]
+            batch_seeds = [seeds.derive_seed(d.graph_seed, seeds.EVAL, i) for i in range(self.cfg.eval.batches)]
+            self._eval_batches = [(s, self.gssm.sample(d.batch_size, d.seq_len + 1, seed=s)) for s in batch_seeds]
         return self._eval_batches
 
-    def bayes_loss(self) -> float | None:
-        """The Bayes-optimal NLL of the eval targets (positions 2..T+1), when the GSSM provides it."""
-        if self._bayes_loss is None and hasattr(self.gssm, "nll"):
-            nlls = [self.gssm.nll(batch)[:, 1:].double().mean().item() for batch in self.eval_batches()]
+    def bayes_loss(self) -> float:
+        """The Bayes-optimal NLL of the eval targets (positions 2..T+1), computed once."""
+        if self._bayes_loss is None:
+            # a context graph's oracle needs each batch's sampling seed (its per-sequence kernels)
+            nlls = [self.gssm.nll(tokens, seed=s)[:, 1:].mean().item() for s, tokens in self.eval_batches()]
             self._bayes_loss = float(np.mean(nlls))
         return self._bayes_loss
 
@@ -141,8 +147,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = 0.0
-        for micro in range(cfg.accum_steps):
-            loss = self.loss_on(self.train_batch(self.step, micro))
+        for _ in range(cfg.accum_steps):
+            loss = self.loss_on(self.train_batch())
             self.scaler.scale(loss / cfg.accum_steps).backward()
             total += loss.item() / cfg.accum_steps
         if not math.isfinite(total):
@@ -159,19 +165,17 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         self.model.eval()
-        losses = [self.loss_on(batch).item() for batch in self.eval_batches()]
+        losses = [self.loss_on(tokens).item() for _, tokens in self.eval_batches()]
         self.model.train()
-        record = {"eval_loss": float(np.mean(losses))}
-        bayes = self.bayes_loss()
-        if bayes is not None:
-            record.update(bayes_loss=bayes, excess_loss=record["eval_loss"] - bayes)
-        return record
+        eval_loss, bayes = float(np.mean(losses)), self.bayes_loss()
+        return {"eval_loss": eval_loss, "bayes_loss": bayes, "excess_loss": eval_loss - bayes}
 
     # ------------------------------------------------------------------ checkpoints
 
     def save(self) -> Path:
         state = {
             "step": self.step,
+            "data": self.stream.state_dict(),  # the batches consumed so far: resume continues the stream
             "rng": {
                 "python": random.getstate(),
                 "numpy": np.random.get_state(),
@@ -197,6 +201,7 @@ class Trainer:
         self.scaler.load_state_dict(parts["scaler"])
         state = parts["train_state"]
         self.step = state["step"]
+        self.stream.load_state_dict(state["data"])
         rng = state["rng"]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
@@ -224,9 +229,7 @@ class Trainer:
         if self.step >= cfg.steps:
             log.info(f"already at step {self.step} >= steps={cfg.steps}: nothing to do (raise steps to go on)")
             return 0
-        bayes = self.bayes_loss()
-        if bayes is not None:
-            log.info(f"Bayes-optimal loss on the eval batches: {bayes:.4f}")
+        log.info(f"Bayes-optimal loss on the eval batches: {self.bayes_loss():.4f}")
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.optim.accum_steps
         self.model.train()
         with StopRequest() as stop:
@@ -265,10 +268,10 @@ class Trainer:
 
     def log_eval(self, r: dict) -> None:
         self.metrics.write({"step": self.step, **r})
-        line = f"eval {self.step:>6}/{self.cfg.steps} | eval_loss {r['eval_loss']:.4f}"
-        if "bayes_loss" in r:
-            line += f" | bayes_loss {r['bayes_loss']:.4f} | excess_loss {r['excess_loss']:.4f}"
-        log.info(line)
+        log.info(
+            f"eval {self.step:>6}/{self.cfg.steps} | eval_loss {r['eval_loss']:.4f} | "
+            f"bayes_loss {r['bayes_loss']:.4f} | excess_loss {r['excess_loss']:.4f}"
+        )
 
 
 def _seed_everything(seed: int) -> None:

@@ -1,7 +1,18 @@
 """Shared test settings: the `gpu` marker skips cleanly where no CUDA device exists."""
 
-import pytest
-import torch
+import os
+
+# Tests use tiny tensors: one thread per process avoids OpenMP oversubscription (several pytest
+# processes and subprocess trainers share 2 cores), which made steps 20x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Without a GPU, Triton kernels run under Triton's interpreter, which must be switched on before
+# triton is first imported (nanollama.kernels imports it): set it here, before any test module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

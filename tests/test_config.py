@@ -68,7 +68,7 @@ def test_bad_graphs_name_the_node():
 def test_unknown_key_in_the_yaml_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("optim:\n  lr: 0.1\n  warmpu: 3\n")
-    with pytest.raises(config.ConfigError, match=r"optim.warmpu: unknown key \(did you mean 'warmup'\?\)"):
+    with pytest.raises(config.ConfigError, match=r"optim.warmpu: unknown key \(did you mean 'optim.warmup'\?\)"):
         config.load(TrainConfig, path)
 
 

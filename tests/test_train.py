@@ -110,7 +110,7 @@ def test_half_written_checkpoints_are_ignored(tmp_path):
 
 
 def test_ctrl_c_checkpoints_and_the_relaunch_matches_an_uninterrupted_run(tmp_path):
-    args = [*TINY, "steps=400", "checkpoint.every=1000", "log.every=1"]
+    args = [*TINY, "steps=150", "checkpoint.every=1000", "log.every=1"]
     _, full = run(tmp_path, *args[len(TINY) :], name="full")
     run_dir = tmp_path / "interrupted"
     cmd = [sys.executable, "-m", "nanollama.train", str(DEBUG), *args, f"run_dir={run_dir}"]
@@ -125,7 +125,25 @@ def test_ctrl_c_checkpoints_and_the_relaunch_matches_an_uninterrupted_run(tmp_pa
     assert proc.returncode == EXIT_INTERRUPTED, out
     assert "Traceback" not in out and "stopped by SIGINT" in out
     stopped_at = checkpoint.complete_steps(run_dir / "checkpoints")
-    assert len(stopped_at) == 1 and 5 <= stopped_at[0] < 400
+    assert len(stopped_at) == 1 and 5 <= stopped_at[0] < 150
     code = subprocess.run(cmd, env=env, capture_output=True).returncode
     assert code == 0
     assert losses(metrics.read()) == losses(full)
+
+
+def test_files_source_resumes_bitwise_with_workers(tmp_path):
+    from nanollama.data.files import main as write_files
+
+    data = tmp_path / "data"
+    assert write_files([str(DEBUG), *TINY, "--out", str(data), "--train", "100", "--test", "16"]) == 0
+    args = ("steps=16", "checkpoint.every=5", "checkpoint.keep=5", "data.source=files", f"data.path={data}")
+    _, full = run(tmp_path, *args, name="full")  # 12 batches of 8 per epoch: the run crosses an epoch
+    _, partial = run(tmp_path, *args, "data.num_workers=2", name="partial")
+    import shutil
+
+    shutil.rmtree(checkpoint.step_dir(tmp_path / "partial" / "checkpoints", 16))
+    shutil.rmtree(checkpoint.step_dir(tmp_path / "partial" / "checkpoints", 15))
+    code, resumed = run(tmp_path, *args, name="partial")
+    assert code == 0 and losses(resumed) == losses(full) == losses(partial)
+    code = main([str(DEBUG), *TINY, f"run_dir={tmp_path / 'x'}", "data.source=files", f"data.path={tmp_path}"])
+    assert code == 2

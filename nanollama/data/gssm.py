@@ -12,6 +12,7 @@ its parents' new states only; tokens x_1..x_T are the observed node's states at 
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from nanollama.config import ConfigError, check
+from nanollama.data import hmm as hmm_lib
 
 Mode = Literal["default", "slow", "dead", "context"]
 KernelType = Literal["product", "fullrank"]
@@ -187,6 +189,7 @@ class GSSM:
         self.observed = pos[config.observed.name]
         rng = np.random.default_rng(self.seed)
         self.kernels = [None if n.context else self._draw(rng, n) for n in self.nodes]
+        self._forward: dict = {}  # (device, dtype) -> hmm_lib.Forward for a fixed graph
         self._plan_fixed = [
             None if k is None else self._sampler_tables(n, [k]) for n, k in zip(self.nodes, self.kernels)
         ]
@@ -309,6 +312,64 @@ class GSSM:
             return tokens
         return tokens, torch.from_numpy(np.ascontiguousarray(states[:, :, self.hidden]))
 
+    # --------------------------------------------------------------------- exact likelihood
+
+    def hmm(self, max_states: int = hmm_lib.MAX_DENSE_STATES) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The equivalent HMM over the joint hidden state (hidden nodes in config order, mixed radix):
+        pi (S,) the law of the state that emits x_1, T (S, S) the transition matrix, E (S, V) the
+        emission matrix, all float64. Refuses context graphs and joint spaces over `max_states`."""
+        if self.context:
+            raise ValueError("hmm(): a context graph redraws its kernels per sequence, so it has no single HMM")
+        return hmm_lib.joint_hmm(self, self.kernels, max_states)
+
+    def _tables(self, kernel_sets: list[list[list[np.ndarray]]], device, dtype) -> list[torch.Tensor]:
+        """Per node, its conditional table (Bk, d_in..., d): Bk = 1 when shared, else one per sequence."""
+        tables = []
+        for j, node in enumerate(self.nodes):
+            sets = kernel_sets if node.context else kernel_sets[:1]
+            t = np.stack([hmm_lib.conditional_table(self, node, ks[j]) for ks in sets])
+            tables.append(torch.from_numpy(t).to(device=device, dtype=dtype))
+        return tables
+
+    def nll(self, tokens: torch.Tensor, seed: int | None = None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """Bayes-optimal -log p(x_t | x_<t) under the true model for tokens (B, T), as (B, T) on their device.
+
+        A context graph needs the `seed` that `sample` was given: row b is scored with the kernels
+        of sequence b of that call (the oracle that knows each sequence's kernels).
+        """
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+            raise ValueError(f"tokens must be a (B, T) tensor, got {getattr(tokens, 'shape', type(tokens))}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
+            raise ValueError(
+                f"tokens must lie in [0, {self.vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]"
+            )
+        tokens = tokens.long()
+        if self.context:
+            if seed is None:
+                raise ValueError("nll(): a context graph needs the seed its tokens were sampled with")
+            sets = [self.sequence_kernels(seed, b) for b in range(tokens.shape[0])]
+            forward = hmm_lib.Forward(self, self._tables(sets, tokens.device, dtype))
+        else:
+            key = (str(tokens.device), dtype)
+            if key not in self._forward:
+                self._forward[key] = hmm_lib.Forward(self, self._tables([self.kernels], tokens.device, dtype))
+            forward = self._forward[key]
+        return forward.nll(tokens)
+
+    def entropy_rate(self, n_seqs: int = 256, seq_len: int = 256, seed: int = 2**31 - 1) -> tuple[float, float]:
+        """Estimate of the entropy rate in nats/token, with its standard error.
+
+        Samples `n_seqs` sequences and averages the Bayes-optimal NLL over the second half of each,
+        where the belief has forgotten the fixed start state; the error is the standard deviation
+        of the per-sequence means over sqrt(n_seqs). (A finite-context average upper-bounds the
+        rate and converges to it as seq_len grows.)
+        """
+        if n_seqs < 2 or seq_len < 2:
+            raise ValueError(f"entropy_rate needs n_seqs >= 2 and seq_len >= 2, got {n_seqs}, {seq_len}")
+        tokens = self.sample(n_seqs, seq_len, seed)
+        per_seq = self.nll(tokens, seed=seed)[:, seq_len // 2 :].mean(1)
+        return float(per_seq.mean()), float(per_seq.std() / n_seqs**0.5)
+
     def _sample_numpy(self, plan, key: int, batch_size: int, seq_len: int) -> np.ndarray:
         """The reference sampler, vectorised over the batch: states (B, T, n_nodes) in topological order."""
         n_nodes = len(self.nodes)
@@ -349,8 +410,13 @@ def _usable_cores() -> int:
 def _extension():
     """The compiled sampler, or None (warned once) where it was not built."""
     try:
-        from nanollama import _gssm_sampler
+        return importlib.import_module("nanollama._gssm_sampler")
     except ImportError as e:
         log.warning("nanollama._gssm_sampler is not built (%s): GSSM sampling falls back to the slow numpy sampler", e)
         return None
-    return _gssm_sampler
+
+
+if __name__ == "__main__":  # python -m nanollama.data.gssm CONFIG --out DIR --train N --test M
+    from nanollama.data.files import main
+
+    raise SystemExit(main())

@@ -5,6 +5,16 @@ Each op lives in its own module with its eager reference beside it.
 
 from nanollama.kernels import masks
 from nanollama.kernels.attention import attention, attention_ref
+from nanollama.kernels.decode import decode_attention, decode_attention_ref
 from nanollama.kernels.rope import apply_rope, rope_frequencies, rope_ref
 
-__all__ = ["apply_rope", "attention", "attention_ref", "masks", "rope_frequencies", "rope_ref"]
+__all__ = [
+    "apply_rope",
+    "attention",
+    "attention_ref",
+    "decode_attention",
+    "decode_attention_ref",
+    "masks",
+    "rope_frequencies",
+    "rope_ref",
+]

@@ -1,0 +1,23 @@
+"""Seeds for every batch and file chunk, derived from a key of integers with numpy's SeedSequence.
+
+Each stream has its own tag as the key's second word, so no two streams ever hand the sampler the
+same seed. SeedSequence pads a short key with zeros, so no tag is 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+EVAL = 1  # key (graph_seed, EVAL, i): the trainer's held-out batches
+ONFLY = 2  # key (seed, ONFLY, rank, batch index): the on-the-fly training stream
+FILE_TRAIN = 3  # key (seed, FILE_TRAIN, chunk): the train split written to files
+FILE_TEST = 4  # key (seed, FILE_TEST, chunk): the test split written to files
+
+
+def derive_seed(*key: int) -> int:
+    """A 63-bit non-negative seed from non-negative integers (a hash: distinct keys, distinct seeds)."""
+    for k in key:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+            raise ValueError(f"seed key parts must be non-negative integers, got {key!r}")
+    state = np.random.SeedSequence([int(k) for k in key]).generate_state(2, np.uint64)
+    return int(state[0] >> np.uint64(1))

@@ -1,0 +1,403 @@
+"""KV-cache decode attention: one new query token per sequence against a ragged, preallocated cache.
+
+Flash-decoding in two Triton kernels. `_decode_split_kernel` gives each (sequence, KV head, split of
+the cache) its own program: it reads that split of K and V once for all the query heads of the GQA
+group and writes a partial output, normalised within the split, with its log-sum-exp. Programs whose
+split starts at or after the sequence's length exit at once, so the work (and the bytes read) is
+proportional to the sum of the lengths, not to B x S_max. `_decode_reduce_kernel` then merges the
+partials of each (sequence, query head) with their log-sum-exps.
+
+Decode is inference-only: there is no backward.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from nanollama.kernels.dispatch import triton_available, use_triton
+
+if triton_available():
+    import triton
+    import triton.language as tl
+else:  # pragma: no cover - the reference path needs no triton
+    triton = None
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels (private)
+# ----------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_split_kernel(
+        Q,
+        K,
+        V,
+        SEQLENS,
+        OPART,
+        LSE,
+        stride_q_b,
+        stride_q_h,
+        stride_q_d,
+        stride_k_b,
+        stride_k_h,
+        stride_k_s,
+        stride_k_d,
+        stride_v_b,
+        stride_v_h,
+        stride_v_s,
+        stride_v_d,
+        stride_seqlens_b,
+        stride_opart_b,
+        stride_opart_h,
+        stride_opart_split,
+        stride_opart_d,
+        stride_lse_b,
+        stride_lse_h,
+        stride_lse_split,
+        qk_scale_log2,  # scale * log2(e): the softmax runs in base 2
+        S_MAX,
+        SPLIT_SIZE,
+        HK: tl.constexpr,
+        GROUP: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        pid_bh = tl.program_id(0)
+        pid_split = tl.program_id(1)
+        b = (pid_bh // HK).to(tl.int64)  # int64: b * stride_k_b overflows int32 on large caches
+        hk = (pid_bh % HK).to(tl.int64)
+
+        seqlen = tl.load(SEQLENS + b * stride_seqlens_b).to(tl.int32)
+        seqlen = tl.minimum(seqlen, S_MAX)  # never read past the allocation, whatever the caller passes
+        start = pid_split * SPLIT_SIZE
+        # Splits at or beyond this sequence's length do nothing: the ragged saving.
+        if start < seqlen:
+            end = tl.minimum(start + SPLIT_SIZE, seqlen)
+            offs_g = tl.arange(0, BLOCK_G)  # query heads of the group, padded to a tl.dot-able size
+            offs_d = tl.arange(0, BLOCK_D)
+            mask_g = offs_g < GROUP
+            mask_d = offs_d < HEAD_DIM
+            heads = hk * GROUP + offs_g  # (BLOCK_G,) query head indices
+
+            q_ptrs = Q + b * stride_q_b + heads[:, None] * stride_q_h + offs_d[None, :] * stride_q_d
+            q = tl.load(q_ptrs, mask=mask_g[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_G, BLOCK_D)
+
+            k_base = K + b * stride_k_b + hk * stride_k_h
+            v_base = V + b * stride_v_b + hk * stride_v_h
+            m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+            for n0 in range(start, end, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                mask_n = offs_n < end
+                # Masked lanes are never loaded: slots at/after seqlen may hold NaN.
+                kv_mask = mask_n[:, None] & mask_d[None, :]
+                k = tl.load(
+                    k_base + offs_n[:, None] * stride_k_s + offs_d[None, :] * stride_k_d, mask=kv_mask, other=0.0
+                )  # (BLOCK_N, BLOCK_D)
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2  # (BLOCK_G, BLOCK_N)
+                s = tl.where(mask_n[None, :], s, float("-inf"))
+                # Every block holds at least one valid key (n0 < end), so m_new is finite.
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                v = tl.load(
+                    v_base + offs_n[:, None] * stride_v_s + offs_d[None, :] * stride_v_d, mask=kv_mask, other=0.0
+                )  # (BLOCK_N, BLOCK_D)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+                m_i = m_new
+
+            out = acc / l_i[:, None]
+            o_ptrs = (
+                OPART
+                + b * stride_opart_b
+                + heads[:, None] * stride_opart_h
+                + pid_split * stride_opart_split
+                + offs_d[None, :] * stride_opart_d
+            )
+            tl.store(o_ptrs, out, mask=mask_g[:, None] & mask_d[None, :])
+            lse_ptrs = LSE + b * stride_lse_b + heads * stride_lse_h + pid_split * stride_lse_split
+            tl.store(lse_ptrs, m_i + tl.log2(l_i), mask=mask_g)
+
+    @triton.jit
+    def _decode_reduce_kernel(
+        OPART,
+        LSE,
+        SEQLENS,
+        OUT,
+        stride_opart_b,
+        stride_opart_h,
+        stride_opart_split,
+        stride_opart_d,
+        stride_lse_b,
+        stride_lse_h,
+        stride_lse_split,
+        stride_seqlens_b,
+        stride_out_b,
+        stride_out_h,
+        stride_out_d,
+        S_MAX,
+        SPLIT_SIZE,
+        HQ: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        b = (pid // HQ).to(tl.int64)
+        h = (pid % HQ).to(tl.int64)
+        seqlen = tl.minimum(tl.load(SEQLENS + b * stride_seqlens_b).to(tl.int32), S_MAX)
+        n_splits = tl.cdiv(seqlen, SPLIT_SIZE)  # only the splits the split kernel wrote
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < HEAD_DIM
+
+        lse_base = LSE + b * stride_lse_b + h * stride_lse_h
+        o_base = OPART + b * stride_opart_b + h * stride_opart_h
+        m = float("-inf")
+        denom = 0.0
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        # Online merge over chunks of splits, so long caches with many splits need no big register tile.
+        for s0 in range(0, n_splits, BLOCK_S):
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            mask_s = offs_s < n_splits
+            lse = tl.load(lse_base + offs_s * stride_lse_split, mask=mask_s, other=float("-inf"))  # (BLOCK_S,)
+            m_new = tl.maximum(m, tl.max(lse, axis=0))  # finite: each chunk has a written split
+            alpha = tl.exp2(m - m_new)
+            w = tl.exp2(lse - m_new)  # (BLOCK_S,), zero on masked splits
+            o = tl.load(
+                o_base + offs_s[:, None] * stride_opart_split + offs_d[None, :] * stride_opart_d,
+                mask=mask_s[:, None] & mask_d[None, :],
+                other=0.0,
+            )  # (BLOCK_S, BLOCK_D)
+            acc = acc * alpha + tl.sum(w[:, None] * o, axis=0)
+            denom = denom * alpha + tl.sum(w, axis=0)
+            m = m_new
+        # An empty sequence (seqlen 0) attends to nothing: its output is zeros, as in the reference.
+        denom = tl.where(denom > 0.0, denom, 1.0)
+        out = acc / denom
+        tl.store(OUT + b * stride_out_b + h * stride_out_h + offs_d * stride_out_d, out, mask=mask_d)
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks, shared by the launcher and the public function
+# ----------------------------------------------------------------------------------------------
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_inputs(q, k_cache, v_cache, cache_seqlens, split_size=None, dtypes=_DTYPES) -> None:
+    """Raise a one-line ValueError naming the argument when shapes, dtypes or devices disagree."""
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("cache_seqlens", cache_seqlens)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"decode_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 3:
+        raise ValueError(f"decode_attention: q must be (B, Hq, D), got shape {tuple(q.shape)}")
+    if k_cache.dim() != 4:
+        raise ValueError(f"decode_attention: k_cache must be (B, Hk, S_max, D), got shape {tuple(k_cache.shape)}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(
+            f"decode_attention: v_cache shape {tuple(v_cache.shape)} must equal k_cache shape {tuple(k_cache.shape)}"
+        )
+    B, Hq, D = q.shape
+    Bk, Hk, _, Dk = k_cache.shape
+    if Bk != B:
+        raise ValueError(f"decode_attention: k_cache batch {Bk} must equal q batch {B}")
+    if Dk != D:
+        raise ValueError(f"decode_attention: k_cache head dim {Dk} must equal q head dim {D}")
+    if Hk == 0 or Hq % Hk:
+        raise ValueError(f"decode_attention: q heads {Hq} must be a multiple of k_cache heads {Hk}")
+    if cache_seqlens.shape != (B,):
+        raise ValueError(f"decode_attention: cache_seqlens must have shape ({B},), got {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"decode_attention: cache_seqlens must be int32 or int64, got {cache_seqlens.dtype}")
+    if q.dtype not in dtypes:
+        raise ValueError(f"decode_attention: q dtype must be one of {dtypes}, got {q.dtype}")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(
+            f"decode_attention: k_cache/v_cache dtype ({k_cache.dtype}, {v_cache.dtype}) must equal q dtype {q.dtype}"
+        )
+    devices = {t.device for t in (q, k_cache, v_cache, cache_seqlens)}
+    if len(devices) != 1:
+        raise ValueError(f"decode_attention: q, k_cache, v_cache, cache_seqlens must share one device, got {devices}")
+    if split_size is not None and (split_size <= 0 or split_size % 16):
+        raise ValueError(f"decode_attention: split_size must be a positive multiple of 16, got {split_size}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher (the one launch site)
+# ----------------------------------------------------------------------------------------------
+
+
+# Launch configuration. Not yet tuned on a GPU: `python bench/bench_decode.py` on one sweeps these
+# (num_stages 2 gives cp.async double buffering of K/V on sm_90 at 38 KB of shared memory per program).
+TUNING = {"num_warps": 4, "num_stages": 2, "programs_per_sm": 4, "min_split": 256, "max_split": 1024}
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _block_n(head_dim: int) -> int:
+    return 64 if head_dim <= 128 else 32
+
+
+def _pick_split_size(B: int, Hk: int, S_max: int, block_n: int, device: torch.device) -> int:
+    """Keys per split, from the shapes only (reading the lengths would sync the host and break CUDA graphs).
+
+    Enough splits to give the device ~4 programs per SM when the cache is full; splits of at most
+    1024 keys, so a ragged batch's long sequences spread over many programs instead of a few long
+    ones finishing last; and at least 256 keys, so the partial outputs (G x D floats per split and
+    head group, written and read back) stay a few percent of the K/V bytes read.
+    """
+    if device.type == "cuda":
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        sms = 8  # the interpreter: any value works
+    n_splits = max(_cdiv(TUNING["programs_per_sm"] * sms, B * Hk), _cdiv(S_max, TUNING["max_split"]))
+    n_splits = max(1, min(n_splits, _cdiv(S_max, TUNING["min_split"])))
+    return max(block_n, _cdiv(_cdiv(S_max, n_splits), block_n) * block_n)
+
+
+def decode_attention_launch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    scale: float,
+    split_size: int | None = None,
+) -> torch.Tensor:
+    """Run the two Triton kernels. Returns out (B, Hq, D) in q's dtype.
+
+    q (B, Hq, D); k_cache, v_cache (B, Hk, S_max, D) with Hq % Hk == 0; cache_seqlens (B,) int32 or
+    int64: sequence b attends to cache positions [0, cache_seqlens[b]), clamped to S_max; length 0
+    gives zeros. Any strides (views into a bigger cache are fine); q, k_cache, v_cache share a dtype
+    in {float16, bfloat16, float32}. split_size: keys per split, a positive multiple of 16 (None:
+    chosen from the shapes and the device).
+    Workspace: o_part (B, Hq, n_splits, D) float32 and lse (B, Hq, n_splits) float32, base 2.
+    """
+    _check_inputs(q, k_cache, v_cache, cache_seqlens, split_size)
+    B, Hq, D = q.shape
+    Hk, S_max = k_cache.shape[1], k_cache.shape[2]
+    out = q.new_empty((B, Hq, D))
+    if B == 0 or Hq == 0 or S_max == 0:
+        return out.zero_()
+    group = Hq // Hk
+    block_d = max(16, _next_pow2(D))
+    block_n = _block_n(D)
+    if split_size is None:
+        split_size = _pick_split_size(B, Hk, S_max, block_n, q.device)
+    else:
+        block_n = min(block_n, split_size & -split_size)  # a power of two dividing split_size, >= 16
+    n_splits = _cdiv(S_max, split_size)
+    o_part = torch.empty((B, Hq, n_splits, D), device=q.device, dtype=torch.float32)
+    lse = torch.empty((B, Hq, n_splits), device=q.device, dtype=torch.float32)
+    # fp32 inputs get a true fp32 dot (no TF32) so they meet fp32 tolerances.
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+
+    _decode_split_kernel[(B * Hk, n_splits)](
+        q, k_cache, v_cache, cache_seqlens, o_part, lse,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), cache_seqlens.stride(0),
+        *o_part.stride(), *lse.stride(),
+        scale * math.log2(math.e), S_max, split_size,
+        HK=Hk, GROUP=group, HEAD_DIM=D, BLOCK_G=max(16, _next_pow2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
+        DOT_PRECISION=precision, num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
+    )  # fmt: skip
+    _decode_reduce_kernel[(B * Hq,)](
+        o_part, lse, cache_seqlens, out,
+        *o_part.stride(), *lse.stride(), cache_seqlens.stride(0), *out.stride(),
+        S_max, split_size,
+        HQ=Hq, HEAD_DIM=D, BLOCK_S=min(32, _next_pow2(n_splits)), BLOCK_D=block_d, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Public op and its eager reference
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("nanollama::decode_attention", mutates_args=())
+def _decode_attention_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    scale: float,
+    split_size: int,
+) -> torch.Tensor:
+    return decode_attention_launch(q, k_cache, v_cache, cache_seqlens, scale, split_size or None)
+
+
+@_decode_attention_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, scale, split_size):
+    return q.new_empty(q.shape)
+
+
+def decode_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Eager decode attention, math in float32 (float64 for float64 inputs); same contract as decode_attention.
+
+    Masks by value, so slots at or after a sequence's length may hold NaN; a length of 0 gives zeros.
+    Costs B x S_max whatever the lengths: it is the baseline, not the fast path.
+    """
+    _check_inputs(q, k_cache, v_cache, cache_seqlens, dtypes=(*_DTYPES, torch.float64))
+    B, Hq, D = q.shape
+    Hk, S_max = k_cache.shape[1], k_cache.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    compute = torch.promote_types(q.dtype, torch.float32)
+    valid = torch.arange(S_max, device=q.device)[None, :] < cache_seqlens[:, None]  # (B, S_max)
+    k = k_cache.to(compute)
+    v = v_cache.to(compute).masked_fill(~valid[:, None, :, None], 0.0)  # NaN * 0 would poison the output
+    qg = q.to(compute).reshape(B, Hk, Hq // Hk, D)  # (B, Hk, G, D): GQA by grouping, no K/V copy
+    scores = torch.einsum("bhgd,bhsd->bhgs", qg, k) * scale  # (B, Hk, G, S_max)
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an empty sequence's row is all NaN -> zeros
+    out = torch.einsum("bhgs,bhsd->bhgd", probs, v)  # (B, Hk, G, D)
+    return out.reshape(B, Hq, D).to(q.dtype)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    scale: float | None = None,
+    *,
+    split_size: int | None = None,
+) -> torch.Tensor:
+    """Attention of one new token per sequence over its KV cache. Inference only: no backward.
+
+    q (B, Hq, D); k_cache, v_cache (B, Hk, S_max, D), Hq a multiple of Hk (GQA, K/V never copied);
+    cache_seqlens (B,) int32 or int64: sequence b sees cache positions [0, cache_seqlens[b]); slots at
+    or after that are never read (they may hold NaN). Returns (B, Hq, D) in q's dtype. scale defaults
+    to 1/sqrt(D). split_size (keys per program, multiple of 16) is a tuning knob; None picks it.
+    Dispatch: Triton on CUDA tensors (or NANOLLAMA_KERNELS=triton), else decode_attention_ref.
+    """
+    _check_inputs(q, k_cache, v_cache, cache_seqlens, split_size)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if use_triton(q, k_cache, v_cache, cache_seqlens):
+        return _decode_attention_op(q, k_cache, v_cache, cache_seqlens, scale, split_size or 0)
+    return decode_attention_ref(q, k_cache, v_cache, cache_seqlens, scale)
