@@ -44,7 +44,7 @@ def test_grid_key_not_in_the_run_config_is_named_with_a_suggestion(tmp_path):
     with pytest.raises(ConfigError) as e:
         grid.resolve(run, {"seed": [0], "optim.lrr": [1e-3]}, TrainConfig, tmp_path)
     assert e.value.field == "launcher.grid.optim.lrr"
-    assert "not a key of the run config" in str(e.value) and "'lr'" in str(e.value)
+    assert "not a key of the run config" in str(e.value) and "did you mean" in str(e.value) and "lr'?" in str(e.value)
 
 
 def test_grid_value_invalid_for_the_run_config_names_the_field_and_task(tmp_path):
