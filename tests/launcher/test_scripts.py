@@ -252,10 +252,8 @@ def test_cli_errors_are_one_line_exit_2_and_write_nothing(tmp_path, monkeypatch,
 def test_cli_error_in_a_subprocess_has_no_traceback(tmp_path):
     res = launcher_cli(f"config={DEBUG}", f"log_dir={tmp_path / 'logs'}", "launcher=bash", "grid.model.dimm=[8]")
     assert res.returncode == 2
-    expected = (
-        "launcher.grid.model.dimm: is not a key of the run config (model.dimm: unknown key (did you mean 'dim'?))"
-    )
-    assert res.stderr == f"error: {expected}\n"
+    assert res.stderr.startswith("error: launcher.grid.model.dimm: is not a key of the run config (model.dimm: unknown")
+    assert "did you mean" in res.stderr and "dim'?" in res.stderr and res.stderr.count("\n") == 1
 
 
 def test_cli_dry_run_writes_the_layout_and_prints_the_command(tmp_path):
