@@ -1,7 +1,8 @@
 """The launcher's config (`launcher` section) and the command line that fills it.
 
 A launch file has two sections: `launcher` (how and where to run) and `run` (the training config,
-inline or as a path to a YAML file). Both command-line forms end in the same `Launch`:
+inline or as a path to a YAML file); a plain training config in its place is launched as is. Both
+command-line forms end in the same `Launch`:
 
     python -m nanollama.launcher CONFIG [key=value ...]
     python -m nanollama.launcher script=nanollama.train config=configs/gssm/base.yaml launcher=bash torchrun=True
@@ -175,10 +176,15 @@ def parse(argv: list[str]) -> Launch:
     if "=" not in argv[0]:
         path = Path(argv[0])
         data = _read_yaml(path)
-        unknown = set(data) - {"launcher", "run"}
-        if unknown:
-            raise ConfigError(sorted(unknown)[0], f"unknown section in {path}; a launch file has launcher: and run:")
-        data = {"launcher": data.get("launcher") or {}, "run": data.get("run")}
+        if not {"launcher", "run"} & set(data):
+            data = {"launcher": {}, "run": str(path)}  # a plain training config: launch it as is
+        else:
+            unknown = set(data) - {"launcher", "run"}
+            if unknown:
+                raise ConfigError(
+                    sorted(unknown)[0], f"unknown section in {path}; a launch file has launcher: and run:"
+                )
+            data = {"launcher": data.get("launcher") or {}, "run": data.get("run")}
         base, argv = path.parent, argv[1:]
     else:
         data = {"launcher": {}, "run": None}

@@ -151,6 +151,19 @@ def test_bad_values_name_the_dotted_field(args, field):
     assert e.value.field == field
 
 
+def test_a_training_config_in_place_of_a_launch_file_is_launched_as_is():
+    launch = spec.parse([str(DEBUG), "launcher=bash", "steps=3"])
+    assert launch.run_source == str(DEBUG.resolve()) and launch.cfg.name == "debug"
+    assert launch.run["steps"] == 3 and launch.run["model"] == yaml.safe_load(DEBUG.read_text())["model"]
+
+
+def test_launch_file_with_an_unknown_section_is_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("launcher: {}\nrun: {steps: 1}\nslurm: {}\n")
+    with pytest.raises(ConfigError, match="unknown section") as e:
+        spec.parse([str(tmp_path / "a.yaml")])
+    assert e.value.field == "slurm"
+
+
 def test_missing_run_config_is_reported():
     with pytest.raises(ConfigError, match="no training config"):
         spec.parse(["launcher=bash"])
