@@ -1,6 +1,7 @@
 """A real single-node Slurm cluster for the launcher's integration tests, started and stopped by the tests.
 
-Debian 12's slurm-wlm (22.05) and munge, installed with apt when missing (root only). slurmctld and
+Debian 12's slurm-wlm (22.05) and munge, installed with apt when missing (root only; not when
+NANOLLAMA_SLURM_INSTALL=0). slurmctld and
 slurmd run on localhost with every file (config, state, spool, logs, pid files) in one temporary
 directory and on free ports, so two test sessions on one machine do not collide and nothing of the
 machine's own Slurm setup (if any) is touched. Commands find the cluster through SLURM_CONF.
@@ -39,6 +40,8 @@ def ensure_installed(log: Path) -> None:
     """Install the Debian packages when a piece is missing (about 10-20 s); Unavailable if we cannot."""
     if all(_which(name) for name in DAEMONS):
         return
+    if os.environ.get("NANOLLAMA_SLURM_INSTALL") == "0":
+        raise Unavailable("Slurm is not installed and NANOLLAMA_SLURM_INSTALL=0 forbids installing it")
     if os.geteuid() != 0:
         raise Unavailable("Slurm is not installed and installing it needs root (apt-get install slurm-wlm munge)")
     if not _which("apt-get"):
