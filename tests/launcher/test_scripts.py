@@ -105,7 +105,9 @@ def test_cpu_jobs_ask_for_no_gpu(tmp_path):
 def test_bash_script_runs_tasks_in_order_and_torchrun_over_local_gpus(tmp_path):
     plain = scripts.bash_script(_cfg(launcher="bash"), 3, tmp_path)
     assert "for TASK in $(seq 0 2)" in plain and "sbatch" not in plain and "srun" not in plain
-    assert '"$NANOLLAMA_PYTHON" -u -m nanollama.train tasks/$TASK.yaml >> "stdout/$TASK.out" 2>&1 &' in plain
+    assert (
+        '( trap - INT; exec "$NANOLLAMA_PYTHON" -u -m nanollama.train tasks/$TASK.yaml ) >> "stdout/$TASK.out"' in plain
+    )
     _bash_syntax_ok(plain, tmp_path)
     torch = scripts.bash_script(_cfg(launcher="bash", torchrun=True, gpus_per_node=0), 1, tmp_path)
     assert "-m torch.distributed.run --standalone --nnodes=1 --nproc-per-node=1 -m nanollama.train" in torch
@@ -191,6 +193,19 @@ def test_bash_launcher_runs_every_task_and_stops_resumably_on_a_signal(fake_pkg,
         task_out = (p.log_dir / "stdout" / f"{i}.out").read_text()
         assert f"value {value}" in task_out and "done 60" in task_out
     assert "stopped by TERM" in (p.log_dir / "stdout" / "0.out").read_text()
+
+
+def test_bash_launcher_ctrl_c_reaches_the_task_and_stops_the_loop(fake_pkg, tmp_path):
+    p = _prepare_fake(tmp_path, "bash", steps=200, sleep=0.02, values=(1, 2))
+    # As in a terminal: the script and its task in one process group, Ctrl-C sent to the whole group.
+    proc = subprocess.Popen(["bash", str(p.script)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    step_file = p.log_dir / "runs" / "0" / "step"
+    _wait_for(lambda: step_file.exists() and int(step_file.read_text() or 0) >= 2)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 130 and "stopped at task 0" in out
+    assert int(step_file.read_text()) < 200  # the task itself was interrupted, not left to finish
+    assert not (p.log_dir / "runs" / "1").exists()
 
 
 def test_bash_torchrun_runs_the_task_under_torchrun(fake_pkg, tmp_path):
