@@ -16,6 +16,7 @@ import pytest
 import yaml
 from launcher_helpers import DEBUG, TINY, launcher_cli
 
+from nanollama.launcher import status
 from nanollama.monitor import MetricsFile
 
 pytestmark = pytest.mark.slow  # about a minute on 2 idle cores: several short trainings
@@ -76,6 +77,10 @@ def test_grid_array_runs_each_task_with_its_own_config_and_metrics(grid_job):
         out = (log_dir / "stdout" / f"{i}.out").read_text()
         assert f"task {i}: job {job}_{i}" in out and f"task {i}: exit code 0" in out and f"done: step {STEPS}" in out
     assert losses[0] != losses[1]  # different seeds, different runs
+    table = status.rows(log_dir)
+    assert [(r["state"], r["step"], r["steps"], r["loss"]) for r in table] == [
+        ("done", STEPS, STEPS, loss) for loss in losses
+    ]
     index = [json.loads(line) for line in (log_dir / "tasks.jsonl").read_text().splitlines()]
     assert [(t["id"], t["grid"]) for t in index] == [(0, {"seed": 0}), (1, {"seed": 1})]
 
