@@ -1,10 +1,11 @@
 """A real single-node Slurm cluster for the launcher's integration tests, started and stopped by the tests.
 
 Debian 12's slurm-wlm (22.05) and munge, installed with apt when missing (root only; not when
-NANOLLAMA_SLURM_INSTALL=0). slurmctld and
-slurmd run on localhost with every file (config, state, spool, logs, pid files) in one temporary
-directory and on free ports, so two test sessions on one machine do not collide and nothing of the
-machine's own Slurm setup (if any) is touched. Commands find the cluster through SLURM_CONF.
+NANOLLAMA_SLURM_INSTALL=0). slurmctld, slurmd and a munged of their own (on a private socket under
+/run/munge, named in slurm.conf's AuthInfo) run on localhost, on free ports, with every other file
+(config, state, spool, logs, pid files) in one temporary directory: two test sessions on one
+machine never share or stop each other's daemons, and the machine's own Slurm or munge setup (if
+any) is not touched. Commands find the cluster through SLURM_CONF. Stopped by pid files.
 
 Run by hand to poke at it: `python tests/launcher/slurm_cluster.py` (starts, prints SLURM_CONF,
 waits for Enter, stops).
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 
 PACKAGES = ["slurm-wlm", "slurmctld", "slurmd", "slurm-client", "munge"]
-DAEMONS = ["slurmctld", "slurmd", "munged", "sbatch", "scontrol", "sinfo"]
+DAEMONS = ["slurmctld", "slurmd", "munged", "munge", "unmunge", "sbatch", "scontrol", "sinfo"]
 # More CPUs than the machine has (allowed by config_overrides), so several array tasks run at once.
 NODE_CPUS = 8
 
@@ -65,13 +66,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _munge_works() -> bool:
-    if not (_which("munge") and _which("unmunge")):
-        return False
-    munge = subprocess.run(["munge", "-n"], capture_output=True)
+def _munge_works(socket: Path) -> bool:
+    munge = subprocess.run([_which("munge"), f"--socket={socket}", "-n"], capture_output=True)
     if munge.returncode != 0:
         return False
-    return subprocess.run(["unmunge"], input=munge.stdout, capture_output=True).returncode == 0
+    unmunge = subprocess.run([_which("unmunge"), f"--socket={socket}"], input=munge.stdout, capture_output=True)
+    return unmunge.returncode == 0
 
 
 class SlurmCluster:
@@ -83,6 +83,8 @@ class SlurmCluster:
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self._pidfiles = {"slurmd": self.root / "slurmd.pid", "slurmctld": self.root / "slurmctld.pid"}
         self._munged_pidfile: Path | None = None
+        self._munge_files: list[Path] = []
+        self.munge_socket: Path | None = None
 
     # ------------------------------------------------------------------ start
 
@@ -98,25 +100,41 @@ class SlurmCluster:
         self._wait_idle(timeout)
 
     def _start_munge(self) -> None:
-        if _munge_works():
-            return  # a munged is already running (ours from an earlier session, or the machine's)
+        """Our own munged on its own socket (named in slurm.conf), so sessions never share or stop one."""
         if os.geteuid() != 0:
-            raise Unavailable("munged is not running and starting it needs root")
+            raise Unavailable("starting munged needs root")
         key = Path("/etc/munge/munge.key")
         if not key.exists():  # the package normally creates it
             key.parent.mkdir(parents=True, exist_ok=True)
             key.write_bytes(os.urandom(1024))
             shutil.chown(key, "munge", "munge")
             key.chmod(0o400)
+        # munged runs as the munge user, which cannot enter pytest's private temporary directories.
         run_dir = Path("/run/munge")
         run_dir.mkdir(parents=True, exist_ok=True)
         shutil.chown(run_dir, "munge", "munge")
-        self._munged_pidfile = run_dir / "munged.pid"
-        subprocess.run(["runuser", "-u", "munge", "--", _which("munged")], check=False, capture_output=True)
+        base = run_dir / f"nanollama-test-{os.getpid()}-{self.root.name}"
+        self.munge_socket = Path(f"{base}.socket")
+        self._munge_files = [Path(f"{base}.{ext}") for ext in ("socket", "socket.lock", "pid", "seed", "log")]
+        self._munged_pidfile = Path(f"{base}.pid")
+        argv = [
+            "runuser",
+            "-u",
+            "munge",
+            "--",
+            _which("munged"),
+            f"--socket={self.munge_socket}",
+            f"--pid-file={base}.pid",
+            f"--seed-file={base}.seed",
+            f"--log-file={base}.log",
+        ]
+        res = subprocess.run(argv, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise Unavailable(f"munged did not start: {(res.stderr or res.stdout).strip()}")
         deadline = time.monotonic() + 10
-        while not _munge_works():
+        while not _munge_works(self.munge_socket):
             if time.monotonic() > deadline:
-                raise Unavailable("munged did not start (munge -n | unmunge fails)")
+                raise Unavailable(f"munged does not answer on {self.munge_socket}")
             time.sleep(0.2)
 
     def _write_conf(self) -> None:
@@ -132,6 +150,8 @@ class SlurmCluster:
             "SlurmUser=root",
             "SlurmdUser=root",
             "AuthType=auth/munge",
+            "CredType=cred/munge",
+            f"AuthInfo=socket={self.munge_socket}",
             f"StateSaveLocation={r / 'state'}",
             f"SlurmdSpoolDir={r / 'spool'}",
             f"SlurmctldPidFile={r / 'slurmctld.pid'}",
@@ -188,7 +208,7 @@ class SlurmCluster:
     def stop(self) -> None:
         """Stop the daemons by their pid files (ours only; SIGKILL after 3 s: their state is thrown away)."""
         pidfiles = [self._pidfiles["slurmd"], self._pidfiles["slurmctld"]]
-        if self._munged_pidfile is not None:  # only a munged we started ourselves
+        if self._munged_pidfile is not None:
             pidfiles.append(self._munged_pidfile)
         pids = [pid for pid in map(self._signal_pidfile, pidfiles) if pid is not None]
         deadline = time.monotonic() + 3.0
@@ -202,6 +222,8 @@ class SlurmCluster:
                 pass
         for sub in ("state", "spool"):
             shutil.rmtree(self.root / sub, ignore_errors=True)
+        for path in self._munge_files:
+            path.unlink(missing_ok=True)
 
     @staticmethod
     def _signal_pidfile(path: Path) -> int | None:
