@@ -188,6 +188,8 @@ def parse(argv: list[str]) -> Launch:
         base, argv = path.parent, argv[1:]
     else:
         data = {"launcher": {}, "run": None}
+    if not isinstance(data["launcher"], dict):
+        raise ConfigError("launcher", f"expected a mapping, got {data['launcher']!r}")
 
     run_overrides = []
     for item in argv:
@@ -218,8 +220,6 @@ def parse(argv: list[str]) -> Launch:
     if not isinstance(data["run"], dict):
         raise ConfigError("run", f"expected a mapping or a path to a YAML file, got {data['run']!r}")
     launcher_data = data["launcher"]
-    if not isinstance(launcher_data, dict):
-        raise ConfigError("launcher", f"expected a mapping, got {launcher_data!r}")
     if "name" not in launcher_data and run_source != "inline":
         launcher_data["name"] = Path(run_source).stem
     cfg = config.build(LauncherConfig, launcher_data, "launcher")

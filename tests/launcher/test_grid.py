@@ -157,6 +157,13 @@ def test_a_training_config_in_place_of_a_launch_file_is_launched_as_is():
     assert launch.run["steps"] == 3 and launch.run["model"] == yaml.safe_load(DEBUG.read_text())["model"]
 
 
+def test_launch_file_with_a_launcher_section_that_is_not_a_mapping_is_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("launcher: bash\nrun: {steps: 1}\n")
+    with pytest.raises(ConfigError, match="expected a mapping") as e:
+        spec.parse([str(tmp_path / "a.yaml"), "grid.seed=[1]"])
+    assert e.value.field == "launcher"
+
+
 def test_launch_file_with_an_unknown_section_is_refused(tmp_path):
     (tmp_path / "a.yaml").write_text("launcher: {}\nrun: {steps: 1}\nslurm: {}\n")
     with pytest.raises(ConfigError, match="unknown section") as e:
