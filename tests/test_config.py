@@ -63,7 +63,8 @@ def test_bad_graphs_name_the_node():
     assert "unknown parent 'nope'" in error_of([str(DEBUG), "data.gssm.nodes.1.parents=[nope]"])
     assert "cycle" in error_of([str(DEBUG), "data.gssm.nodes.0.mode=default", "data.gssm.nodes.0.parents=[fast]"])
     assert "a slow node cannot have parents" in error_of([str(DEBUG), "data.gssm.nodes.0.parents=[fast]"])
-    assert "exactly one node must be observed" in error_of([str(DEBUG), "data.gssm.nodes.0.observed=true"])
+    assert "exactly one node must be observed" in error_of([str(DEBUG), "data.gssm.nodes.1.observed=true"])
+    assert "observed node cannot be in slow mode" in error_of([str(DEBUG), "data.gssm.nodes.0.observed=true"])
 
 
 def test_unknown_key_in_the_yaml_file(tmp_path):
