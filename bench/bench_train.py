@@ -46,12 +46,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from harness import DEVICE, device_name, measure
 
-from nanollama.evaluate import lm_loss
 from nanollama.flops import peak_flops
 from nanollama.model import Transformer, TransformerConfig
 from nanollama.optim import build_optimizer
 from nanollama.parallel import compile_blocks
 from nanollama.run_config import OptimConfig
+
+
+def lm_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of tokens (B, S + 1): inputs [:, :-1], targets [:, 1:], float32 logits."""
+    logits = model(tokens[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1))
 
 
 @dataclass(frozen=True)
