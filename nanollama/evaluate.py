@@ -11,39 +11,50 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from nanollama import checkpoint, config
 from nanollama.data import seeds
 from nanollama.data.gssm import GSSM
+from nanollama.data.layout import IGNORE, Batch, lay_out_for, rows_needed
 from nanollama.model import Transformer
 from nanollama.monitor import MetricsFile
 from nanollama.run_config import TrainConfig
 
 
 class HeldOut:
-    """The eval batches (fixed by the graph seed, shared by every run on one graph) and their optimum."""
+    """The eval batches (fixed by the graph seed, shared by every run on one graph) and their optimum.
+
+    Laid out for the run's mask like the training batches; the Bayes-optimal loss averages the
+    exact NLL over the same scored targets as the model's loss.
+    """
 
     def __init__(self, cfg: TrainConfig, gssm: GSSM):
         d = cfg.data
-        batch_seeds = [seeds.derive_seed(d.graph_seed, seeds.EVAL, i) for i in range(cfg.eval.batches)]
-        self.batches = [(s, gssm.sample(d.batch_size, d.seq_len + 1, seed=s)) for s in batch_seeds]
-        # Targets are positions 2..T+1; a context graph's oracle needs each batch's sampling seed.
-        self.bayes_loss = float(np.mean([gssm.nll(tokens, seed=s)[:, 1:].mean().item() for s, tokens in self.batches]))
+        rows = d.batch_size * rows_needed(d.mask, d.seq_len, d.doc_min)
+        self.batches = []
+        for i in range(cfg.eval.batches):
+            s = seeds.derive_seed(d.graph_seed, seeds.EVAL, i)
+            source = gssm.sample(rows, d.seq_len + 1, seed=s)
+            # a context graph's oracle needs each batch's sampling seed (its per-sequence kernels)
+            self.batches.append(lay_out_for(d, source, s, nll=gssm.nll(source, seed=s)))
+        scored = sum((b.targets != IGNORE).sum().item() for b in self.batches)
+        self.bayes_loss = sum(b.bayes.sum().item() for b in self.batches) / scored
 
     @torch.no_grad()
     def evaluate(self, loss_on) -> dict:
-        """eval_loss, bayes_loss and excess_loss, with `loss_on(tokens) -> mean loss` (the model's)."""
-        eval_loss = float(np.mean([loss_on(tokens).item() for _, tokens in self.batches]))
+        """eval_loss, bayes_loss and excess_loss, with `loss_on(batch) -> mean loss` (the model's)."""
+        counts = [(b.targets != IGNORE).sum().item() for b in self.batches]
+        total = sum(loss_on(b).item() * n for b, n in zip(self.batches, counts))
+        eval_loss = total / sum(counts)
         return {"eval_loss": eval_loss, "bayes_loss": self.bayes_loss, "excess_loss": eval_loss - self.bayes_loss}
 
 
-def lm_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of tokens (B, T + 1): inputs [:, :-1], targets [:, 1:]."""
-    logits = model(tokens[:, :-1])  # (B, T, vocab)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1))
+def lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean next-token cross-entropy over the batch's scored targets."""
+    logits = model(batch.inputs, mask=batch.mask, positions=batch.positions)  # (B, T, vocab)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch.targets.reshape(-1), ignore_index=IGNORE)
 
 
 def evaluate_pending(run_dir: Path) -> list[dict]:

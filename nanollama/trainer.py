@@ -21,7 +21,9 @@ import numpy as np
 import torch
 
 from nanollama import checkpoint, config, flops, parallel
+from nanollama.data import seeds
 from nanollama.data.gssm import GSSM
+from nanollama.data.layout import Batch, lay_out_for, rows_needed
 from nanollama.data.stream import build_train_stream
 from nanollama.evaluate import HeldOut, lm_loss
 from nanollama.model import Transformer
@@ -89,7 +91,7 @@ class Trainer:
             d.source,
             gssm=self.gssm,  # onfly samples it; files are checked to come from the same graph
             path=d.path,
-            batch_size=d.batch_size,
+            batch_size=d.batch_size * rows_needed(d.mask, d.seq_len, d.doc_min),  # document packing takes more
             seq_len=d.seq_len,
             seed=cfg.seed,
             rank=self.dist.rank,
@@ -140,9 +142,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
 
-    def train_batch(self) -> torch.Tensor:
-        """Tokens (B, seq_len + 1) for one micro-step: inputs are [:, :-1], targets [:, 1:]."""
-        return next(self.stream)
+    def train_batch(self, micro: int) -> Batch:
+        """The next micro-batch, laid out for the run's mask (random lengths drawn from the step's seed)."""
+        seed = seeds.derive_seed(self.cfg.seed, seeds.LAYOUT, self.step, micro)
+        return lay_out_for(self.cfg.data, next(self.stream), seed)
 
     # ------------------------------------------------------------------ steps
 
@@ -152,9 +155,9 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def loss_on(self, tokens: torch.Tensor) -> torch.Tensor:
+    def loss_on(self, batch: Batch) -> torch.Tensor:
         with self.autocast():
-            return lm_loss(self.model, tokens.to(self.device, non_blocking=True))
+            return lm_loss(self.model, batch.to(self.device))
 
     def train_step(self) -> dict:
         """One optimizer step over accum_steps micro-batches; returns the step's metrics."""
@@ -166,7 +169,7 @@ class Trainer:
         for micro in range(cfg.accum_steps):
             if self.dist.distributed and self.cfg.parallel.defer_grad_sync:
                 self.model.set_requires_gradient_sync(micro == cfg.accum_steps - 1)
-            loss = self.loss_on(self.train_batch())
+            loss = self.loss_on(self.train_batch(micro))
             self.scaler.scale(loss / cfg.accum_steps).backward()
             total += loss.item() / cfg.accum_steps
         total = self.dist.mean(total)  # every rank sees the same loss, so all stop together on NaN
