@@ -22,6 +22,8 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector):
         return None
     if any(fnmatch.fnmatch(file_path.name, pattern) for pattern in parent.config.getini("python_files")):
         return None  # already collected by pytest's own rule: collecting twice would run it twice
+    if parent.session.isinitpath(file_path):
+        return None  # named on the command line: pytest's python plugin collects it already
     return pytest.Module.from_parent(parent, path=file_path)
 
 
