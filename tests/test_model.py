@@ -86,3 +86,15 @@ def test_impossible_shapes_name_the_field(kw, field):
 def test_too_long_input_is_refused():
     with pytest.raises(ValueError, match="max_seq_len=40"):
         tiny()(torch.zeros(1, 41, dtype=torch.long))
+
+
+def test_peak_table_never_guesses():
+    from nanollama.flops import peak_flops
+
+    assert peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe", "bf16") == 756e12
+    assert peak_flops("NVIDIA H200 NVL", "bf16") == 835e12
+    assert peak_flops("NVIDIA GH200 480GB", "bf16") == 989e12
+    assert peak_flops("Some Future GPU", "bf16") is None
+    assert peak_flops(None, "fp32") is None
+    assert peak_flops("Tesla V100-SXM2-16GB", "bf16") is None  # no bf16 on a V100
