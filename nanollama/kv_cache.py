@@ -1,0 +1,158 @@
+"""A static, preallocated KV cache for batched generation, and the cached attention step of one layer.
+
+One buffer (n_layers, 2, B, Hk, S_max, D) in the model's dtype holds every layer's keys and values
+(per-layer views, no copies); `seqlens` (B,) int32 on the device says how many slots of each
+sequence are valid. Nothing here reads a tensor back to the host, and no decode step allocates a
+tensor whose shape depends on the data, so a decode step traces into one graph under torch.compile
+and replays as a CUDA graph (mode="reduce-overhead").
+
+Two phases, chosen by `KVCache.decoding` (a Python bool, so a compiled decode step guards on it once):
+- prefill: the model reads right-padded prompts (B, S) with plain causal attention (exact for the
+  real tokens: none of them sees a padding token) and writes the K/V of all S slots; slots at or
+  past a prompt's length hold padding K/V that decode never reads and later overwrites. Then
+  `start_decode(lengths)` sets seqlens to the prompts' lengths.
+- decode: one token per sequence; sequence b's token sits at position seqlens[b] (RoPE and the
+  slot it is written to), attends to slots [0, seqlens[b]], and seqlens advances by one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nanollama.kernels import apply_rope, decode_attention
+
+
+@dataclass
+class DecodeStep:
+    """What every layer of one decode step shares: positions (B, 1) int64 and lengths (B,) int32 after the append."""
+
+    positions: torch.Tensor
+    lengths: torch.Tensor
+
+
+class KVCache:
+    """Keys and values of every layer for a batch of B sequences of at most S_max tokens.
+
+    kv (n_layers, 2, B, Hk, S_max, D) in `dtype`; seqlens (B,) int32. Build one with
+    `KVCache.for_model(model, batch_size, max_len)`; reuse it across generations with `reset()`
+    (a compiled decode step stays valid as long as the object and its shapes stay the same).
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        n_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
+        for name, v in (("n_layers", n_layers), ("batch_size", batch_size), ("n_kv_heads", n_kv_heads),
+                        ("max_len", max_len), ("head_dim", head_dim)):  # fmt: skip
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"KVCache: {name} must be a positive integer, got {v!r}")
+        self.kv = torch.zeros((n_layers, 2, batch_size, n_kv_heads, max_len, head_dim), dtype=dtype, device=device)
+        self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self.decoding = False
+        # Static addresses: a CUDA graph replays reads and writes of these very buffers, and
+        # torch.compile lets the compiled step mutate them in place without copying them in and out.
+        torch._dynamo.mark_static_address(self.kv)
+        torch._dynamo.mark_static_address(self.seqlens)
+
+    @classmethod
+    def for_model(cls, model, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """A cache shaped for `model` (a nanollama Transformer), in its parameters' dtype and device by default."""
+        cfg = model.config
+        p = next(model.parameters())
+        return cls(cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim, dtype or p.dtype, p.device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.kv.shape[2]
+
+    @property
+    def max_len(self) -> int:
+        return self.kv.shape[4]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.kv.dtype
+
+    def reset(self) -> None:
+        """Back to the prefill phase; the old K/V stay in place and are overwritten (never read: seqlens is 0)."""
+        self.seqlens.zero_()
+        self.decoding = False
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's (k, v) caches, each a (B, Hk, S_max, D) view of the shared buffer."""
+        return self.kv[i, 0], self.kv[i, 1]
+
+    def start_decode(self, lengths: torch.Tensor) -> None:
+        """End of prefill: sequence b holds lengths[b] valid tokens (a (B,) integer tensor, any device)."""
+        if lengths.shape != (self.batch_size,):
+            shape = tuple(lengths.shape)
+            raise ValueError(f"KVCache.start_decode: lengths must have shape ({self.batch_size},), got {shape}")
+        self.seqlens.copy_(lengths)  # non-blocking for a device tensor; a host tensor is copied in
+        self.decoding = True
+
+    # ------------------------------------------------------------------ used by the model's forward
+
+    def begin_step(self, n_tokens: int) -> DecodeStep | None:
+        """Called once per model forward: None in prefill, the shared DecodeStep in decode.
+
+        A sequence already at S_max (one that finished and keeps running in the static batch) has
+        its last slot overwritten from then on; its outputs are discarded by the caller.
+        """
+        if not self.decoding:
+            return None
+        if n_tokens != 1:
+            raise ValueError(f"KVCache: a decode step takes one token per sequence, got {n_tokens}")
+        pos = self.seqlens.clamp(max=self.max_len - 1)  # (B,) int32: the slot the new token goes to
+        return DecodeStep(positions=pos.long()[:, None], lengths=pos + 1)
+
+    def end_step(self, step: DecodeStep | None) -> None:
+        """Called after the last layer: a decode step advances every sequence by its one token."""
+        if step is not None:
+            self.seqlens.copy_(step.lengths)
+
+    def for_layer(self, i: int, step: DecodeStep | None) -> LayerCache:
+        return LayerCache(self, i, step)
+
+
+@dataclass
+class LayerCache:
+    """Layer `index`'s handle on the cache during one model forward (what Attention.forward receives)."""
+
+    cache: KVCache
+    index: int
+    step: DecodeStep | None  # None: prefill
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos, sin, attention) -> torch.Tensor:
+        """q (B, S, Hq, D), k and v (B, S, Hk, D) before RoPE -> attention output (B, S, Hq, D).
+
+        Prefill: RoPE at positions 0..S-1, K/V written to slots [0, S), then `attention` (the model's
+        causal attention over the S tokens, (B, H, S, D) layout). Decode: RoPE at each sequence's own
+        position, K/V written at that slot (index_put, one slot per sequence), decode_attention over
+        the cache.
+        """
+        k_cache, v_cache = self.cache.layer(self.index)
+        B, S = q.shape[:2]
+        step = self.step
+        if step is None:
+            if S > self.cache.max_len:
+                raise ValueError(f"KVCache: prompt length {S} exceeds the cache's max_len={self.cache.max_len}")
+            q, k = apply_rope(q, k, cos, sin)
+            k_cache[:, :, :S].copy_(k.transpose(1, 2))  # (B, S, Hk, D) -> (B, Hk, S, D)
+            v_cache[:, :, :S].copy_(v.transpose(1, 2))
+            return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        q, k = apply_rope(q, k, cos, sin, step.positions)
+        batch = torch.arange(B, device=q.device)
+        slot = step.positions[:, 0]
+        # Advanced indices on dims 0 and 2 around a slice: the target is (B, Hk, D), one slot per sequence.
+        k_cache[batch, :, slot] = k[:, 0]
+        v_cache[batch, :, slot] = v[:, 0]
+        out = decode_attention(q[:, 0], k_cache, v_cache, step.lengths)  # (B, Hq, D)
+        return out[:, None]  # (B, 1, Hq, D)
