@@ -129,26 +129,45 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_frequencies(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
         # Not saved in checkpoints: derived from the config, and kept in float32 whatever the model dtype.
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.reset_buffers()
         self.reset_parameters()
 
     @property
     def vocab_size(self) -> int:
         return self.config.vocab_size
 
-    def reset_parameters(self, std: float = 0.02) -> None:
-        """Normal(0, std) weights; residual output projections scaled by 1/sqrt(2 * n_layers) (depth-scaled)."""
-        residual_std = std / math.sqrt(2 * self.config.n_layers)
-        for name, p in self.named_parameters():
-            if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
-                nn.init.normal_(p, mean=0.0, std=residual_std)
-            elif p.dim() >= 2:
-                nn.init.normal_(p, mean=0.0, std=std)
-            else:
-                nn.init.ones_(p)  # norm gains
+    def reset_buffers(self) -> None:
+        """(Re)compute the RoPE tables, e.g. after materialising a model built on the meta device."""
+        device = self.tok_embeddings.weight.device
+        c = self.config
+        self.rope_cos, self.rope_sin = rope_frequencies(c.max_seq_len, c.head_dim, c.rope_theta, device=device)
+
+    def initial_value(self, name: str, seed: int = 0, std: float = 0.02) -> torch.Tensor:
+        """The initial value of parameter `name`, on the CPU, a function of (seed, name) alone.
+
+        Normal(0, std) matrices, with the residual output projections scaled by 1/sqrt(2 * n_layers)
+        (depth-scaled init), and ones for norm gains. Seeding each parameter by its name makes the
+        weights independent of the order of creation, the device and how the parameter is sharded.
+        """
+        p = self.get_parameter(name)
+        if p.dim() < 2:
+            return torch.ones(p.shape)
+        if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            std = std / math.sqrt(2 * self.config.n_layers)
+        names = [n for n, _ in self.named_parameters()]
+        generator = torch.Generator().manual_seed(seed * 100_003 + names.index(name))
+        return torch.empty(p.shape).normal_(0.0, std, generator=generator)
+
+    def reset_parameters(self, seed: int = 0) -> None:
+        """Initialise every (unsharded) parameter with its `initial_value`."""
+        if self.tok_embeddings.weight.is_meta:
+            return  # materialised later (parallel.init_weights)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                p.copy_(self.initial_value(name, seed))
 
     def forward(
         self, tokens: torch.Tensor, mask=None, positions: torch.Tensor | None = None, cache: KVCache | None = None

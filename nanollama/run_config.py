@@ -60,11 +60,28 @@ class OptimConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 100  # steps between checkpoints (one is always written at the end)
-    keep: int = 2  # the last `keep` checkpoints survive
+    keep: int = 2  # the last `keep` checkpoints survive (besides those pending evaluation)
+    eval_every: int = 0  # checkpoints at multiples of this are kept until `python -m nanollama.evaluate` reads them
+    async_save: bool = False  # write in the background; committed before the next save
 
     def __post_init__(self):
         check(self.every >= 1, "every", f"must be >= 1, got {self.every}")
         check(self.keep >= 1, "keep", f"must be >= 1, got {self.keep}")
+        check(self.eval_every >= 0, "eval_every", f"must be >= 0 (0: none), got {self.eval_every}")
+
+
+@dataclass
+class ParallelConfig:
+    """How the model runs under torchrun (FSDP2) and what trades memory for compute."""
+
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    compile: bool = False  # torch.compile each block
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # gradient reduction dtype under bf16 FSDP
+    defer_grad_sync: bool = True  # with accumulation, reduce gradients on the last micro-step only (more memory)
+    timeout_s: float = 300.0  # collectives fail after this long, e.g. when another rank died
+
+    def __post_init__(self):
+        check(self.timeout_s > 0, "timeout_s", f"must be > 0, got {self.timeout_s}")
 
 
 @dataclass
@@ -98,6 +115,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self):
         check(self.steps >= 0, "steps", f"must be >= 0, got {self.steps}")

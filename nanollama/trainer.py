@@ -1,8 +1,9 @@
-"""The single-process training loop: data -> model -> AdamW, with exact resume.
+"""The training loop: data -> model -> AdamW, on one process or sharded with FSDP2 under torchrun.
 
-Everything a resumed run needs is in the checkpoint: model, optimizer, grad scaler, the step (which
-is also the data stream's position: batch seeds are derived from it) and every RNG state. So a
-relaunch of the same command continues with exactly the losses an uninterrupted run would have.
+Everything a resumed run needs is in the checkpoint: model, optimizer, grad scaler, the step, the
+data stream's position and every RNG state. So a relaunch of the same command continues with
+exactly the losses an uninterrupted run would have (on the same world size; on another one the
+model and optimizer reshard and the data stream restarts deterministically).
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nanollama import checkpoint, config
+from nanollama import checkpoint, config, flops, parallel
 from nanollama.data import seeds
 from nanollama.data.gssm import GSSM
 from nanollama.data.stream import build_train_stream
 from nanollama.model import Transformer
-from nanollama.monitor import MetricsFile, hostname, rss_bytes
+from nanollama.monitor import MetricsFile, hostname, memory_record, rss_bytes
 from nanollama.optim import build_optimizer, lr_at
 from nanollama.run_config import TrainConfig
 
@@ -66,23 +67,19 @@ class StopRequest:
 
     @property
     def exit_code(self) -> int:
-        return self.CODES[self.signum]
+        # A rank stopped because another one was signalled counts as preempted.
+        return self.CODES.get(self.signum, EXIT_PREEMPTED)
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
-        self.ckpt_root = self.run_dir / "checkpoints"
-        if cfg.device == "auto":
-            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        else:
-            self.device = torch.device(cfg.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise config.ConfigError("device", "cuda was asked for but no CUDA device is available")
+        self.dist = parallel.init(cfg.device, cfg.parallel.timeout_s)
+        self.device = self.dist.device
         self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
 
-        _seed_everything(cfg.seed)
+        _seed_everything(cfg.seed + self.dist.rank)
         self.gssm = GSSM(cfg.data.gssm, seed=cfg.data.graph_seed)
         d = cfg.data
         self.stream = build_train_stream(
@@ -92,18 +89,52 @@ class Trainer:
             batch_size=d.batch_size,
             seq_len=d.seq_len,
             seed=cfg.seed,
-            rank=0,  # the FSDP trainer passes its rank and world size
-            world_size=1,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
             num_workers=d.num_workers,
             pin_memory=self.device.type == "cuda",
         )
-        self.model = Transformer(cfg.model).to(self.device)
+        self.model = self.build_model()
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        use_scaler = cfg.precision == "fp16" and not self.dist.distributed
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
+        self.checkpointer = checkpoint.Checkpointer(
+            self.run_dir / "checkpoints",
+            self.dist,
+            keep=cfg.checkpoint.keep,
+            eval_every=cfg.checkpoint.eval_every,
+            async_save=cfg.checkpoint.async_save,
+        )
         self.step = 0
         self.metrics = MetricsFile(self.run_dir / "metrics.jsonl")
         self._eval_batches: list[tuple[int, torch.Tensor]] | None = None
         self._bayes_loss: float | None = None
+        name = flops.device_name(self.device)
+        self.peak_flops = flops.peak_flops(name, cfg.precision)
+        self.flops_per_token = self.model_shape.flops_per_token(d.seq_len)
+        recompute = flops.recompute_flops_per_token(self.model_shape, d.seq_len, cfg.parallel.activation_checkpointing)
+        self.hardware_flops_per_token = self.flops_per_token + recompute
+
+    def build_model(self) -> torch.nn.Module:
+        """fp32 parameters, initialised identically whatever the world size; sharded under torchrun."""
+        p = self.cfg.parallel
+        if not self.dist.distributed:
+            model = Transformer(self.cfg.model)
+            model.reset_parameters(self.cfg.seed)
+            model.to(self.device)
+        else:
+            with torch.device("meta"):
+                model = Transformer(self.cfg.model)
+        self.model_shape = model  # FLOP counts only read its config and parameter counts
+        parallel.activation_checkpointing(model, p.activation_checkpointing)
+        if p.compile:
+            parallel.compile_blocks(model)
+        if self.dist.distributed:
+            parallel.shard(model, self.dist.mesh, self.cfg.precision, p.reduce_dtype)
+            model.to_empty(device=self.device)
+            model.reset_buffers()
+            parallel.init_weights(model, self.cfg.seed)
+        return model
 
     # ------------------------------------------------------------------ data
 
@@ -130,7 +161,8 @@ class Trainer:
     # ------------------------------------------------------------------ steps
 
     def autocast(self):
-        if self.amp_dtype is None:
+        # Under FSDP the mixed-precision policy casts parameters; autocast serves the single process.
+        if self.amp_dtype is None or self.dist.distributed:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
@@ -147,15 +179,19 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = 0.0
-        for _ in range(cfg.accum_steps):
+        for micro in range(cfg.accum_steps):
+            if self.dist.distributed and self.cfg.parallel.defer_grad_sync:
+                self.model.set_requires_gradient_sync(micro == cfg.accum_steps - 1)
             loss = self.loss_on(self.train_batch())
             self.scaler.scale(loss / cfg.accum_steps).backward()
             total += loss.item() / cfg.accum_steps
+        total = self.dist.mean(total)  # every rank sees the same loss, so all stop together on NaN
         if not math.isfinite(total):
             raise NonFiniteLoss(f"the loss became {total} at step {self.step + 1}")
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # global, over shards
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -175,7 +211,8 @@ class Trainer:
     def save(self) -> Path:
         state = {
             "step": self.step,
-            "data": self.stream.state_dict(),  # the batches consumed so far: resume continues the stream
+            "data": self.stream.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "rng": {
                 "python": random.getstate(),
                 "numpy": np.random.get_state(),
@@ -183,54 +220,69 @@ class Trainer:
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             },
         }
-        parts = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "train_state": state,
-        }
-        return checkpoint.save(self.ckpt_root, self.step, parts, keep=self.cfg.checkpoint.keep)
+        return self.checkpointer.save(self.step, self.model, self.optimizer, state)
 
     def resume(self) -> bool:
-        path = checkpoint.latest(self.ckpt_root)
+        path = checkpoint.latest(self.checkpointer.root)
         if path is None:
             return False
-        parts = checkpoint.load(path, map_location=self.device)
-        self.model.load_state_dict(parts["model"])
-        self.optimizer.load_state_dict(parts["optimizer"])
-        self.scaler.load_state_dict(parts["scaler"])
-        state = parts["train_state"]
+        state, saved_world = self.checkpointer.load(path, self.model, self.optimizer)
         self.step = state["step"]
-        self.stream.load_state_dict(state["data"])
-        rng = state["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"].cpu())
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
-        self.metrics.truncate_after(self.step)
-        log.info(f"resumed from {path} at step {self.step}")
+        if saved_world == self.dist.world_size:
+            self.stream.load_state_dict(state["data"])
+            self.scaler.load_state_dict(state["scaler"])
+            rng = state["rng"]
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            torch.set_rng_state(rng["torch"].cpu())
+            if rng["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+            self.info(f"resumed from {path} at step {self.step}")
+        else:
+            how = self.stream.restart_resharded(state["data"])
+            self.info(
+                f"resumed from {path} at step {self.step}, resharded from world size {saved_world} to "
+                f"{self.dist.world_size}: model and optimizer resharded; {how}"
+            )
+        if self.dist.is_main:
+            self.metrics.truncate_after(self.step)
         return True
 
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> int:
         """Train to cfg.steps (resuming if a checkpoint exists); returns the process exit code."""
+        try:
+            return self._fit()
+        finally:
+            self.checkpointer.wait()
+            self.stream.close()
+            self.dist.close()
+
+    def _fit(self) -> int:
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.run_dir / "config.yaml", config.dump(cfg))
-        _setup_logging(self.run_dir / "train.log")
-        log.info(f"host {hostname()} | pid rss {rss_bytes() / 2**20:.0f} MiB | device {self.device} | {cfg.precision}")
-        log.info(
-            f"model: {self.model.num_params() / 1e6:.3f}M parameters, "
-            f"{self.model.flops_per_token(cfg.data.seq_len) / 1e6:.2f} MFLOP/token | run_dir {self.run_dir}"
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            _write_atomic(self.run_dir / "config.yaml", config.dump(cfg))
+            _setup_logging(self.run_dir / "train.log")
+        self.dist.barrier()
+        self.checkpointer.clean_stale()
+        world = self.dist.world_size
+        self.info(
+            f"host {hostname()} | pid rss {rss_bytes() / 2**20:.0f} MiB | device {self.device} | {cfg.precision} | "
+            f"world size {world}{' (FSDP2)' if self.dist.distributed else ''}"
+        )
+        self.info(
+            f"model: {self.model_shape.num_params() / 1e6:.3f}M parameters, "
+            f"{self.flops_per_token / 1e6:.2f} MFLOP/token | run_dir {self.run_dir}"
         )
         self.resume()
         if self.step >= cfg.steps:
-            log.info(f"already at step {self.step} >= steps={cfg.steps}: nothing to do (raise steps to go on)")
+            self.info(f"already at step {self.step} >= steps={cfg.steps}: nothing to do (raise steps to go on)")
             return 0
-        log.info(f"Bayes-optimal loss on the eval batches: {self.bayes_loss():.4f}")
-        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.optim.accum_steps
+        self.info(f"Bayes-optimal loss on the eval batches: {self.bayes_loss():.4f}")
+        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.optim.accum_steps * world
+        self.info(f"tokens per step: {tokens_per_step} (batch_size x seq_len x accum_steps x world_size)")
         self.model.train()
         with StopRequest() as stop:
             clock, steps_timed = time.perf_counter(), 0
@@ -238,36 +290,58 @@ class Trainer:
                 try:
                     record = self.train_step()
                 except NonFiniteLoss as e:
-                    last = checkpoint.latest(self.ckpt_root)
-                    log.error(f"{e}; stopping. Last good checkpoint: {last or 'none'} (try a lower optim.lr)")
+                    last = checkpoint.latest(self.checkpointer.root)
+                    self.info(f"{e}; stopping. Last good checkpoint: {last or 'none'} (try a lower optim.lr)")
                     return EXIT_NONFINITE
                 steps_timed += 1
                 if self.step % cfg.log.every == 0 or self.step == cfg.steps:
                     elapsed = time.perf_counter() - clock
-                    record.update(step=self.step, tokens_per_s=tokens_per_step * steps_timed / elapsed)
-                    self.log_train(record)
+                    self.log_train(record, tokens_per_step * steps_timed / elapsed)
                     clock, steps_timed = time.perf_counter(), 0
                 if (cfg.eval.every and self.step % cfg.eval.every == 0) or self.step == cfg.steps:
                     self.log_eval(self.evaluate())
                 if self.step % cfg.checkpoint.every == 0 or self.step == cfg.steps:
                     self.save()
-                if stop.signum is not None:
+                if self.dist.any(stop.signum is not None):
                     path = self.save()
-                    log.info(f"stopped by {signal.Signals(stop.signum).name} at step {self.step}; checkpoint {path}")
+                    self.checkpointer.wait()
+                    why = signal.Signals(stop.signum).name if stop.signum else "another rank's signal"
+                    self.info(f"stopped by {why} at step {self.step}; checkpoint {path}")
                     return stop.exit_code
-        log.info(f"done: step {self.step}")
+        self.info(f"done: step {self.step}")
         return 0
 
-    def log_train(self, r: dict) -> None:
-        r = {"step": r["step"], "loss": r["loss"], "lr": r["lr"], "grad_norm": r["grad_norm"], **r}
+    def info(self, message: str) -> None:
+        if self.dist.is_main:
+            log.info(message)
+
+    def log_train(self, r: dict, tokens_per_s: float) -> None:
+        per_device = tokens_per_s / self.dist.world_size
+        achieved = per_device * self.flops_per_token
+        r = {
+            "step": self.step,
+            **r,
+            "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_device": per_device,
+            "tflops_per_device": achieved / 1e12,
+            "mfu": achieved / self.peak_flops if self.peak_flops else None,
+            "hfu": per_device * self.hardware_flops_per_token / self.peak_flops if self.peak_flops else None,
+            "host": hostname(),
+            **memory_record(self.device, self.dist.local_rank),
+        }
+        if not self.dist.is_main:
+            return
         self.metrics.write(r)
+        mfu = f" | mfu {r['mfu']:.1%}" if r["mfu"] is not None else ""
         log.info(
             f"step {r['step']:>6}/{self.cfg.steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
-            f"grad_norm {r['grad_norm']:.3f} | tok/s {r['tokens_per_s']:,.0f}"
+            f"grad_norm {r['grad_norm']:.3f} | tok/s {r['tokens_per_s']:,.0f}{mfu}"
         )
 
     def log_eval(self, r: dict) -> None:
-        self.metrics.write({"step": self.step, **r})
+        if not self.dist.is_main:
+            return
+        self.metrics.write({"step": self.step, **r, "host": hostname()})
         log.info(
             f"eval {self.step:>6}/{self.cfg.steps} | eval_loss {r['eval_loss']:.4f} | "
             f"bayes_loss {r['bayes_loss']:.4f} | excess_loss {r['excess_loss']:.4f}"

@@ -1,7 +1,10 @@
 """On-the-fly GSSM batches: an IterableDataset of fresh token batches, one independent stream per rank.
 
-Batch k of rank r is `gssm.sample(batch_size, seq_len + 1, seed=derive_seed(seed, ONFLY, r, k))`,
-a pure function of (seed, rank, k): ranks never share a seed, and neither do two batches of a rank.
+The ranks interleave one global stream: batch k of rank r is global batch g = k * world_size + r,
+`gssm.sample(batch_size, seq_len + 1, seed=derive_seed(seed, ONFLY, g))`. Ranks never share a
+seed, and neither do two batches of a rank. Because the data is a function of the global index,
+2 ranks with accumulation A see exactly the batches 1 rank sees with accumulation 2A (loss
+parity), and a run resumed on another world size can continue the same global stream.
 
 The worker rule (why the position is one integer): with W DataLoader workers, worker w yields the
 batches k = start + w, start + w + W, start + w + 2W, ... A DataLoader (in order, its default)
@@ -56,7 +59,7 @@ class OnTheFlyDataset(IterableDataset):
         self.start = _check_int("start", start, 0)
 
     def batch_seed(self, index: int) -> int:
-        return derive_seed(self.seed, ONFLY, self.rank, index)
+        return derive_seed(self.seed, ONFLY, index * self.world_size + self.rank)
 
     def batch(self, index: int) -> torch.Tensor:
         """Batch `index` of this rank's stream: tokens (batch_size, seq_len + 1), int64."""

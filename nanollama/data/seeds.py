@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 EVAL = 1  # key (graph_seed, EVAL, i): the trainer's held-out batches
-ONFLY = 2  # key (seed, ONFLY, rank, batch index): the on-the-fly training stream
+ONFLY = 2  # key (seed, ONFLY, global batch index): the on-the-fly training stream
 FILE_TRAIN = 3  # key (seed, FILE_TRAIN, chunk): the train split written to files
 FILE_TEST = 4  # key (seed, FILE_TEST, chunk): the test split written to files
 

@@ -100,6 +100,13 @@ class OnTheFlyStream(_Stream):
         self.close()
         self.index = int(state["index"])
 
+    def restart_resharded(self, state: dict) -> str:
+        """Continue a stream saved under another world size: the global batches it consumed are skipped."""
+        consumed = int(state["index"]) * int(state["world_size"])
+        self.close()
+        self.index = -(-consumed // self.world_size)  # ceil: no global batch is seen twice
+        return f"on-the-fly stream continues at global batch {self.index * self.world_size} (had {consumed})"
+
 
 class FileStream(_Stream):
     """Shuffled batches from a split's token file, epoch after epoch; state: (epoch, batches taken in it).
@@ -170,6 +177,12 @@ class FileStream(_Stream):
             raise ValueError(f"data stream state: batch {batch} of epoch {epoch} is outside the epoch")
         self.close()
         self.epoch, self.batch = epoch, batch
+
+    def restart_resharded(self, state: dict) -> str:
+        """Continue a stream saved under another world size: at the start of the next epoch, sharded anew."""
+        self.close()
+        self.epoch, self.batch = int(state["epoch"]) + 1, 0
+        return f"file stream restarts at epoch {self.epoch} (the rest of epoch {state['epoch']} is skipped)"
 
 
 def _plain(obj: Any) -> Any:

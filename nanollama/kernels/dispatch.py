@@ -2,40 +2,58 @@
 
 NANOLLAMA_KERNELS=auto (default): Triton on CUDA tensors, the eager reference elsewhere.
 NANOLLAMA_KERNELS=triton: Triton always; on CPU tensors that needs Triton's interpreter, which
-    must be switched on (TRITON_INTERPRET=1) before triton is first imported.
+    must be switched on (TRITON_INTERPRET=1) before the kernels are defined (before importing
+    nanollama.kernels), since triton.jit picks the interpreter when it decorates a function.
 NANOLLAMA_KERNELS=reference: the eager reference always.
+
+Under torch.compile the environment is read once, when a function is traced: the choice is baked
+into the graph (the settings functions are marked constant so Dynamo does not trace os.environ).
 """
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
 import torch
 
+__all__ = ["MODES", "interpreter_on", "mode", "triton_available", "use_triton"]
+
 MODES = ("auto", "triton", "reference")
 
+_triton_found: bool | None = None
 
+
+@torch.compiler.assume_constant_result
 def mode() -> str:
-    """The dispatch mode from the environment (read on every call, so tests can change it)."""
+    """The dispatch mode from the environment (read on every eager call, so tests can change it)."""
     value = os.environ.get("NANOLLAMA_KERNELS", "auto").strip().lower() or "auto"
     if value not in MODES:
         raise ValueError(f"NANOLLAMA_KERNELS must be one of {', '.join(MODES)}; got {value!r}")
     return value
 
 
-@functools.cache
+@torch.compiler.assume_constant_result
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """Whether triton can be imported (looked up once; a plain global, not functools.cache,
+    which Dynamo warns about)."""
+    global _triton_found
+    if _triton_found is None:
+        _triton_found = importlib.util.find_spec("triton") is not None
+    return _triton_found
 
 
+@torch.compiler.assume_constant_result
 def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
-    """True when the Triton kernel should run on these tensors, False for the eager reference."""
+    """True when the Triton kernel should run on these tensors, False for the eager reference.
+
+    Raises RuntimeError when NANOLLAMA_KERNELS=triton cannot be honoured (no triton; CPU tensors
+    without the interpreter).
+    """
     chosen = mode()
     if chosen == "reference":
         return False
@@ -47,6 +65,6 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if not on_cuda and not interpreter_on():
         raise RuntimeError(
             "NANOLLAMA_KERNELS=triton on CPU tensors needs Triton's interpreter: "
-            "set TRITON_INTERPRET=1 before triton is imported"
+            "set TRITON_INTERPRET=1 before importing nanollama.kernels"
         )
     return True
