@@ -295,10 +295,7 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RunError("--device cuda was asked for but no CUDA device is available")
     model = Transformer(cfg.model)
-    state = checkpoint.load(path, map_location="cpu")["model"]
-    # A compiled model's state dict prefixes every key with _orig_mod.
-    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
-    model.load_state_dict(state)
+    checkpoint.load_model(path, model)  # unsharded weights from the (possibly sharded) checkpoint
     return cfg, model.to(device).eval()
 
 
