@@ -243,7 +243,7 @@ def test_compiled_decode_step_traces_one_graph_and_never_recompiles():
         (dict(prompts=[[1, VOCAB]]), r"prompts\[0\]: token 29 is not in the vocabulary \[0, 29\)"),
         (dict(prompts=[[1, -1]]), r"prompts\[0\]: token -1"),
         (dict(prompts=[]), "prompts must be a non-empty list"),
-        (dict(max_new_tokens=40), r"prompts\[0\]: 2 prompt tokens \+ max_new_tokens 40 - 1 exceeds model.max_seq_len=40"),
+        (dict(max_new_tokens=40), r"prompts\[0\]: 2 prompt tokens \+ max_new_tokens 40 - 1 exceeds model.max_seq_len"),
         (dict(max_new_tokens=[1, 2, 3]), "max_new_tokens must be"),
         (dict(max_new_tokens=-1), "max_new_tokens must be"),
         (dict(temperature=-0.5), "temperature"),
