@@ -327,3 +327,33 @@ def test_cli_without_checkpoint_or_config_exits_2(tmp_path, capsys, run_dir):
     assert gen.main([str(tmp_path), "--prompt", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no complete checkpoint under") and "\n" not in err
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+def test_gpu_triton_and_cuda_graph_generation_equal_recomputation():
+    """On a GPU: Triton decode_attention + Triton RoPE, eager and compiled (inductor, CUDA graphs)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = tiny(max_seq_len=64).cuda()
+    prompts = ragged_prompts(range(1, 21))
+    want = generate(model, prompts, 12, recompute=True)
+    assert generate(model, prompts, 12) == want
+    assert generate(model, prompts, 12, compile=True) == want
+    other = ragged_prompts([17, 3, 9, 1] * 5, seed=12)  # same batch size: the compiled step is reused
+    assert generate(model, other, 9, compile=True) == generate(model, other, 9, recompute=True)
+    counters = torch._dynamo.utils.counters
+    print("dynamo/inductor counters:", {k: dict(v) for k, v in counters.items() if v})
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
+    assert not counters["inductor"].get("cudagraph_skips"), "the decode step did not run as a CUDA graph"
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_generation_runs_and_the_cache_is_bf16():
+    model = tiny(max_seq_len=64).cuda().to(torch.bfloat16)
+    prompts = ragged_prompts([5, 12, 1], seed=13)
+    out = generate(model, prompts, 10, compile=True)
+    assert [len(r) for r in out] == [10, 10, 10] and all(0 <= t < VOCAB for r in out for t in r)
+    assert KVCache.for_model(model, 2, 8).dtype == torch.bfloat16
