@@ -1,8 +1,10 @@
 """A static, preallocated KV cache for batched generation, and the cached attention step of one layer.
 
-One buffer (n_layers, 2, B, Hk, S_max, D) in the model's dtype holds every layer's keys and values
-(per-layer views, no copies); `seqlens` (B,) int32 on the device says how many slots of each
-sequence are valid. Nothing here reads a tensor back to the host, and no decode step allocates a
+Each layer has its own key and value tensors, (B, Hk, S_max, D) in the model's dtype; `seqlens`
+(B,) int32 on the device says how many slots of each sequence are valid. Separate tensors, not views
+of one (n_layers, 2, ...) buffer: under torch.compile a write into a view of a graph input is
+functionalised into a scatter of the whole base, so one shared buffer costs a copy of every layer's
+cache per layer per step. Nothing here reads a tensor back to the host, and no decode step allocates a
 tensor whose shape depends on the data, so a decode step traces into one graph under torch.compile
 and replays as a CUDA graph (mode="reduce-overhead").
 
@@ -35,7 +37,7 @@ class DecodeStep:
 class KVCache:
     """Keys and values of every layer for a batch of B sequences of at most S_max tokens.
 
-    kv (n_layers, 2, B, Hk, S_max, D) in `dtype`; seqlens (B,) int32. Build one with
+    k[i], v[i] (B, Hk, S_max, D) in `dtype` for layer i; seqlens (B,) int32. Build one with
     `KVCache.for_model(model, batch_size, max_len)`; reuse it across generations with `reset()`
     (a compiled decode step stays valid as long as the object and its shapes stay the same).
     """
@@ -54,13 +56,15 @@ class KVCache:
                         ("max_len", max_len), ("head_dim", head_dim)):  # fmt: skip
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"KVCache: {name} must be a positive integer, got {v!r}")
-        self.kv = torch.zeros((n_layers, 2, batch_size, n_kv_heads, max_len, head_dim), dtype=dtype, device=device)
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
         self.decoding = False
         # Static addresses: a CUDA graph replays reads and writes of these very buffers, and
         # torch.compile lets the compiled step mutate them in place without copying them in and out.
-        torch._dynamo.mark_static_address(self.kv)
-        torch._dynamo.mark_static_address(self.seqlens)
+        for t in (*self.k, *self.v, self.seqlens):
+            torch._dynamo.mark_static_address(t)
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
@@ -71,15 +75,15 @@ class KVCache:
 
     @property
     def batch_size(self) -> int:
-        return self.kv.shape[2]
+        return self.seqlens.shape[0]
 
     @property
     def max_len(self) -> int:
-        return self.kv.shape[4]
+        return self.k[0].shape[2]
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.kv.dtype
+        return self.k[0].dtype
 
     def reset(self) -> None:
         """Back to the prefill phase; the old K/V stay in place and are overwritten (never read: seqlens is 0)."""
@@ -87,8 +91,13 @@ class KVCache:
         self.decoding = False
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer i's (k, v) caches, each a (B, Hk, S_max, D) view of the shared buffer."""
-        return self.kv[i, 0], self.kv[i, 1]
+        """Layer i's (k, v) caches, each (B, Hk, S_max, D)."""
+        return self.k[i], self.v[i]
+
+    def fill_(self, value: float) -> None:
+        """Set every K/V slot (tests fill unused slots with NaN to prove they are never read)."""
+        for t in (*self.k, *self.v):
+            t.fill_(value)
 
     def start_decode(self, lengths: torch.Tensor) -> None:
         """End of prefill: sequence b holds lengths[b] valid tokens (a (B,) integer tensor, any device)."""

@@ -92,10 +92,12 @@ def test_padding_slots_may_hold_nan_they_are_never_read():
     prompts = ragged_prompts([2, 9], seed=4)
     want = generate(model, prompts, 5)
     backend = gen._CachedBackend(model, 2, 13, compile=False)
-    backend.cache.kv.fill_(float("nan"))
+    backend.cache.fill_(float("nan"))
     with torch.no_grad():
         logits = backend.prefill(prompts, torch.device("cpu"))
-        backend.cache.kv[:, :, 0, :, 2:] = float("nan")  # sequence 0's padding slots
+        for i in range(model.config.n_layers):
+            k, v = backend.cache.layer(i)
+            k[0, :, 2:], v[0, :, 2:] = float("nan"), float("nan")  # sequence 0's padding slots
         got = []
         for _ in range(5):
             token = logits.argmax(-1)
