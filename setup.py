@@ -15,8 +15,17 @@ CSRC = Path(__file__).parent / "csrc"
 # module name -> C++ source; a source that does not exist yet is simply not built.
 EXTENSIONS = {"nanollama._gssm_sampler": "csrc/gssm_sampler.cpp"}
 
+# -ffp-contract=off: no FMA contraction, so the C++ GSSM sampler rounds exactly as numpy does (it
+# matches the reference bit for bit); -pthread: the samplers run std::threads over the batch.
 ext_modules = [
-    Pybind11Extension(name, [src], cxx_std=17, extra_compile_args=["-O3", "-ffp-contract=off"], optional=True)
+    Pybind11Extension(
+        name,
+        [src],
+        cxx_std=17,
+        extra_compile_args=["-O3", "-ffp-contract=off", "-pthread"],
+        extra_link_args=["-pthread"],
+        optional=True,
+    )
     for name, src in EXTENSIONS.items()
     if (Path(__file__).parent / src).exists()
 ]

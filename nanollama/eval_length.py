@@ -26,7 +26,6 @@ import torch.nn.functional as F
 
 from nanollama.data import seeds
 from nanollama.data.gssm import GSSM
-from nanollama.kernels import rope_frequencies
 from nanollama.kernels.rope import SCALING_TYPES
 from nanollama.model import Transformer
 
@@ -48,14 +47,9 @@ def scaling_for(kind: str, length: int, trained: int) -> dict | None:
 
 def model_for(model_cfg, state: dict, length: int, scaling: dict | None, device) -> Transformer:
     """The run's model with a RoPE table of max(length, max_seq_len) positions under `scaling`."""
-    cfg = dataclasses.replace(model_cfg, max_seq_len=max(length, model_cfg.max_seq_len))
-    has_field = any(f.name == "rope_scaling" for f in dataclasses.fields(cfg))
-    if has_field:
-        cfg = dataclasses.replace(cfg, rope_scaling=scaling)
-    model = Transformer(cfg)
+    cfg = dataclasses.replace(model_cfg, max_seq_len=max(length, model_cfg.max_seq_len), rope_scaling=scaling)
+    model = Transformer(cfg)  # its RoPE tables come from cfg: max_seq_len positions under `scaling`
     model.load_state_dict(state)
-    if not has_field:  # a TransformerConfig without rope_scaling: set the scaled table directly
-        model.rope_cos, model.rope_sin = rope_frequencies(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta, scaling)
     return model.to(device).eval()
 
 

@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanollama.config import check
-from nanollama.kernels import apply_rope, attention, masks, rope_frequencies
+from nanollama.config import ConfigError, check
+from nanollama.kernels import apply_rope, attention, check_rope_scaling, masks, rope_frequencies
 from nanollama.kv_cache import KVCache, LayerCache
 
 __all__ = ["KVCache", "Transformer", "TransformerConfig"]
@@ -32,6 +32,7 @@ class TransformerConfig:
     max_seq_len: int = 256
     hidden_dim: int | None = None  # None: about 8/3 * dim, rounded up to a multiple of 16
     rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # e.g. {type: yarn, factor: 4, original_max_seq_len: 256}; see kernels/rope.py
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
 
@@ -52,6 +53,11 @@ class TransformerConfig:
         check(self.head_dim % 2 == 0, "n_heads", f"head_dim = dim / n_heads = {self.head_dim} must be even for RoPE")
         check(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
         check(self.norm_eps > 0, "norm_eps", f"must be > 0, got {self.norm_eps}")
+        try:
+            self.rope_scaling = check_rope_scaling(self.rope_scaling)
+        except ValueError as e:
+            field, _, reason = str(e).partition(": ")
+            raise ConfigError(field, reason) from None
 
     @property
     def head_dim(self) -> int:
@@ -143,7 +149,9 @@ class Transformer(nn.Module):
         """(Re)compute the RoPE tables, e.g. after materialising a model built on the meta device."""
         device = self.tok_embeddings.weight.device
         c = self.config
-        self.rope_cos, self.rope_sin = rope_frequencies(c.max_seq_len, c.head_dim, c.rope_theta, device=device)
+        self.rope_cos, self.rope_sin = rope_frequencies(
+            c.max_seq_len, c.head_dim, c.rope_theta, scaling=c.rope_scaling, device=device
+        )
 
     def initial_value(self, name: str, seed: int = 0, std: float = 0.02) -> torch.Tensor:
         """The initial value of parameter `name`, on the CPU, a function of (seed, name) alone.

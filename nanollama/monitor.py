@@ -69,9 +69,7 @@ def gpu_stats() -> list[dict] | None:
             power = pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0
         except pynvml.NVMLError:
             power = None
-        stats.append(
-            {"gpu": index, "mem_used": mem.used, "mem_total": mem.total, "util": util.gpu, "power_w": power}
-        )
+        stats.append({"gpu": index, "mem_used": mem.used, "mem_total": mem.total, "util": util.gpu, "power_w": power})
     return stats
 
 

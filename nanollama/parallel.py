@@ -67,6 +67,7 @@ def init(device: str = "auto", timeout_s: float = 300.0) -> Dist:
     want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if want_cuda and not torch.cuda.is_available():
         raise ConfigError("device", "cuda was asked for but no CUDA device is available")
+    _adopt_slurm_environment()
     if "RANK" not in os.environ:
         return Dist(device=torch.device("cuda" if want_cuda else "cpu"))
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
@@ -82,6 +83,26 @@ def init(device: str = "auto", timeout_s: float = 300.0) -> Dist:
 
     mesh = init_device_mesh(dev.type, (world,), mesh_dim_names=("dp",))
     return Dist(rank=rank, world_size=world, local_rank=local, device=dev, mesh=mesh)
+
+
+def _adopt_slurm_environment() -> None:
+    """Processes started by `srun` (several tasks, no torchrun) take their ranks from Slurm's variables.
+
+    The rendezvous is the first node of the job on a port derived from the job id, unless
+    MASTER_ADDR / MASTER_PORT are already set.
+    """
+    if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in os.environ:
+        return
+    import subprocess
+
+    os.environ.update(
+        RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"], LOCAL_RANK=os.environ["SLURM_LOCALID"]
+    )
+    if "MASTER_ADDR" not in os.environ:
+        nodes = os.environ.get("SLURM_JOB_NODELIST", "localhost")
+        hosts = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True).stdout.split()
+        os.environ["MASTER_ADDR"] = hosts[0] if hosts else "localhost"
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
 
 
 def shard(model: torch.nn.Module, mesh, precision: str, reduce_dtype: str = "fp32") -> None:

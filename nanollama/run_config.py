@@ -22,8 +22,18 @@ class DataConfig:
     seq_len: int = 64  # tokens the model reads per sequence (seq_len + 1 are sampled for the targets)
     graph_seed: int = 0  # draws the GSSM's kernels: one graph shared by runs that differ in `seed`
     gssm: GSSMConfig = field(default_factory=GSSMConfig)
+    mask: Literal["causal", "prefix_lm", "document"] = "causal"  # see nanollama/data/layout.py
+    prefix_max: float = 0.5  # prefix_lm: prompt lengths are uniform in [1, prefix_max * seq_len]
+    doc_min: int = 8  # document: packed documents have at least doc_min tokens (then an end token)
+
+    @property
+    def vocab_size(self) -> int:
+        """The model's vocabulary: the GSSM's tokens, plus the end token when documents are packed."""
+        return self.gssm.vocab_size + (self.mask == "document")
 
     def __post_init__(self):
+        check(0 < self.prefix_max <= 1, "prefix_max", f"must be in (0, 1], got {self.prefix_max}")
+        check(self.doc_min >= 1, "doc_min", f"must be >= 1, got {self.doc_min}")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.seq_len >= 1, "seq_len", f"must be >= 1, got {self.seq_len}")
         check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
@@ -120,14 +130,15 @@ class TrainConfig:
     def __post_init__(self):
         check(self.steps >= 0, "steps", f"must be >= 0, got {self.steps}")
         check(bool(self.run_dir), "run_dir", "must not be empty")
-        vocab = self.data.gssm.vocab_size
+        vocab = self.data.vocab_size
         if self.model.vocab_size is None:
             self.model.vocab_size = vocab
         elif self.model.vocab_size != vocab:
+            end = " + 1 end token (data.mask=document)" if self.data.mask == "document" else ""
             raise ConfigError(
                 "model.vocab_size",
-                f"is {self.model.vocab_size} but data.gssm's observed node has state_dim {vocab}; "
-                "leave model.vocab_size unset to take it from the data",
+                f"is {self.model.vocab_size} but data.gssm's observed node has state_dim "
+                f"{self.data.gssm.vocab_size}{end}; leave model.vocab_size unset to take it from the data",
             )
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError("data.seq_len", f"{self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")

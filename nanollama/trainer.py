@@ -19,12 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from nanollama import checkpoint, config, flops, parallel
 from nanollama.data import seeds
 from nanollama.data.gssm import GSSM
+from nanollama.data.layout import Batch, lay_out_for, rows_needed
 from nanollama.data.stream import build_train_stream
+from nanollama.evaluate import HeldOut, lm_loss
 from nanollama.model import Transformer
 from nanollama.monitor import MetricsFile, hostname, memory_record, rss_bytes
 from nanollama.optim import build_optimizer, lr_at
@@ -49,6 +50,7 @@ class StopRequest:
 
     def __init__(self):
         self.signum: int | None = None
+        self._since = 0.0
         self._previous = {}
 
     def __enter__(self):
@@ -61,9 +63,12 @@ class StopRequest:
             signal.signal(signum, handler)
 
     def _handle(self, signum, frame):
-        if self.signum == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
-        self.signum = signum
+        # A second Ctrl-C stops at once, without a checkpoint; one within a second is the same
+        # keypress delivered twice (by the terminal and by torchrun).
+        if self.signum == signal.SIGINT and signum == signal.SIGINT and time.monotonic() - self._since > 1.0:
+            raise KeyboardInterrupt
+        if self.signum is None:
+            self.signum, self._since = signum, time.monotonic()
 
     @property
     def exit_code(self) -> int:
@@ -86,7 +91,7 @@ class Trainer:
             d.source,
             gssm=self.gssm,  # onfly samples it; files are checked to come from the same graph
             path=d.path,
-            batch_size=d.batch_size,
+            batch_size=d.batch_size * rows_needed(d.mask, d.seq_len, d.doc_min),  # document packing takes more
             seq_len=d.seq_len,
             seed=cfg.seed,
             rank=self.dist.rank,
@@ -107,8 +112,7 @@ class Trainer:
         )
         self.step = 0
         self.metrics = MetricsFile(self.run_dir / "metrics.jsonl")
-        self._eval_batches: list[tuple[int, torch.Tensor]] | None = None
-        self._bayes_loss: float | None = None
+        self.held_out = HeldOut(cfg, self.gssm)
         name = flops.device_name(self.device)
         self.peak_flops = flops.peak_flops(name, cfg.precision)
         self.flops_per_token = self.model_shape.flops_per_token(d.seq_len)
@@ -138,25 +142,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
 
-    def train_batch(self) -> torch.Tensor:
-        """Tokens (B, seq_len + 1) for one micro-step: inputs are [:, :-1], targets [:, 1:]."""
-        return next(self.stream)
-
-    def eval_batches(self) -> list[tuple[int, torch.Tensor]]:
-        """The held-out (seed, tokens) batches: fixed by the graph seed, so runs on one graph share them."""
-        if self._eval_batches is None:
-            d = self.cfg.data
-            batch_seeds = [seeds.derive_seed(d.graph_seed, seeds.EVAL, i) for i in range(self.cfg.eval.batches)]
-            self._eval_batches = [(s, self.gssm.sample(d.batch_size, d.seq_len + 1, seed=s)) for s in batch_seeds]
-        return self._eval_batches
-
-    def bayes_loss(self) -> float:
-        """The Bayes-optimal NLL of the eval targets (positions 2..T+1), computed once."""
-        if self._bayes_loss is None:
-            # a context graph's oracle needs each batch's sampling seed (its per-sequence kernels)
-            nlls = [self.gssm.nll(tokens, seed=s)[:, 1:].mean().item() for s, tokens in self.eval_batches()]
-            self._bayes_loss = float(np.mean(nlls))
-        return self._bayes_loss
+    def train_batch(self, micro: int) -> Batch:
+        """The next micro-batch, laid out for the run's mask (random lengths drawn from the step's seed)."""
+        seed = seeds.derive_seed(self.cfg.seed, seeds.LAYOUT, self.step, micro)
+        return lay_out_for(self.cfg.data, next(self.stream), seed)
 
     # ------------------------------------------------------------------ steps
 
@@ -166,11 +155,9 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def loss_on(self, tokens: torch.Tensor) -> torch.Tensor:
-        tokens = tokens.to(self.device, non_blocking=True)
+    def loss_on(self, batch: Batch) -> torch.Tensor:
         with self.autocast():
-            logits = self.model(tokens[:, :-1])  # (B, T, vocab), float32
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1))
+            return lm_loss(self.model, batch.to(self.device))
 
     def train_step(self) -> dict:
         """One optimizer step over accum_steps micro-batches; returns the step's metrics."""
@@ -182,7 +169,7 @@ class Trainer:
         for micro in range(cfg.accum_steps):
             if self.dist.distributed and self.cfg.parallel.defer_grad_sync:
                 self.model.set_requires_gradient_sync(micro == cfg.accum_steps - 1)
-            loss = self.loss_on(self.train_batch())
+            loss = self.loss_on(self.train_batch(micro))
             self.scaler.scale(loss / cfg.accum_steps).backward()
             total += loss.item() / cfg.accum_steps
         total = self.dist.mean(total)  # every rank sees the same loss, so all stop together on NaN
@@ -198,13 +185,11 @@ class Trainer:
         self.step += 1
         return {"loss": total, "lr": lr, "grad_norm": grad_norm}
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
         self.model.eval()
-        losses = [self.loss_on(tokens).item() for _, tokens in self.eval_batches()]
+        record = self.held_out.evaluate(self.loss_on)
         self.model.train()
-        eval_loss, bayes = float(np.mean(losses)), self.bayes_loss()
-        return {"eval_loss": eval_loss, "bayes_loss": bayes, "excess_loss": eval_loss - bayes}
+        return record
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -280,7 +265,7 @@ class Trainer:
         if self.step >= cfg.steps:
             self.info(f"already at step {self.step} >= steps={cfg.steps}: nothing to do (raise steps to go on)")
             return 0
-        self.info(f"Bayes-optimal loss on the eval batches: {self.bayes_loss():.4f}")
+        self.info(f"Bayes-optimal loss on the eval batches: {self.held_out.bayes_loss:.4f}")
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.optim.accum_steps * world
         self.info(f"tokens per step: {tokens_per_step} (batch_size x seq_len x accum_steps x world_size)")
         self.model.train()

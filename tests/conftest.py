@@ -1,10 +1,13 @@
 """Shared test settings: the `gpu` marker skips cleanly where no CUDA device exists."""
 
 import os
+import tempfile
 
 # Tests use tiny tensors: one thread per process avoids OpenMP oversubscription (several pytest
 # processes and subprocess trainers share 2 cores), which made steps 20x slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The attention backend choice is cached on disk: keep the tests' measurements out of ~/.cache.
+os.environ.setdefault("NANOLLAMA_CACHE_DIR", tempfile.mkdtemp(prefix="nanollama-test-cache-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -23,9 +23,9 @@ def test_yaml_then_overrides_with_types():
     assert cfg.optim.lr == 3e-3 and isinstance(cfg.optim.lr, float)  # PyYAML alone reads "3e-3" as a string
     assert cfg.run_dir == "runs/try1"
     assert cfg.data.gssm.nodes[0].state_dim == 16
-    assert cfg.data.gssm.nodes[1].state_dim == 4  # untouched list items keep the file's values
+    assert cfg.data.gssm.nodes[1].state_dim == 8  # untouched list items keep the file's values
     assert cfg.optim.betas == (0.9, 0.95) and isinstance(cfg.optim.betas, tuple)
-    assert cfg.model.vocab_size == 16  # derived from the observed node
+    assert cfg.model.vocab_size == 32  # derived from the observed node
 
 
 def test_overrides_of_lists_booleans_and_sections_missing_from_the_file(tmp_path):
@@ -48,9 +48,9 @@ def test_overrides_of_lists_booleans_and_sections_missing_from_the_file(tmp_path
         ("model.n_heads=3", "model.n_heads: dim=64 is not divisible by n_heads=3"),
         ("model.n_kv_heads=3", "model.n_kv_heads: n_heads=4 is not a multiple of n_kv_heads=3"),
         ("data.gssm.nodes.7.state_dim=3", "data.gssm.nodes.7: no list item 7 (the list has 3 items)"),
-        ("data.gssm.nodes.0.alpha=0", "data.gssm.nodes.0.alpha: node 'Z1': alpha must be > 0, got 0.0"),
+        ("data.gssm.nodes.0.alpha=0", "data.gssm.nodes.0.alpha: node 'clock': alpha must be > 0, got 0.0"),
         ("optim.lr.x=1", "optim.lr: is a value, not a section"),
-        ("model.vocab_size=10", "model.vocab_size: is 10 but data.gssm's observed node has state_dim 16"),
+        ("model.vocab_size=10", "model.vocab_size: is 10 but data.gssm's observed node has state_dim 32"),
         ("data.seq_len=500", "data.seq_len: 500 exceeds model.max_seq_len=128"),
         ("log.every=0", "log.every: must be >= 1, got 0"),
     ],
@@ -61,8 +61,10 @@ def test_bad_values_name_the_dotted_field(override, expected):
 
 def test_bad_graphs_name_the_node():
     assert "unknown parent 'nope'" in error_of([str(DEBUG), "data.gssm.nodes.1.parents=[nope]"])
-    assert "cycle" in error_of([str(DEBUG), "data.gssm.nodes.0.parents=[Z2]"])
-    assert "exactly one node must be observed" in error_of([str(DEBUG), "data.gssm.nodes.0.observed=true"])
+    assert "cycle" in error_of([str(DEBUG), "data.gssm.nodes.0.mode=default", "data.gssm.nodes.0.parents=[fast]"])
+    assert "a slow node cannot have parents" in error_of([str(DEBUG), "data.gssm.nodes.0.parents=[fast]"])
+    assert "exactly one node must be observed" in error_of([str(DEBUG), "data.gssm.nodes.1.observed=true"])
+    assert "observed node cannot be in slow mode" in error_of([str(DEBUG), "data.gssm.nodes.0.observed=true"])
 
 
 def test_unknown_key_in_the_yaml_file(tmp_path):
@@ -97,3 +99,10 @@ def test_cli_errors_are_one_line_with_exit_code_2(args, message):
     assert proc.returncode == 2
     assert proc.stderr.strip() == message
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("name", ["debug", "base", "sparse", "dense", "low_entropy"])
+def test_shipped_configs_load(name):
+    cfg = parse([str(DEBUG.parent / f"{name}.yaml")])
+    assert cfg.run_dir == f"runs/{name}"
+    assert cfg.model.vocab_size == cfg.data.gssm.vocab_size

@@ -1,10 +1,12 @@
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from nanollama import checkpoint
@@ -62,10 +64,7 @@ def test_resume_equals_uninterrupted_bitwise(tmp_path):
     _, partial = run(tmp_path, *args, name="partial")
     # Pretend the run died after step 14: drop the later checkpoints, then relaunch the same command.
     ckpts = tmp_path / "partial" / "checkpoints"
-    for step in (20,):
-        import shutil
-
-        shutil.rmtree(checkpoint.step_dir(ckpts, step))
+    shutil.rmtree(checkpoint.step_dir(ckpts, 20))
     code, resumed = run(tmp_path, *args, name="partial")
     assert code == 0
     assert losses(resumed) == losses(full)  # exact float equality, steps 1..20
@@ -149,3 +148,21 @@ def test_files_source_resumes_bitwise_with_workers(tmp_path):
     assert code == 0 and losses(resumed) == losses(full) == losses(partial)
     code = main([str(DEBUG), *TINY, f"run_dir={tmp_path / 'x'}", "data.source=files", f"data.path={tmp_path}"])
     assert code == 2
+
+
+@pytest.mark.parametrize("mask", ["prefix_lm", "document"])
+def test_masked_training_learns_and_resumes_exactly(tmp_path, mask):
+    args = (f"data.mask={mask}", "data.doc_min=4", "steps=40", "optim.lr=1e-2", "checkpoint.every=20")
+    code, full = run(tmp_path, *args, "eval.every=20", name="full")
+    assert code == 0
+    cfg = parse([str(tmp_path / "full" / "config.yaml")])
+    assert cfg.model.vocab_size == cfg.data.gssm.vocab_size + (mask == "document")  # the end token
+    train = [r["loss"] for r in full if "loss" in r]
+    assert sum(train[-5:]) / 5 < sum(train[:5]) / 5 - 0.3
+    evals = [r for r in full if "eval_loss" in r]
+    assert all(0 < r["bayes_loss"] < r["eval_loss"] + 0.05 for r in evals)
+    # resume from step 20 equals the uninterrupted run
+    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+    shutil.rmtree(checkpoint.step_dir(tmp_path / "resumed" / "checkpoints", 40))
+    code, resumed = run(tmp_path, *args, "eval.every=20", name="resumed")
+    assert code == 0 and losses(resumed) == losses(full)

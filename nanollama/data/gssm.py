@@ -86,6 +86,7 @@ class GSSMConfig:
             check(names.count(n.name) == 1, f"nodes.{i}.name", f"node name '{n.name}' is used twice")
             for p in n.parents:
                 check(p in names, f"nodes.{i}.parents", f"node '{n.name}': unknown parent '{p}'")
+                check(n.parents.count(p) == 1, f"nodes.{i}.parents", f"node '{n.name}': parent '{p}' is listed twice")
         observed = [n.name for n in self.nodes if n.observed]
         check(len(observed) == 1, "nodes", f"exactly one node must be observed, got {len(observed)} {observed}")
         for i, n in enumerate(self.nodes):
@@ -99,10 +100,21 @@ class GSSMConfig:
         while pending:
             ready = [n for n in pending if all(p in {d.name for d in done} for p in n.parents)]
             if not ready:
-                raise ConfigError("nodes", f"the parent links form a cycle through node '{pending[0].name}'")
+                raise ConfigError("nodes", f"the parent links form a cycle: {_cycle(pending)}")
             done += ready
             pending = [n for n in pending if n not in ready]
         return done
+
+
+def _cycle(pending: list[NodeConfig]) -> str:
+    """A cycle among nodes that are all waiting for a parent, as 'a' -> 'b' -> 'a'."""
+    waiting = {n.name: n for n in pending}
+    path, node = [], pending[0]
+    while node.name not in path:  # every waiting node has a waiting parent, so this walk must loop
+        path.append(node.name)
+        node = waiting[next(p for p in node.parents if p in waiting)]
+    loop = path[path.index(node.name) :] + [node.name]
+    return " -> ".join(f"'{name}'" for name in loop)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -257,10 +269,10 @@ class GSSM:
             return "table", [np.ascontiguousarray(cum)]
         return "factors", [np.ascontiguousarray(np.stack([ms[k] for ms in per_seq])) for k in range(len(mats))]
 
-    def _plan(self, batch_size: int, seed: int) -> list[tuple[str, list[np.ndarray]]]:
+    def _plan(self, batch_size: int, seed: int, first: int) -> list[tuple[str, list[np.ndarray]]]:
         if not self.context:
             return self._plan_fixed
-        seqs = [self.sequence_kernels(seed, b) for b in range(batch_size)]
+        seqs = [self.sequence_kernels(seed, first + b) for b in range(batch_size)]
         return [
             self._sampler_tables(n, [s[j] for s in seqs]) if n.context else self._plan_fixed[j]
             for j, n in enumerate(self.nodes)
@@ -268,8 +280,11 @@ class GSSM:
 
     # --------------------------------------------------------------------- sampling
 
-    def _key(self, seed: int) -> int:
-        return int(np.random.SeedSequence([self.seed, _check_seed(seed)]).generate_state(1, np.uint64)[0])
+    def _key(self, seed: int, first: int) -> int:
+        """The samplers' key: sequence b of the call hashes key + (b + 1) * golden, so shifting the key
+        by `first` golden steps makes row b sequence first + b of the seed's stream."""
+        key = int(np.random.SeedSequence([self.seed, _check_seed(seed)]).generate_state(1, np.uint64)[0])
+        return (key + _check_seed(first, "first") * _GOLDEN) & _MASK
 
     def sample(
         self,
@@ -279,8 +294,13 @@ class GSSM:
         return_hidden: bool = False,
         backend: str | None = None,
         threads: int | None = None,
+        first: int = 0,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Tokens (B, T) int64, and with `return_hidden` the hidden states (B, T, n_hidden) in config order.
+
+        Row b is sequence `first + b` of the stream `seed` names: the same sequence whatever B, T
+        (its first T tokens) and `first` it is asked for with, so a resumable loader can keep one
+        seed and advance `first`.
 
         `backend`: "auto" (the compiled sampler when built, else numpy with a warning), "cpp" or
         "numpy"; defaults to `self.backend`. `threads`: the C++ sampler's threads (default: the
@@ -292,7 +312,7 @@ class GSSM:
         backend = backend or self.backend
         if backend not in ("auto", "cpp", "numpy"):
             raise ValueError(f"backend must be auto, cpp or numpy, got {backend!r}")
-        plan, key = self._plan(batch_size, seed), self._key(seed)
+        plan, key = self._plan(batch_size, seed, first), self._key(seed, first)
         ext = _extension() if backend != "numpy" else None
         if backend == "cpp" and ext is None:
             raise RuntimeError("backend='cpp' but nanollama._gssm_sampler is not built (run `make install`)")
@@ -322,38 +342,38 @@ class GSSM:
             raise ValueError("hmm(): a context graph redraws its kernels per sequence, so it has no single HMM")
         return hmm_lib.joint_hmm(self, self.kernels, max_states)
 
-    def _tables(self, kernel_sets: list[list[list[np.ndarray]]], device, dtype) -> list[torch.Tensor]:
-        """Per node, its conditional table (Bk, d_in..., d): Bk = 1 when shared, else one per sequence."""
-        tables = []
-        for j, node in enumerate(self.nodes):
-            sets = kernel_sets if node.context else kernel_sets[:1]
-            t = np.stack([hmm_lib.conditional_table(self, node, ks[j]) for ks in sets])
-            tables.append(torch.from_numpy(t).to(device=device, dtype=dtype))
-        return tables
-
-    def nll(self, tokens: torch.Tensor, seed: int | None = None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    def nll(
+        self,
+        tokens: torch.Tensor,
+        seed: int | None = None,
+        dtype: torch.dtype = torch.float64,
+        backend: str = "auto",
+        threads: int | None = None,
+        first: int = 0,
+    ) -> torch.Tensor:
         """Bayes-optimal -log p(x_t | x_<t) under the true model for tokens (B, T), as (B, T) on their device.
 
-        A context graph needs the `seed` that `sample` was given: row b is scored with the kernels
-        of sequence b of that call (the oracle that knows each sequence's kernels).
+        A context graph needs the `seed` (and `first`) that `sample` was given: row b is scored with
+        the kernels of sequence first + b of that stream (the oracle that knows each sequence's kernels). `backend`:
+        "auto" (the compiled forward for float64 CPU tokens when built, else torch), "cpp" or "torch".
         """
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
             raise ValueError(f"tokens must be a (B, T) tensor, got {getattr(tokens, 'shape', type(tokens))}")
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
-            raise ValueError(
-                f"tokens must lie in [0, {self.vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]"
-            )
+            lo, hi = int(tokens.min()), int(tokens.max())
+            raise ValueError(f"tokens must lie in [0, {self.vocab_size}), got [{lo}, {hi}]")
+        if backend not in ("auto", "cpp", "torch"):
+            raise ValueError(f"backend must be auto, cpp or torch, got {backend!r}")
+        on_cpu64 = tokens.device.type == "cpu" and dtype == torch.float64
+        ext = _extension() if backend != "torch" and on_cpu64 else None
+        if backend == "cpp" and ext is None:
+            raise RuntimeError("backend='cpp' needs float64 CPU tokens and a built nanollama._gssm_sampler")
         tokens = tokens.long()
-        if self.context:
-            if seed is None:
-                raise ValueError("nll(): a context graph needs the seed its tokens were sampled with")
-            sets = [self.sequence_kernels(seed, b) for b in range(tokens.shape[0])]
-            forward = hmm_lib.Forward(self, self._tables(sets, tokens.device, dtype))
-        else:
-            key = (str(tokens.device), dtype)
-            if key not in self._forward:
-                self._forward[key] = hmm_lib.Forward(self, self._tables([self.kernels], tokens.device, dtype))
-            forward = self._forward[key]
+        if self.context and seed is None:
+            raise ValueError("nll(): a context graph needs the seed its tokens were sampled with")
+        forward = hmm_lib.forward_for(self, tokens, seed, first, dtype)
+        if ext is not None:
+            return forward.nll_compiled(ext, tokens, threads or _usable_cores())
         return forward.nll(tokens)
 
     def entropy_rate(self, n_seqs: int = 256, seq_len: int = 256, seed: int = 2**31 - 1) -> tuple[float, float]:

@@ -58,7 +58,7 @@ def joint_hmm(
     for k, j in enumerate(g.hidden):
         node = g.nodes[j]
         table = conditional_table(g, node, kernels[j])
-        trans = trans * _place(table, _axes(g, node, n_hidden) + [n_hidden + k], 2 * n_hidden)
+        trans *= _place(table, _axes(g, node, n_hidden) + [n_hidden + k], 2 * n_hidden)
     obs = g.nodes[g.observed]
     table = conditional_table(g, obs, kernels[g.observed])
     emit = np.broadcast_to(_place(table, _axes(g, obs, 0) + [n_hidden], n_hidden + 1), dims + [obs.dim])
@@ -66,6 +66,28 @@ def joint_hmm(
     # every hidden node starts in state 0 (joint index 0); x_1 is emitted by the state after one step
     pi = trans[0].copy()
     return torch.from_numpy(pi), torch.from_numpy(trans), torch.from_numpy(emit.reshape(n_states, obs.dim).copy())
+
+
+def tables(g: GSSM, kernel_sets: list[list[list[np.ndarray]]], device, dtype) -> list[torch.Tensor]:
+    """Per node, its conditional table (Bk, d_in..., d): Bk = 1 when shared, else one per kernel set."""
+    out = []
+    for j, node in enumerate(g.nodes):
+        sets = kernel_sets if node.context else kernel_sets[:1]
+        t = np.stack([conditional_table(g, node, ks[j]) for ks in sets])
+        out.append(torch.from_numpy(t).to(device=device, dtype=dtype))
+    return out
+
+
+def forward_for(g: GSSM, tokens: torch.Tensor, seed: int | None, first: int, dtype: torch.dtype) -> Forward:
+    """The forward pass scoring `tokens`: cached per (device, dtype) for fixed kernels; for a context
+    graph, built from the kernels of sequences first..first+B-1 of the stream `seed`."""
+    if g.context:
+        sets = [g.sequence_kernels(seed, first + b) for b in range(tokens.shape[0])]
+        return Forward(g, tables(g, sets, tokens.device, dtype))
+    key = (str(tokens.device), dtype)
+    if key not in g._forward:
+        g._forward[key] = Forward(g, tables(g, [g.kernels], tokens.device, dtype))
+    return g._forward[key]
 
 
 class Forward:
@@ -102,6 +124,12 @@ class Forward:
         shape = [1] * len(self.dims)
         for i in order:
             shape[axes[i]] = t.shape[1 + i]
+        # the compiled forward's form: (Bk, V, P) over the parents' joint state, and each joint state's index in it
+        n_par = int(np.prod(t.shape[1:-1]))
+        self.emit_parents = t.reshape(t.shape[0], n_par, obs.dim).transpose(1, 2)
+        states = np.indices(self.dims).reshape(len(self.dims), int(np.prod(self.dims)))
+        parent_states = tuple(states[a] for a in axes)
+        self.pidx = np.ravel_multi_index(parent_states, t.shape[1:-1]) if axes else np.zeros(states.shape[1], np.int64)
         emit = t.permute([0, len(axes) + 1] + [1 + i for i in order]).reshape(t.shape[0], obs.dim, *shape)
         if self.batched:  # (B, V, parent axes): row b gathers its token
             self.emit = emit.expand(self.batch, *emit.shape[1:]).contiguous()
@@ -115,11 +143,27 @@ class Forward:
         states = np.indices(self.dims[:k]).reshape(k, left) if k else np.zeros((0, 1), dtype=np.int64)
         return tuple(torch.from_numpy(states[self.axis[i]]) for i in node.inputs[1:])
 
+    def nll_compiled(self, ext, tokens: torch.Tensor, threads: int) -> torch.Tensor:
+        """The same as `nll`, by the C++ forward (float64 CPU tables only): blocks of sequences spread
+        over `threads` threads, no synchronisation between steps, no per-step dispatch overhead."""
+        self._check_batch(tokens)
+        moves = [(mat.numpy(), left, d, right, self.batched) for left, d, right, mat in self.moves]
+        tokens = tokens.contiguous()
+        out = torch.empty(tokens.shape, dtype=torch.float64)
+        emit = np.ascontiguousarray(self.emit_parents.numpy())
+        ext.forward(moves, emit, np.ascontiguousarray(self.pidx, dtype=np.int64), tokens.numpy(), out.numpy(), threads)
+        return out
+
+    def _check_batch(self, tokens: torch.Tensor) -> None:
+        if self.batched and tokens.shape[0] != self.batch:
+            raise ValueError(
+                f"tokens have {tokens.shape[0]} rows but the per-sequence kernels were drawn for {self.batch}"
+            )
+
     def nll(self, tokens: torch.Tensor) -> torch.Tensor:
         """-log p(x_t | x_<t) for tokens (B, T): a (B, T) tensor in the tables' dtype."""
         B, T = tokens.shape
-        if self.batched and B != self.batch:
-            raise ValueError(f"tokens have {B} rows but the per-sequence kernels were drawn for {self.batch}")
+        self._check_batch(tokens)
         dtype, device, hidden = self.emit.dtype, self.emit.device, len(self.dims)
         shape = [B, *self.dims] if self.batched else [*self.dims, B]
         belief = torch.zeros(shape, dtype=dtype, device=device)

@@ -12,6 +12,7 @@ EVAL = 1  # key (graph_seed, EVAL, i): the trainer's held-out batches
 ONFLY = 2  # key (seed, ONFLY, global batch index): the on-the-fly training stream
 FILE_TRAIN = 3  # key (seed, FILE_TRAIN, chunk): the train split written to files
 FILE_TEST = 4  # key (seed, FILE_TEST, chunk): the test split written to files
+LAYOUT = 5  # key (seed, LAYOUT, step, micro): prompt and document lengths of a training batch
 
 
 def derive_seed(*key: int) -> int:

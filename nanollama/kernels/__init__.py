@@ -6,12 +6,13 @@ Each op lives in its own module with its eager reference beside it.
 from nanollama.kernels import masks
 from nanollama.kernels.attention import attention, attention_ref
 from nanollama.kernels.decode import decode_attention, decode_attention_ref
-from nanollama.kernels.rope import apply_rope, rope_frequencies, rope_ref
+from nanollama.kernels.rope import apply_rope, check_rope_scaling, rope_frequencies, rope_ref
 
 __all__ = [
     "apply_rope",
     "attention",
     "attention_ref",
+    "check_rope_scaling",
     "decode_attention",
     "decode_attention_ref",
     "masks",

@@ -33,6 +33,20 @@ def small(mode: str = "default", kernel_type: str = "product", observed_mode: st
 # ----------------------------------------------------------------------------- validation
 
 BAD = {
+    "self parent": (lambda: graph(NodeConfig("a", 2, parents=["a"]), NodeConfig("o", 2, observed=True)), "'a' -> 'a'"),
+    "duplicate parent": (
+        lambda: graph(NodeConfig("a", 2), NodeConfig("o", 2, parents=["a", "a"], observed=True)),
+        "node 'o': parent 'a' is listed twice",
+    ),
+    "cycle behind a node": (
+        lambda: graph(
+            NodeConfig("x", 2, parents=["b"]),
+            NodeConfig("a", 2, parents=["b"]),
+            NodeConfig("b", 2, parents=["a"]),
+            NodeConfig("o", 2, parents=["x"], observed=True),
+        ),
+        "cycle: 'b' -> 'a' -> 'b'",
+    ),
     "cycle": (
         lambda: graph(
             NodeConfig("a", 2, parents=["b"]),
@@ -84,6 +98,9 @@ def test_sampling_is_deterministic_per_seed(mode):
     # sequence b depends on neither the batch size nor the length asked for
     z = GSSM(cfg, seed=3).sample(2, 25, seed=7, backend="numpy")
     assert torch.equal(z, x[:2, :25])
+    # nor on where the call starts in the seed's stream
+    w, v = GSSM(cfg, seed=3).sample(3, 40, seed=7, return_hidden=True, backend="numpy", first=2)
+    assert torch.equal(w, x[2:5]) and torch.equal(v, h[2:5])
     assert 0 <= int(x.min()) and int(x.max()) < 5 and int(h[..., 0].max()) < 3 and int(h[..., 1].max()) < 2
 
 
@@ -188,6 +205,21 @@ def test_sampler_matches_the_hmm(mode, kind, backend):
 
 
 @needs_cpp
+@pytest.mark.parametrize("mode,kind", [("default", "product"), ("dead", "fullrank"), ("slow", "product")])
+def test_hidden_states_follow_the_hmm(mode, kind):
+    """The joint hidden state (config order, mixed radix) at steps 1..3 has law pi T^(t-1)."""
+    g = GSSM(small(mode, kind), seed=11)
+    pi, trans, _ = g.hmm()
+    _, hidden = g.sample(20000, 3, seed=3, return_hidden=True)
+    dims = [g.nodes[j].dim for j in g.hidden]
+    joint = hidden[..., 0] * dims[1] + hidden[..., 1]  # (B, T)
+    law = pi
+    for t in range(3):
+        empirical = torch.bincount(joint[:, t], minlength=len(pi)).double() / len(joint)
+        assert 0.5 * float((empirical - law).abs().sum()) < 0.02, t
+        law = law @ trans
+
+
 def test_package_uses_the_compiled_sampler(monkeypatch):
     assert gssm_module._extension() is not None, "nanollama._gssm_sampler exists but does not import"
 
@@ -215,6 +247,7 @@ def test_cpp_equals_numpy_whatever_the_threads(mode, table_limit, monkeypatch):
     for threads in (1, 2, 5, 13, 64):
         x, h = g.sample(13, 37, seed=9, return_hidden=True, backend="cpp", threads=threads)
         assert torch.equal(x, ref) and torch.equal(h, ref_hidden), threads
+    assert torch.equal(g.sample(5, 37, seed=9, backend="cpp", first=8), ref[8:])
 
 
 def test_numpy_fallback_warns_once(monkeypatch, caplog):
@@ -226,3 +259,14 @@ def test_numpy_fallback_warns_once(monkeypatch, caplog):
     assert x.shape == (2, 3) and "numpy sampler" in caplog.text
     with pytest.raises(RuntimeError, match="not built"):
         g.sample(2, 3, seed=1, backend="cpp")
+
+
+def test_errors_from_yaml_name_the_field_and_the_node():
+    from nanollama.config import build
+
+    data = {"nodes": [{"name": "h", "state_dim": 4}, {"name": "o", "state_dim": 0, "parents": ["h"], "observed": True}]}
+    with pytest.raises(ConfigError, match=r"nodes\.1\.state_dim: node 'o'"):
+        build(GSSMConfig, data)
+    data["nodes"][1] |= {"state_dim": 3, "kernel_type": "lowrank"}
+    with pytest.raises(ConfigError, match=r"nodes\.1\.kernel_type"):
+        build(GSSMConfig, data)

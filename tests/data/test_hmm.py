@@ -1,5 +1,6 @@
 """Exact likelihood: nll() against a plain dense float64 forward algorithm, and entropy_rate sanity."""
 
+import importlib.util
 import math
 
 import pytest
@@ -7,6 +8,9 @@ import torch
 
 from nanollama.data.gssm import GSSM, GSSMConfig, NodeConfig
 from nanollama.data.hmm import joint_hmm
+
+BUILT = importlib.util.find_spec("nanollama._gssm_sampler") is not None
+needs_cpp = pytest.mark.skipif(not BUILT, reason="nanollama._gssm_sampler is not built (run `make install`)")
 
 
 def dense_nll(pi: torch.Tensor, trans: torch.Tensor, emit: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -37,10 +41,11 @@ def config(mode: str, kind: str) -> GSSMConfig:
 
 @pytest.mark.parametrize("kind", ["product", "fullrank"])
 @pytest.mark.parametrize("mode", ["default", "slow", "dead", "context"])
-def test_nll_matches_a_dense_forward(mode, kind):
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpp", marks=needs_cpp)])
+def test_nll_matches_a_dense_forward(mode, kind, backend):
     g = GSSM(config(mode, kind), seed=3)
     tokens = g.sample(5, 23, seed=8)
-    nll = g.nll(tokens, seed=8)
+    nll = g.nll(tokens, seed=8, backend=backend)
     assert nll.shape == (5, 23) and nll.dtype == torch.float64
     for b in range(5):
         hmm = joint_hmm(g, g.sequence_kernels(8, b)) if mode == "context" else g.hmm()
@@ -49,6 +54,33 @@ def test_nll_matches_a_dense_forward(mode, kind):
     torch.testing.assert_close(g.nll(tokens, seed=8, dtype=torch.float32).double(), nll, rtol=1e-4, atol=1e-4)
     if mode == "context":
         assert not torch.allclose(g.nll(tokens, seed=9), nll)
+        torch.testing.assert_close(g.nll(tokens[3:], seed=8, first=3, backend=backend), nll[3:], rtol=1e-12, atol=0)
+
+
+WIDE = GSSMConfig(  # node sizes the compiled forward specialises (1..8, 16) and one it does not (9)
+    nodes=[
+        NodeConfig("a", 16, 0.3),
+        NodeConfig("b", 9, 0.3, parents=["a"]),
+        NodeConfig("c", 1, 0.3, parents=["b"]),
+        NodeConfig("d", 7, 0.3, parents=["c", "a"]),
+        NodeConfig("o", 11, 0.3, parents=["d", "b"], observed=True),
+    ]
+)
+
+
+@needs_cpp
+@pytest.mark.parametrize("mode", ["default", "context", "wide"])
+def test_compiled_forward_equals_torch_whatever_the_threads(mode):
+    """Batches that are not a multiple of the C++ block (16), several blocks per thread."""
+    g = GSSM(WIDE if mode == "wide" else config(mode, "product"), seed=6)
+    tokens = g.sample(37, 19, seed=2)
+    ref = g.nll(tokens, seed=2, backend="torch")
+    one = g.nll(tokens, seed=2, backend="cpp", threads=1)
+    torch.testing.assert_close(one, ref, rtol=1e-12, atol=1e-12)
+    for threads in (2, 3, 8):  # a sequence's arithmetic does not depend on its block or thread
+        assert torch.equal(g.nll(tokens, seed=2, backend="cpp", threads=threads), one)
+    with pytest.raises(RuntimeError, match="float64"):
+        g.nll(tokens, seed=2, backend="cpp", dtype=torch.float32)
 
 
 def test_nll_of_random_tokens_and_bad_input():

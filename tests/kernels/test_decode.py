@@ -1,12 +1,8 @@
 """decode_attention: the Triton split-K kernel (under Triton's interpreter on the CPU) and the eager
 reference, both against an independent float64 per-sequence attention."""
 
-import os
-
-# Must precede the first triton import (tests/kernels/conftest.py may set it too; setdefault keeps both happy).
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import math  # noqa: E402
+import os
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402

@@ -1,0 +1,122 @@
+"""`python -m nanollama.launcher.status LOG_DIR`: one line per task of a launch, from its files alone.
+
+State comes from the last `[launcher]` line of stdout/{id}.out (written by run.sh): no output yet is
+`pending`, a started attempt without an exit line `running`, then `done` (exit 0), `preempted`
+(75: checkpointed, requeued or to be relaunched), `interrupted` (130) or `failed (N)`. Progress
+and losses come from runs/{id}/metrics.jsonl. Works for Slurm and bash launches alike, and needs
+no Slurm command (use `watch -n 30 python -m nanollama.launcher.status LOG_DIR` to follow one).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import yaml
+
+_EXIT = re.compile(r"^\[launcher\] task \d+: exit code (\d+)")
+_NAMES = {0: "done", 75: "preempted", 130: "interrupted"}
+
+
+def task_state(stdout: Path) -> str:
+    if not stdout.exists():
+        return "pending"
+    state = "running"
+    for line in stdout.read_text(errors="replace").splitlines():
+        if not line.startswith("[launcher] task "):
+            continue
+        match = _EXIT.match(line)
+        if match:
+            code = int(match.group(1))
+            state = _NAMES.get(code, f"failed ({code})")
+        elif "attempt" in line:
+            state = "running"  # a new attempt (a requeue, or run.sh run again) after an exit
+    return state
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a line still being written is skipped."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def rows(log_dir: Path) -> list[dict]:
+    """One dict per task: id, grid, state, step, steps, loss, eval_loss, excess_loss, run_dir."""
+    index = log_dir / "tasks.jsonl"
+    if not index.exists():
+        raise FileNotFoundError(f"{log_dir} is not a launcher log directory (no tasks.jsonl)")
+    out = []
+    for line in index.read_text().splitlines():
+        task = json.loads(line)
+        run_dir = Path(task["run_dir"])
+        config = yaml.safe_load((log_dir / "tasks" / f"{task['id']}.yaml").read_text()) or {}
+        records = read_metrics(run_dir / "metrics.jsonl")
+        train = [r for r in records if "loss" in r]
+        evals = [r for r in records if "eval_loss" in r]
+        out.append(
+            {
+                "id": task["id"],
+                "grid": task["grid"],
+                "state": task_state(log_dir / "stdout" / f"{task['id']}.out"),
+                "step": train[-1]["step"] if train else 0,
+                "steps": config.get("steps"),
+                "loss": train[-1]["loss"] if train else None,
+                "eval_loss": evals[-1]["eval_loss"] if evals else None,
+                "excess_loss": evals[-1].get("excess_loss") if evals else None,
+                "run_dir": str(run_dir),
+            }
+        )
+    return out
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def table(log_dir: Path) -> str:
+    data = rows(log_dir)
+    grids = [" ".join(f"{k}={v}" for k, v in r["grid"].items()) or "-" for r in data]
+    width = max([4, *map(len, grids)])
+    lines = [
+        f"{'task':>4}  {'grid':<{width}}  {'state':<12} {'step':>13}  {'loss':>8}  {'eval_loss':>9}  {'excess':>8}"
+    ]
+    for r, grid in zip(data, grids):
+        step = f"{r['step']}/{r['steps'] if r['steps'] is not None else '?'}"
+        lines.append(
+            f"{r['id']:>4}  {grid:<{width}}  {r['state']:<12} {step:>13}  {_fmt(r['loss']):>8}  "
+            f"{_fmt(r['eval_loss']):>9}  {_fmt(r['excess_loss']):>8}"
+        )
+    counts: dict[str, int] = {}
+    for r in data:
+        key = r["state"].split(" ")[0]
+        counts[key] = counts.get(key, 0) + 1
+    lines.append(
+        ", ".join(f"{n} {state}" for state, n in counts.items()) + f"  (metrics: {log_dir}/runs/ID/metrics.jsonl)"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+        print("usage: python -m nanollama.launcher.status LOG_DIR")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    try:
+        print(table(Path(argv[0])))
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

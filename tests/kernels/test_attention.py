@@ -1,0 +1,346 @@
+"""attention(): every backend on this machine against a float64 dense reference, forward and backward;
+fully masked rows; zero recompiles of compiled flex across batches; the measured auto choice and its cache."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+
+from nanollama.kernels import attention_select, masks
+from nanollama.kernels.attention import attention, attention_ref, flash_available
+
+B, D = 2, 16
+TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+SHAPES = [  # (Sq, Skv, Hq, Hk)
+    (70, 70, 4, 2),  # odd length, GQA
+    (129, 129, 2, 2),  # one past a block
+    (70, 129, 4, 1),  # Sq < Skv (queries are the last positions), multi-query
+]
+
+
+def ref64(q, k, v, mask, scale=None):
+    """float64 attention from the mask's dense boolean; rows with no visible key give zeros."""
+    q, k, v = q.double(), k.double(), v.double()
+    Hq, Hk, Sq, Skv = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    k, v = k.repeat_interleave(Hq // Hk, dim=1), v.repeat_interleave(Hq // Hk, dim=1)
+    scores = q @ k.transpose(-1, -2) * (scale if scale is not None else 1 / math.sqrt(q.shape[-1]))
+    if mask is not None:
+        allowed = mask.dense(q.shape[0], Sq, Skv, q.device)[:, None]
+        weights = torch.where(allowed, torch.exp(scores - scores.amax(-1, keepdim=True)), 0.0)
+        total = weights.sum(-1, keepdim=True)
+        probs = weights / torch.where(total > 0, total, 1.0)
+    else:
+        probs = torch.softmax(scores, -1)
+    return probs @ v
+
+
+def _mask_cases(kv_len: int) -> dict:
+    g = torch.Generator().manual_seed(1000 + kv_len)
+    prefix = torch.randint(0, kv_len, (B,), generator=g)
+    ids = torch.sort(torch.randint(0, 4, (B, kv_len), generator=g), dim=1).values
+    lengths = torch.tensor([0, kv_len // 2])  # sequence 0 sees nothing: every row fully masked
+    return {
+        "none": None,
+        "causal": masks.causal(),
+        "prefix_lm": masks.prefix_lm(prefix),
+        "document": masks.document(ids),
+        "sliding_window": masks.sliding_window(17),
+        "padding": masks.padding(lengths),
+        "causal&padding": masks.causal() & masks.padding(lengths),
+        "document&sliding": masks.document(ids) & masks.sliding_window(17),
+        "sliding|prefix": masks.sliding_window(5) | masks.prefix_lm(prefix),
+    }
+
+
+MASKS = list(_mask_cases(8))
+
+
+def _inputs(Sq, Skv, Hq, Hk, dtype, device="cpu", seed=0):
+    """q, k, v as (B, H, S, D) views of (B, S, H, D) storage, the layout the model produces."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(B, Sq, Hq, D, generator=g, device=device).to(dtype).transpose(1, 2)
+    k = torch.randn(B, Skv, Hk, D, generator=g, device=device).to(dtype).transpose(1, 2)
+    v = torch.randn(B, Skv, Hk, D, generator=g, device=device).to(dtype).transpose(1, 2)
+    return q, k, v
+
+
+def _check(backend, Sq, Skv, Hq, Hk, mask_name, dtype, device="cpu", grad=True):
+    mask = _mask_cases(Skv)[mask_name]
+    q, k, v = _inputs(Sq, Skv, Hq, Hk, dtype, device)
+    leaves = [t.detach().requires_grad_(grad) for t in (q, k, v)]
+    expected_leaves = [t.detach().double().requires_grad_(grad) for t in (q, k, v)]
+    expected = ref64(*expected_leaves, mask)
+    with torch.set_grad_enabled(grad):
+        out = attention(*leaves, mask=mask, backend=backend)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), expected, **TOL[dtype])
+    if mask is not None:  # rows with no visible key are exactly zero
+        empty = ~mask.dense(B, Sq, Skv, device).any(-1)  # (B, Sq)
+        assert (out.detach().float().abs().sum(-1).transpose(0, 1)[:, empty] == 0).all()
+    if not grad:
+        return
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(device)
+    (out.float() * upstream).sum().backward()
+    (expected * upstream.double()).sum().backward()
+    for name, got, want in zip("qkv", leaves, expected_leaves):
+        assert torch.isfinite(got.grad).all(), f"d{name} has NaN/inf"
+        torch.testing.assert_close(got.grad.double(), want.grad, **TOL[dtype], msg=lambda m, n=name: f"d{n}: {m}")
+    if mask is not None and empty.any():
+        assert (leaves[0].grad.transpose(1, 2)[empty] == 0).all()  # zero gradient into empty rows
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])  # flex: below; flash and flex backward: gpu tests
+@pytest.mark.parametrize("mask_name", MASKS)
+@pytest.mark.parametrize("Sq,Skv,Hq,Hk", SHAPES)
+def test_matches_float64_reference(backend, mask_name, Sq, Skv, Hq, Hk):
+    _check(backend, Sq, Skv, Hq, Hk, mask_name, torch.float32)
+
+
+# flex on the CPU: forward only (PyTorch has no CPU backward), and eager flex traces each new mask
+# and shape (seconds each on 2 cores): every mask at the shape with Sq != Skv and GQA, plus two at 129
+@pytest.mark.parametrize(
+    "mask_name,Sq,Skv,Hq,Hk",
+    [(name, 70, 129, 4, 1) for name in MASKS] + [("document", 129, 129, 2, 2), ("causal&padding", 129, 129, 2, 2)],
+)
+def test_flex_forward_matches_float64_reference(mask_name, Sq, Skv, Hq, Hk):
+    _check("flex", Sq, Skv, Hq, Hk, mask_name, torch.float32, grad=False)
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+@pytest.mark.parametrize("mask_name", ["causal", "document", "causal&padding"])
+def test_bfloat16(backend, mask_name):
+    _check(backend, 129, 129, 4, 2, mask_name, torch.bfloat16)
+
+
+def test_more_queries_than_keys_gives_empty_rows():
+    # Sq > Skv: the first queries sit before key 0 under a causal mask and see nothing
+    for backend in ("reference", "sdpa"):
+        mask = masks.causal()
+        q, k, v = (t.detach().requires_grad_() for t in _inputs(9, 5, 2, 2, torch.float32))
+        out = attention(q, k, v, mask=mask, backend=backend)
+        torch.testing.assert_close(out.double(), ref64(q, k, v, mask), **TOL[torch.float32])
+        assert (out[:, :, :4] == 0).all() and (out[:, :, 4:] != 0).any()
+        out.sum().backward()
+        assert torch.isfinite(q.grad).all() and (q.grad[:, :, :4] == 0).all()
+
+
+def test_scale_and_reference_function():
+    q, k, v = _inputs(33, 33, 2, 1, torch.float32)
+    mask = masks.prefix_lm(torch.tensor([4, 20]))
+    want = ref64(q, k, v, mask, scale=0.3)
+    torch.testing.assert_close(attention_ref(q, k, v, mask, scale=0.3).double(), want, **TOL[torch.float32])
+    torch.testing.assert_close(attention(q, k, v, mask, 0.3, backend="sdpa").double(), want, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda q, k, v: attention(q[0], k, v), "q must be a 4-D tensor"),
+        (lambda q, k, v: attention(q, k, v[:, :, :3]), "k .* and v .* must have the same shape"),
+        (lambda q, k, v: attention(q[:, :3], k, v), "multiple of key/value heads"),
+        (lambda q, k, v: attention(q, k, v, backend="fast"), "backend must be one of auto, flex, sdpa"),
+        (lambda q, k, v: attention(q, k, v, mask="causal"), "mask must be a nanollama.kernels.masks.Mask"),
+        (lambda q, k, v: attention(q, k, v, mask=masks.padding(torch.tensor([1]))), "padding: holds 1 sequences"),
+    ],
+)
+def test_bad_input(call, message):
+    q, k, v = _inputs(8, 8, 4, 2, torch.float32)
+    with pytest.raises(ValueError, match=message):
+        call(q, k, v)
+
+
+def test_unsupported_backends_say_why(monkeypatch):
+    q, k, v = (t.detach().requires_grad_() for t in _inputs(8, 8, 2, 2, torch.float32))
+    with pytest.raises(RuntimeError, match="no backward on the CPU"):
+        attention(q, k, v, mask=masks.causal(), backend="flex")
+    with pytest.raises(RuntimeError, match="attention backend 'flash': flash-attn (is not installed|runs on CUDA)"):
+        attention(q, k, v, mask=masks.causal(), backend="flash")
+    monkeypatch.setenv("NANOLLAMA_FLEX_COMPILE", "yes")
+    with torch.no_grad(), pytest.raises(ValueError, match="NANOLLAMA_FLEX_COMPILE must be auto, 0 or 1"):
+        attention(q, k, v, backend="flex")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_compiled_flex_never_recompiles(monkeypatch, device):
+    """New prefix lengths and document boundaries each batch (new mask objects): zero recompiles.
+
+    One compilation (~30 s on 2 CPU cores) covers both kinds of per-sequence tensor: the mask combines
+    them. Forward only on the CPU (no flex backward there), forward and backward on CUDA.
+    """
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("NANOLLAMA_FLEX_COMPILE", "1")
+    S, H = 256, 2
+    grad = device == "cuda"
+    g = torch.Generator().manual_seed(3)
+
+    def batch():
+        ids = torch.sort(torch.randint(0, 6, (B, S), generator=g), dim=1).values.to(device)
+        mask = masks.document(ids) | masks.prefix_lm(torch.randint(0, S, (B,), generator=g).to(device))
+        q, k, v = (torch.randn(B, H, S, D, generator=g).to(device).requires_grad_(grad) for _ in range(3))
+        return q, k, v, mask
+
+    def step(q, k, v, mask):
+        out = attention(q, k, v, mask=mask, backend="flex")
+        if grad:
+            out.sum().backward()
+        return out
+
+    with torch.set_grad_enabled(grad):
+        step(*batch())  # warm-up: the one compilation
+        frames, graphs = counters["frames"]["total"], counters["stats"]["unique_graphs"]
+        for _ in range(3):
+            q, k, v, mask = batch()
+            for _layer in range(2):  # layers share the batch's mask
+                out = step(q, k, v, mask)
+            torch.testing.assert_close(out.double(), ref64(q, k, v, mask), **TOL[torch.float32])
+    assert counters["stats"]["unique_graphs"] == graphs, "a new batch compiled a new graph"
+    assert counters["frames"]["total"] == frames, "a new batch re-entered dynamo compilation"
+    assert not counters["recompiles"], dict(counters["recompiles"])
+
+
+def test_traces_in_one_graph_under_torch_compile():
+    """A model compiled whole: a fresh document mask per batch, no graph break (fullgraph), no recompile."""
+    from torch._dynamo.utils import counters
+
+    S, H = 64, 2
+    g = torch.Generator().manual_seed(5)
+
+    def layer(q, k, v, mask):
+        return attention(q * 1.0, k, v, mask=mask)
+
+    compiled = torch.compile(layer, fullgraph=True)
+    graphs = None
+    for _ in range(3):
+        mask = masks.document(torch.sort(torch.randint(0, 4, (B, S), generator=g), dim=1).values)
+        for _layer in range(2):  # the first layer builds the dense mask, the second finds it cached
+            q, k, v = (torch.randn(B, H, S, D, generator=g).requires_grad_() for _ in range(3))
+            out = compiled(q, k, v, mask)
+            out.sum().backward()
+            torch.testing.assert_close(out.double(), ref64(q, k, v, mask), **TOL[torch.float32])
+            assert torch.isfinite(q.grad).all()
+        graphs = counters["stats"]["unique_graphs"] if graphs is None else graphs  # after the first batch
+    assert counters["stats"]["unique_graphs"] == graphs, "a new batch recompiled"
+
+
+# -- auto: measured choice, memory and disk caches, override --------------------------------------
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOLLAMA_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("NANOLLAMA_ATTENTION", raising=False)
+    attention_select.clear_memory_cache()
+    attention_select.STATS.clear()
+    yield tmp_path
+    attention_select.clear_memory_cache()
+
+
+def _grad_inputs():
+    return [t.detach().requires_grad_() for t in _inputs(70, 70, 4, 2, torch.float32)]
+
+
+def test_auto_measures_once_then_uses_memory_then_disk(fresh_cache, caplog):
+    mask = masks.document(torch.sort(torch.randint(0, 3, (B, 70)), dim=1).values)
+    q, k, v = _grad_inputs()
+    with caplog.at_level(logging.INFO, logger="nanollama.kernels.attention"):
+        out = attention(q, k, v, mask=mask)
+    torch.testing.assert_close(out.double(), ref64(q, k, v, mask), **TOL[torch.float32])
+    assert attention_select.STATS["measured"] == 1
+    assert "attention auto: document|q128|kv128|d16|g2|float32|fwd+bwd ->" in caplog.text
+    files = list(fresh_cache.glob("attention-*.json"))
+    assert len(files) == 1 and "torch" in files[0].name
+    data = json.loads(files[0].read_text())
+    entry = data["choices"]["document|q128|kv128|d16|g2|float32|fwd+bwd"]
+    # on the CPU with gradients, flex is never a candidate
+    assert entry["backend"] in ("sdpa", "reference") and set(entry["ms"]) == {"sdpa", "reference"}
+    assert data["torch"] == torch.__version__
+
+    attention(q, k, v, mask=mask)  # same key (another layer): memory
+    q2, k2, v2 = [t.detach()[:, :, :65].requires_grad_() for t in _grad_inputs()]  # same bucket
+    attention(q2, k2, v2, mask=masks.document(torch.zeros(B, 65, dtype=torch.long)))
+    assert attention_select.STATS["measured"] == 1 and attention_select.STATS["memory_hits"] == 2
+
+    attention_select.clear_memory_cache()  # a new process: the file answers
+    attention(q, k, v, mask=mask)
+    assert attention_select.STATS["measured"] == 1 and attention_select.STATS["disk_hits"] == 1
+
+    with torch.no_grad():  # forward-only is another key
+        attention(q, k, v, mask=mask)
+    assert attention_select.STATS["measured"] == 2
+    assert len(json.loads(files[0].read_text())["choices"]) == 2
+
+
+def test_auto_follows_the_cached_choice(fresh_cache, monkeypatch):
+    q, k, v = _grad_inputs()
+    mask = masks.causal()
+    key = attention_select.selection_key(q, k, mask, grad=True)
+    path = attention_select.cache_file(q.device)
+    path.write_text(json.dumps({"choices": {key: {"backend": "reference", "ms": {}}}}))
+    assert attention_select.choose_backend(q, k, v, mask, None) == "reference"
+    assert attention_select.STATS["measured"] == 0
+    # an entry naming a backend that cannot run here is ignored and measured again
+    attention_select.clear_memory_cache()
+    path.write_text(json.dumps({"choices": {key: {"backend": "flex", "ms": {}}}}))
+    assert attention_select.choose_backend(q, k, v, mask, None) in ("sdpa", "reference")
+    assert attention_select.STATS["measured"] == 1
+    # a corrupt file is measured over, never a crash
+    attention_select.clear_memory_cache()
+    path.write_text("{not json")
+    assert attention_select.choose_backend(q, k, v, mask, None) in ("sdpa", "reference")
+    assert json.loads(path.read_text())["choices"][key]["backend"] in ("sdpa", "reference")
+
+
+def test_override_and_cache_dir(fresh_cache, monkeypatch):
+    q, k, v = _grad_inputs()
+    monkeypatch.setenv("NANOLLAMA_ATTENTION", "reference")
+    assert attention_select.choose_backend(q, k, v, masks.causal(), None) == "reference"
+    monkeypatch.setenv("NANOLLAMA_ATTENTION", "flex")
+    with pytest.raises(RuntimeError, match="NANOLLAMA_ATTENTION=flex cannot run this call: flex has no backward"):
+        attention(q, k, v, mask=masks.causal())
+    with torch.no_grad():  # forward-only flex on the CPU is allowed when forced
+        assert attention_select.choose_backend(q, k, v, masks.causal(), None) == "flex"
+    monkeypatch.setenv("NANOLLAMA_ATTENTION", "fastest")
+    with pytest.raises(ValueError, match="NANOLLAMA_ATTENTION must be one of auto, flex"):
+        attention(q, k, v)
+    assert attention_select.STATS["measured"] == 0 and not list(fresh_cache.iterdir())
+
+    monkeypatch.delenv("NANOLLAMA_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(fresh_cache / "xdg"))
+    assert attention_select.cache_dir() == fresh_cache / "xdg" / "nanollama"
+
+
+# -- GPU: compiled flex forward and backward in bf16, flash, auto ---------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "mask_name,Sq,Skv,Hq,Hk",  # each mask compiles flex once (fwd and bwd): few shapes
+    [(name, 129, 129, 4, 2) for name in ("causal", "prefix_lm", "document", "sliding_window", "causal&padding")]
+    + [("document", 70, 129, 4, 1), ("causal&padding", 256, 256, 2, 2)],
+)
+def test_gpu_flex_compiled_bf16(mask_name, Sq, Skv, Hq, Hk):
+    _check("flex", Sq, Skv, Hq, Hk, mask_name, torch.bfloat16, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["sdpa", "reference", "flash"])
+@pytest.mark.parametrize("mask_name", ["none", "causal", "sliding_window", "document", "causal&padding"])
+def test_gpu_other_backends_bf16(backend, mask_name):
+    if backend == "flash" and not flash_available():
+        pytest.skip("flash-attn is not installed")
+    if backend == "flash" and mask_name in ("document", "causal&padding"):
+        pytest.skip("flash-attn has no such mask")
+    _check(backend, 256, 256, 4, 2, mask_name, torch.bfloat16, device="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_auto_picks_and_caches(fresh_cache):
+    q, k, v = (t.detach().requires_grad_() for t in _inputs(1024, 1024, 4, 2, torch.bfloat16, device="cuda"))
+    mask = masks.prefix_lm(torch.tensor([256, 700], device="cuda"))
+    out = attention(q, k, v, mask=mask)
+    out.float().sum().backward()
+    assert attention_select.STATS["measured"] == 1 and torch.isfinite(q.grad).all()
+    entry = next(iter(json.loads(next(fresh_cache.glob("*.json")).read_text())["choices"].values()))
+    assert "flex" in entry["ms"] and "sdpa" in entry["ms"]

@@ -1,0 +1,161 @@
+"""Masks: dense form against loop definitions written from the spec, block masks against torch's own
+create_block_mask, caching (built once per batch, shared by layers), and argument errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.attention.flex_attention import create_block_mask, create_mask
+
+from nanollama.kernels import block_masks, masks
+
+B = 3
+SHAPES = [(70, 70), (129, 129), (70, 129), (129, 70)]  # (Sq, Skv): odd, Sq < Skv (decode), Sq > Skv
+
+
+def _loop_dense(rule, batch: int, q_len: int, kv_len: int) -> torch.Tensor:
+    """The mask by its definition, one (b, i, j) at a time; i is the query's absolute position."""
+    offset = kv_len - q_len  # queries are the last Sq positions
+    rows = [[[rule(b, qi + offset, j) for j in range(kv_len)] for qi in range(q_len)] for b in range(batch)]
+    return torch.tensor(rows, dtype=torch.bool)
+
+
+def _cases(kv_len: int):
+    """(mask, rule) pairs; fresh random per-sequence tensors, including a fully masked sequence."""
+    g = torch.Generator().manual_seed(kv_len)
+    prefix = torch.randint(0, kv_len, (B,), generator=g)
+    ids = torch.sort(torch.randint(0, 5, (B, kv_len), generator=g), dim=1).values
+    lengths = torch.tensor([0, kv_len // 3, kv_len])  # length 0: every row of sequence 0 is fully masked
+    window = 9
+    prefix_l, ids_l, lengths_l = prefix.tolist(), ids.tolist(), lengths.tolist()  # plain ints: fast loops
+    causal = lambda b, i, j: j <= i
+    prefix_rule = lambda b, i, j: j <= i or j < prefix_l[b]
+    doc_rule = lambda b, i, j: j <= i and i >= 0 and ids_l[b][i] == ids_l[b][j]
+    window_rule = lambda b, i, j: j <= i and i - j < window
+    pad_rule = lambda b, i, j: j < lengths_l[b]
+    return {
+        "causal": (masks.causal(), causal),
+        "prefix_lm": (masks.prefix_lm(prefix), prefix_rule),
+        "document": (masks.document(ids), doc_rule),
+        "sliding_window": (masks.sliding_window(window), window_rule),
+        "padding": (masks.padding(lengths), pad_rule),
+        "causal&padding": (
+            masks.causal() & masks.padding(lengths),
+            lambda b, i, j: causal(b, i, j) and pad_rule(b, i, j),
+        ),
+        "document&sliding": (
+            masks.document(ids) & masks.sliding_window(window),
+            lambda b, i, j: doc_rule(b, i, j) and window_rule(b, i, j),
+        ),
+        "sliding|prefix": (
+            masks.sliding_window(window) | masks.prefix_lm(prefix),
+            lambda b, i, j: window_rule(b, i, j) or prefix_rule(b, i, j),
+        ),
+        "(prefix|sliding)&padding": (
+            (masks.prefix_lm(prefix) | masks.sliding_window(window)) & masks.padding(lengths),
+            lambda b, i, j: (prefix_rule(b, i, j) or window_rule(b, i, j)) and pad_rule(b, i, j),
+        ),
+    }
+
+
+@pytest.mark.parametrize("q_len,kv_len", SHAPES)
+def test_dense_matches_definition(q_len, kv_len):
+    for name, (mask, rule) in _cases(kv_len).items():
+        expected = _loop_dense(rule, B, q_len, kv_len)
+        got = mask.dense(B, q_len, kv_len)
+        assert got.shape == (B, q_len, kv_len) and got.dtype == torch.bool, name
+        assert torch.equal(got, expected), f"{name} at Sq={q_len}, Skv={kv_len}"
+
+
+@pytest.mark.parametrize("q_len,kv_len", [(256, 256), (129, 129), (70, 129), (300, 257)])
+def test_block_mask_matches_torch(q_len, kv_len, monkeypatch):
+    # a tiny chunk forces the builder through several query-block chunks; 256 fills its blocks exactly
+    monkeypatch.setattr(block_masks, "_CHUNK_ELEMENTS", 1)
+    for name, (mask, _) in _cases(kv_len).items():
+        ours = mask.block_mask(B, q_len, kv_len)
+        theirs = create_block_mask(mask.mask_mod_for(q_len, kv_len), B, None, q_len, kv_len, device="cpu")
+        assert ours.seq_lengths == (q_len, kv_len), name
+        assert torch.equal(ours.to_dense().expand_as(theirs.to_dense()), theirs.to_dense()), name
+        nb = ours.full_kv_num_blocks.expand_as(theirs.full_kv_num_blocks)
+        assert torch.equal(nb, theirs.full_kv_num_blocks), f"{name}: full blocks differ"
+        # and the mask_mod itself agrees with the dense form, through torch's own evaluator
+        dense = create_mask(mask.mask_mod_for(q_len, kv_len), B, 1, q_len, kv_len, device="cpu")[:, 0]
+        assert torch.equal(dense, mask.dense(B, q_len, kv_len)), name
+
+
+def test_block_mask_is_sparse_where_it_should_be():
+    S = 1024
+    causal = masks.causal().block_mask(1, S, S)
+    # 8x8 tiles: 8 diagonal partial tiles, 28 full tiles below, none above
+    assert int(causal.kv_num_blocks.sum()) == 8 and int(causal.full_kv_num_blocks.sum()) == 28
+    window = masks.sliding_window(128).block_mask(1, S, S)
+    assert int(window.kv_num_blocks.sum() + window.full_kv_num_blocks.sum()) == 8 + 7  # diagonal + one below
+
+
+def test_built_once_and_shared(monkeypatch):
+    calls = []
+    real = block_masks.build_block_mask
+    monkeypatch.setattr(block_masks, "build_block_mask", lambda *a: calls.append(a) or real(*a))
+    mask = masks.document(torch.zeros(2, 200, dtype=torch.long))
+    first = mask.block_mask(2, 200, 200)
+    for _ in range(5):  # every layer of the model asks again
+        assert mask.block_mask(2, 200, 200) is first
+    assert mask.dense(2, 200, 200).data_ptr() == mask.dense(2, 200, 200).data_ptr()
+    assert len(calls) == 1
+    # tensor-free masks share a module-wide cache: a fresh causal() per layer costs nothing
+    shape = (1, 333, 333)
+    assert masks.causal().block_mask(*shape) is masks.causal().block_mask(*shape)
+    assert masks.sliding_window(5).block_mask(*shape) is not masks.sliding_window(6).block_mask(*shape)
+    assert len(calls) == 4  # the document mask, causal, and the two windows
+
+
+def test_shared_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(masks, "_STATIC_CACHE_BYTES", 3 * 100 * 100)  # three 100 x 100 dense masks
+    for n in range(100, 106):
+        masks.causal().dense(1, n, n)
+    dense_keys = [key for key in masks._STATIC_CACHE if key[1] == "dense"]
+    assert len(dense_keys) <= 3 and dense_keys[-1][3] == 105  # the newest stays
+    assert masks._nbytes(masks.causal().dense(4, 100, 100)) == 100 * 100  # expanded over B: stored once
+
+
+def test_kinds_and_flags():
+    p, ids = torch.tensor([1, 2]), torch.zeros(2, 8, dtype=torch.long)
+    combined = masks.causal() & masks.padding(p) & masks.document(ids)
+    assert combined.kind == "(causal&padding&document)" and len(combined.parts) == 3
+    assert (masks.causal() | masks.prefix_lm(p)).kind == "(causal|prefix_lm)"
+    assert masks.causal().is_causal and not combined.is_causal and not masks.sliding_window(3).is_causal
+    assert combined.per_batch and not (masks.causal() & masks.sliding_window(3)).per_batch
+    assert masks.causal().density(1, 4, 4) == pytest.approx(10 / 16)
+
+
+def test_mask_mod_works_inside_flex_vmap():
+    # flex evaluates mask_mod on scalar index tensors: the same closure must work there
+    prefix = torch.tensor([3, 0])
+    mod = masks.prefix_lm(prefix).mask_mod
+    b, h = torch.tensor(0), torch.tensor(0)
+    assert bool(mod(b, h, torch.tensor(1), torch.tensor(2)))  # inside the prompt
+    assert not bool(mod(torch.tensor(1), h, torch.tensor(1), torch.tensor(2)))  # no prompt: causal
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda: masks.sliding_window(0), "sliding_window: window must be a positive int"),
+        (lambda: masks.sliding_window(2.5), "sliding_window: window"),
+        (lambda: masks.prefix_lm(torch.tensor([[1]])), "prefix_lm: prefix_lengths must be a 1-D integer tensor"),
+        (lambda: masks.prefix_lm(torch.tensor([1.0])), "prefix_lm: prefix_lengths"),
+        (lambda: masks.document(torch.zeros(4, dtype=torch.long)), "document: document_ids must be a 2-D integer"),
+        (lambda: masks.padding([1, 2]), "padding: lengths must be a 1-D integer tensor"),
+        (lambda: masks.prefix_lm(torch.tensor([1, 2])).dense(3, 4, 4), "prefix_lm: holds 2 sequences"),
+        (
+            lambda: masks.document(torch.zeros(2, 5, dtype=torch.long)).dense(2, 4, 4),
+            "document: document_ids has length 5",
+        ),
+        (lambda: masks.padding(torch.tensor([1])).block_mask(2, 4, 4), "padding: holds 1 sequences"),
+    ],
+)
+def test_errors_name_the_argument(make, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        make()
+    with pytest.raises(TypeError):
+        masks.causal() & "causal"
