@@ -28,6 +28,9 @@ def run(tmp_path_factory) -> tuple[Path, object, dict]:
 
 def test_one_row_per_length_and_scaling_with_exact_bayes_and_excess(run):
     _, cfg, state = run
+    # 5 training steps leave attention nearly uniform, so positions barely matter; larger weights
+    # make the attention sharp and each RoPE table visible in the loss.
+    state = {k: v * 4 if v.dim() >= 2 else v for k, v in state.items()}
     rows = ev.evaluate_lengths(cfg, state, [12, 40], SCALINGS, sequences=4, batch_size=3)
     assert [(r["length"], r["scaling"]) for r in rows] == [(n, s) for n in (12, 40) for s in SCALINGS]
     for length in (12, 40):
@@ -47,7 +50,8 @@ def test_one_row_per_length_and_scaling_with_exact_bayes_and_excess(run):
     assert all(math.isnan(r["excess_beyond"]) for r in short)
     long = {r["scaling"]: r for r in rows if r["length"] == 40}
     assert all(math.isfinite(r["excess_beyond"]) for r in long.values())
-    assert len({round(r["loss"], 7) for r in long.values()}) == 4  # each scaling changes the long-range loss
+    losses = sorted(r["loss"] for r in long.values())
+    assert min(b - a for a, b in zip(losses, losses[1:])) > 1e-5  # each scaling changes the long-range loss
 
 
 def test_the_unscaled_loss_is_the_models_next_token_cross_entropy(run):
