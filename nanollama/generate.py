@@ -141,11 +141,9 @@ class _CachedBackend:
             self.cache, self.step_fn = KVCache.for_model(model, batch_size, max_len), _decode_logits
 
     def prefill(self, prompts: list[list[int]], device) -> torch.Tensor:
-        self.cache.reset()
         tokens, lengths = _padded(prompts, max(map(len, prompts)), device)
-        logits = self.model(tokens, cache=self.cache)  # (B, S, V)
-        self.cache.start_decode(lengths)
-        return logits[torch.arange(len(prompts), device=device), lengths.long() - 1]  # (B, V) at each last token
+        self.cache.reset(lengths)  # the prefill computes logits at each prompt's last token only
+        return self.model(tokens, cache=self.cache)[:, 0]  # (B, V)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.step_fn(self.model, tokens[:, None], self.cache)

@@ -12,7 +12,8 @@ Two phases, chosen by `KVCache.decoding` (a Python bool, so a compiled decode st
 - prefill: the model reads right-padded prompts (B, S) with plain causal attention (exact for the
   real tokens: none of them sees a padding token) and writes the K/V of all S slots; slots at or
   past a prompt's length hold padding K/V that decode never reads and later overwrites. Then
-  `start_decode(lengths)` sets seqlens to the prompts' lengths.
+  `start_decode(lengths)` sets seqlens to the prompts' lengths, or, after `reset(lengths)`, the
+  prefill does so itself and computes logits only at each prompt's last token.
 - decode: one token per sequence; sequence b's token sits at position seqlens[b] (RoPE and the
   slot it is written to), attends to slots [0, seqlens[b]], and seqlens advances by one.
 """
@@ -61,6 +62,7 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
         self.decoding = False
+        self.prompt_lengths: torch.Tensor | None = None  # set by reset(lengths): see there
         # Static addresses: a CUDA graph replays reads and writes of these very buffers, and
         # torch.compile lets the compiled step mutate them in place without copying them in and out.
         for t in (*self.k, *self.v, self.seqlens):
@@ -85,10 +87,20 @@ class KVCache:
     def dtype(self) -> torch.dtype:
         return self.k[0].dtype
 
-    def reset(self) -> None:
-        """Back to the prefill phase; the old K/V stay in place and are overwritten (never read: seqlens is 0)."""
+    def reset(self, prompt_lengths: torch.Tensor | None = None) -> None:
+        """Back to the prefill phase; the old K/V stay in place and are overwritten (never read: seqlens is 0).
+
+        With the prompts' lengths (B,) the next forward, the prefill, returns only the logits of each
+        prompt's last token, (B, 1, V) rather than (B, S, V) (which for a 128K vocabulary and long
+        prompts is gigabytes), and starts decoding itself. Without them it returns every position's
+        logits and the caller calls start_decode.
+        """
         self.seqlens.zero_()
         self.decoding = False
+        if prompt_lengths is not None:
+            self._check_lengths(prompt_lengths, "reset")
+            prompt_lengths = prompt_lengths.to(self.seqlens.device)
+        self.prompt_lengths = prompt_lengths
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer i's (k, v) caches, each (B, Hk, S_max, D)."""
@@ -101,11 +113,15 @@ class KVCache:
 
     def start_decode(self, lengths: torch.Tensor) -> None:
         """End of prefill: sequence b holds lengths[b] valid tokens (a (B,) integer tensor, any device)."""
-        if lengths.shape != (self.batch_size,):
-            shape = tuple(lengths.shape)
-            raise ValueError(f"KVCache.start_decode: lengths must have shape ({self.batch_size},), got {shape}")
+        self._check_lengths(lengths, "start_decode")
         self.seqlens.copy_(lengths)  # non-blocking for a device tensor; a host tensor is copied in
         self.decoding = True
+        self.prompt_lengths = None
+
+    def _check_lengths(self, lengths: torch.Tensor, where: str) -> None:
+        if not isinstance(lengths, torch.Tensor) or lengths.shape != (self.batch_size,):
+            shape = tuple(getattr(lengths, "shape", ()))
+            raise ValueError(f"KVCache.{where}: lengths must be a ({self.batch_size},) tensor, got shape {shape}")
 
     # ------------------------------------------------------------------ used by the model's forward
 
@@ -122,10 +138,19 @@ class KVCache:
         pos = self.seqlens.clamp(max=self.max_len - 1)  # (B,) int32: the slot the new token goes to
         return DecodeStep(positions=pos.long()[:, None], lengths=pos + 1)
 
-    def end_step(self, step: DecodeStep | None) -> None:
-        """Called after the last layer: a decode step advances every sequence by its one token."""
+    def end_step(self, step: DecodeStep | None, h: torch.Tensor) -> torch.Tensor:
+        """Called after the last layer with its output h (B, S, dim); returns the rows the logits are wanted for.
+
+        Decode: every sequence advances by its one token. A prefill after reset(prompt_lengths):
+        each prompt's last token only, (B, 1, dim), and the cache switches to decoding.
+        """
         if step is not None:
             self.seqlens.copy_(step.lengths)
+        elif self.prompt_lengths is not None:
+            lengths = self.prompt_lengths
+            h = h[torch.arange(h.shape[0], device=h.device), lengths.long() - 1][:, None]  # (B, 1, dim)
+            self.start_decode(lengths)
+        return h
 
     def for_layer(self, i: int, step: DecodeStep | None) -> LayerCache:
         return LayerCache(self, i, step)

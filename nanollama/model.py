@@ -207,7 +207,7 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # (B, S, dim)
         for i, layer in enumerate(self.layers):
             h = layer(h, self.rope_cos, self.rope_sin, mask, None, cache.for_layer(i, step))
-        cache.end_step(step)
+        h = cache.end_step(step, h)  # a prefill may keep only each prompt's last token
         return self.output(self.norm(h)).float()
 
     def num_params(self, embeddings: bool = True) -> int:

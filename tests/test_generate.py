@@ -84,6 +84,14 @@ def test_prefill_plus_decode_logits_equal_full_sequence_logits():
             torch.testing.assert_close(prefill[b, : len(p)], full[: len(p)], rtol=1e-5, atol=1e-5)
             for t in range(6):
                 torch.testing.assert_close(steps[t][b], full[len(p) + t], rtol=1e-5, atol=1e-5)
+        # reset(lengths): the prefill returns each prompt's last-token logits only, and starts decoding
+        cache.reset(torch.tensor(lengths))
+        last = model(padded, cache=cache)
+        assert last.shape == (len(prompts), 1, VOCAB) and cache.decoding
+        assert cache.seqlens.tolist() == lengths
+        torch.testing.assert_close(last[:, 0], prefill[torch.arange(len(prompts)), torch.tensor(lengths) - 1])
+        after = model(torch.tensor([[e[0]] for e in extra]), cache=cache)[:, 0]
+        torch.testing.assert_close(after, steps[0])
 
 
 def test_padding_slots_may_hold_nan_they_are_never_read():
