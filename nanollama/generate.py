@@ -154,7 +154,7 @@ def _decode_logits(model, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
     return model(tokens, cache=cache)[:, -1]
 
 
-# model -> {batch size: (cache, compiled step)}: compiled once per model and batch size.
+# model -> {(batch size, dtype, device, backend): (cache, compiled step)}.
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -166,12 +166,11 @@ def _compiled_for(model, batch_size: int, backend: str):
         # CUDA graphs on a GPU: the step's launches replay as one graph, the cache at fixed addresses.
         mode = "reduce-overhead" if p.device.type == "cuda" and backend == "inductor" else None
         cache = KVCache.for_model(model, batch_size, model.config.max_seq_len)
-
-        # A fresh function object per entry: dynamo keeps its compiled code per code object and guards.
-        def step(model, tokens, cache):
-            return _decode_logits(model, tokens, cache)
-
-        per_model[key] = (cache, torch.compile(step, backend=backend, mode=mode, fullgraph=True))
+        # dynamic=False: each batch size gets its own static graph (dynamo keeps them all on
+        # _decode_logits's code object, up to torch._dynamo.config.recompile_limit of them) rather
+        # than one dynamic-shape graph after the second size.
+        step = torch.compile(_decode_logits, backend=backend, mode=mode, fullgraph=True, dynamic=False)
+        per_model[key] = (cache, step)
     return per_model[key]
 
 
