@@ -26,6 +26,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from nanollama.fileio import fsync_path
+
 # DCP warns on every single-process save and load, which is our normal case without torchrun.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
@@ -143,7 +145,7 @@ class Checkpointer:
             if final.exists():  # re-saving a step, e.g. a relaunch at the end of training
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            _fsync_dir(self.root)
+            fsync_path(self.root)
             prune(self.root, self.keep)
         self.dist.barrier()  # nobody reads `latest` before the rename
 
@@ -175,11 +177,3 @@ class Checkpointer:
                 if entry.name.startswith(".tmp-step_"):
                     shutil.rmtree(entry, ignore_errors=True)
         self.dist.barrier()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

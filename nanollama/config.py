@@ -221,19 +221,22 @@ def _default_as_data(field: dataclasses.Field) -> Any:
 # ----------------------------------------------------------------------------- entry points
 
 
+def read_yaml(path: Path) -> dict:
+    """A YAML file's top-level mapping; ConfigError when missing, unparsable or not a mapping."""
+    if not path.is_file():
+        raise ConfigError("", f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError("", f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{path} must hold a mapping at the top level")
+    return data
+
+
 def load(cls: type[T], path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> T:
     """Defaults -> YAML file at `path` -> `key=value` overrides, validated into a `cls` instance."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError("", f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError("", f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise ConfigError("", f"{path} must hold a mapping at the top level")
+    data = read_yaml(Path(path)) if path is not None else {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:

@@ -26,6 +26,7 @@ from nanollama.data.gssm import GSSM
 from nanollama.data.layout import Batch, lay_out_for, rows_needed
 from nanollama.data.stream import build_train_stream
 from nanollama.evaluate import HeldOut, lm_loss
+from nanollama.fileio import write_atomic
 from nanollama.model import Transformer
 from nanollama.monitor import MetricsFile, hostname, memory_record, rss_bytes
 from nanollama.optim import build_optimizer, lr_at
@@ -248,7 +249,7 @@ class Trainer:
         cfg = self.cfg
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            _write_atomic(self.run_dir / "config.yaml", config.dump(cfg))
+            write_atomic(self.run_dir / "config.yaml", config.dump(cfg))
             _setup_logging(self.run_dir / "train.log")
         self.dist.barrier()
         self.checkpointer.clean_stale()
@@ -349,9 +350,3 @@ def _setup_logging(path: Path) -> None:
     for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(path)):
         handler.setFormatter(fmt)
         log.addHandler(handler)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -25,6 +25,7 @@ import numpy as np
 
 from nanollama.data import seeds
 from nanollama.data.reader import FORMAT, MANIFEST, DataError, token_dtype
+from nanollama.fileio import fsync_path
 
 CHUNK = 1024  # sequences per sample() call; part of the files' definition, recorded in the manifest
 TAGS = {"train": seeds.FILE_TRAIN, "test": seeds.FILE_TEST}
@@ -48,14 +49,6 @@ class Progress:
             pct = 100.0 * self.done / max(self.total, 1)
             print(f"{what} | {pct:5.1f}% of {self.total:,} tokens | {rate:,.0f} tokens/s | eta {eta:.0f}s",
                   file=self.stream, flush=True)  # fmt: skip
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_split(tmp: Path, gssm: Any, split: str, n: int, seq_len: int, seed: int, hidden: bool, progress: Progress):
@@ -94,7 +87,7 @@ def _write_split(tmp: Path, gssm: Any, split: str, n: int, seq_len: int, seed: i
     for array, name in ((tokens, tokens_file), (states, entry.get("hidden", {}).get("file"))):
         if array is not None:
             array.flush()
-            _fsync(tmp / name)
+            fsync_path(tmp / name)
     if split == "test":
         entry["bayes_nll"] = nll_sum / nll_count
     return entry

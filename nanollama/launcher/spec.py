@@ -26,7 +26,7 @@ from typing import Any, Literal
 import yaml
 
 from nanollama import config
-from nanollama.config import ConfigError, check
+from nanollama.config import ConfigError, check, read_yaml
 
 # The run-config schema of the scripts we know; other scripts get their `run` section unchecked.
 SCRIPT_CONFIGS = {"nanollama.train": "nanollama.run_config:TrainConfig"}
@@ -175,7 +175,7 @@ def parse(argv: list[str]) -> Launch:
     base = Path.cwd()
     if "=" not in argv[0]:
         path = Path(argv[0])
-        data = _read_yaml(path)
+        data = read_yaml(path)
         if not {"launcher", "run"} & set(data):
             data = {"launcher": {}, "run": str(path)}  # a plain training config: launch it as is
         else:
@@ -216,7 +216,7 @@ def parse(argv: list[str]) -> Launch:
         raise ConfigError("run", f"no training config: give config=PATH or a run: section\n{USAGE}")
     if isinstance(data["run"], str):
         run_source = str(_find(data["run"], base))
-        data["run"] = _read_yaml(Path(run_source))
+        data["run"] = read_yaml(Path(run_source))
     if not isinstance(data["run"], dict):
         raise ConfigError("run", f"expected a mapping or a path to a YAML file, got {data['run']!r}")
     launcher_data = data["launcher"]
@@ -260,16 +260,4 @@ def _find(path: str, base: Path) -> Path:
         return candidate.resolve()
     if (base / candidate).is_file():
         return (base / candidate).resolve()
-    return candidate  # _read_yaml reports it missing
-
-
-def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError("", f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError("", f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError("", f"{path} must hold a mapping at the top level")
-    return data
+    return candidate  # read_yaml reports it missing
