@@ -34,9 +34,10 @@ if DEVICE.type == "cuda":
     CASES = [(1, (512,), 128), (16, (32, 1024), 128), (64, (32, 512), 64)]  # (B, prompt length range, N)
     ROUNDS = 3
 else:
-    MODEL = dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128)
+    MODEL = dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=512)
     DTYPE = torch.float32
-    CASES = [(1, (32,), 32), (8, (4, 64), 32)]
+    # Prompts long enough that recomputing them is not hidden under the per-step Python overhead.
+    CASES = [(1, (256,), 32), (8, (16, 256), 32)]
     ROUNDS = 3
 
 VARIANTS = ["cache-compile", "cache", "eager-cache", "recompute"]
