@@ -15,9 +15,7 @@ import torch.nn.functional as F
 
 from nanollama.config import ConfigError, check
 from nanollama.kernels import apply_rope, attention, check_rope_scaling, masks, rope_frequencies
-from nanollama.kv_cache import KVCache, LayerCache
-
-__all__ = ["KVCache", "Transformer", "TransformerConfig"]
+from nanollama.kv_cache import KVCache, LayerCache  # KVCache is also exported here: nanollama.model.KVCache
 
 
 @dataclass
