@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from nanollama.config import ConfigError, check
 from nanollama.kernels import apply_rope, attention, check_rope_scaling, masks, rope_frequencies
+from nanollama.kv_cache import KVCache, LayerCache  # KVCache is also exported here: nanollama.model.KVCache
 
 
 @dataclass
@@ -82,10 +83,13 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, positions=None):
+    def forward(self, x, cos, sin, mask, positions=None, cache: LayerCache | None = None):
         B, S, _ = x.shape
         qkv = self.wqkv(x).view(B, S, self.n_heads + 2 * self.n_kv_heads, self.head_dim)  # (B, S, Hq+2Hk, D)
         q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)  # (B, S, H*, D) views
+        if cache is not None:  # generation: the cache does RoPE, its K/V writes and decode attention
+            out = cache.attend(q, k, v, cos, sin, lambda q, k, v: attention(q, k, v, mask=mask))  # (B, S, Hq, D)
+            return self.wo(out.reshape(B, S, -1))
         q, k = apply_rope(q, k, cos, sin, positions)
         # (B, S, H, D) -> (B, H, S, D), the layout attention kernels want
         out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask=mask)
@@ -113,8 +117,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, mask, positions=None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, positions)
+    def forward(self, x, cos, sin, mask, positions=None, cache: LayerCache | None = None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, positions, cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -171,8 +175,16 @@ class Transformer(nn.Module):
             for name, p in self.named_parameters():
                 p.copy_(self.initial_value(name, seed))
 
-    def forward(self, tokens: torch.Tensor, mask=None, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, S) -> logits (B, S, vocab). mask defaults to causal; positions (B, S) or None."""
+    def forward(
+        self, tokens: torch.Tensor, mask=None, positions: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """tokens (B, S) -> logits (B, S, vocab). mask defaults to causal; positions (B, S) or None.
+
+        cache: generation (see nanollama.kv_cache): a prefill of right-padded prompts, or a decode
+        step of one token per sequence; positions are then the cache's.
+        """
+        if cache is not None:
+            return self._forward_cached(tokens, mask, cache)
         B, S = tokens.shape
         if S > self.config.max_seq_len and positions is None:
             raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.config.max_seq_len}")
@@ -181,6 +193,20 @@ class Transformer(nn.Module):
         for layer in self.layers:
             h = layer(h, self.rope_cos, self.rope_sin, mask, positions)
         return self.output(self.norm(h)).float()  # logits in float32 for a stable cross-entropy
+
+    def _forward_cached(self, tokens: torch.Tensor, mask, cache: KVCache) -> torch.Tensor:
+        B, S = tokens.shape
+        if B != cache.batch_size:
+            raise ValueError(f"tokens batch {B} does not match the KV cache's batch_size={cache.batch_size}")
+        if cache.max_len > self.config.max_seq_len:  # decode positions index the RoPE table
+            raise ValueError(f"KV cache max_len={cache.max_len} exceeds model.max_seq_len={self.config.max_seq_len}")
+        mask = masks.causal() if mask is None else mask
+        step = cache.begin_step(S)
+        h = self.tok_embeddings(tokens)  # (B, S, dim)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, self.rope_cos, self.rope_sin, mask, None, cache.for_layer(i, step))
+        h = cache.end_step(step, h)  # a prefill may keep only each prompt's last token
+        return self.output(self.norm(h)).float()
 
     def num_params(self, embeddings: bool = True) -> int:
         """Parameter count (tied weights once); embeddings=False leaves out the token embedding table."""

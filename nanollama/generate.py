@@ -1,0 +1,338 @@
+"""Batched generation: prompts of different lengths in one batch, one prefill, then KV-cached decode steps.
+
+    python -m nanollama.generate RUN_DIR --prompt "3 17 4" --max-new-tokens 50 [--temperature T]
+        [--top-k K] [--top-p P] [--seed S] [--stop "0 5"] [--device cpu|cuda] [--compile]
+
+prints one line per --prompt: the new tokens. The run's latest checkpoint and its config.yaml are
+loaded. Bad arguments (no checkpoint, tokens outside the vocabulary, ...) exit 2 with one line.
+
+How a batch runs (nanollama.kv_cache has the cache's side):
+- prefill: the prompts right-padded to the longest, plain causal attention (exact for the real
+  tokens, which never see the padding after them), K/V of every slot written to the cache;
+  sequence b's first new token comes from the logits at its last prompt token.
+- decode: one token per sequence per step, at its own position (RoPE and cache slot = its length),
+  attending through decode_attention to its own cache prefix. Shapes never change between steps,
+  so the step compiles once (torch.compile; CUDA graphs with mode="reduce-overhead" on a GPU).
+- a sequence that emits a stop token (kept as its last token) or reaches its budget is finished;
+  the batch keeps its static shape (finished rows compute on and are discarded) and stops when
+  every row is finished, checked every few steps so the host rarely waits on the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from nanollama.kv_cache import KVCache
+
+# Rows are checked for being finished every CHECK_EVERY decode steps: each check waits for the
+# device, and a finished row computing a few extra steps costs less than a sync per step.
+CHECK_EVERY = 8
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """logits (..., V) with the tokens outside top-k, then outside the top-p nucleus, set to -inf.
+
+    top_k keeps the k largest (ties at the k-th value are all kept); top_p keeps the smallest set of
+    most likely tokens whose probability reaches p (a token is kept iff the tokens ranked strictly
+    before it hold less than p), so the most likely token always survives.
+    """
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (..., 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass ranked strictly ahead of each token
+        drop_sorted = before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next tokens (B,) int64 from logits (B, V): argmax at temperature 0, else a draw from
+    softmax(filter_logits(logits / temperature, top_k, top_p)) with `generator`."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+
+def _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens):
+    """Validated (prompts as lists of ints, budgets per prompt, stop tokens); ValueError names the argument."""
+    vocab, max_seq_len = model.config.vocab_size, model.config.max_seq_len
+    if isinstance(prompts, torch.Tensor) or not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError("prompts must be a non-empty list of token lists")
+    checked = []
+    for b, prompt in enumerate(prompts):
+        tokens = prompt.tolist() if isinstance(prompt, torch.Tensor) else prompt
+        if not isinstance(tokens, Sequence) or isinstance(tokens, str) or len(tokens) == 0:
+            raise ValueError(f"prompts[{b}] must be a non-empty list of tokens, got {prompt!r}")
+        for t in tokens:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise ValueError(f"prompts[{b}]: token {t!r} is not in the vocabulary [0, {vocab})")
+        checked.append(list(tokens))
+    budgets = [max_new_tokens] * len(checked) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != len(checked) or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in budgets):
+        raise ValueError(
+            f"max_new_tokens must be an integer >= 0 or one per prompt ({len(checked)}), got {max_new_tokens!r}"
+        )
+    for b, (tokens, n) in enumerate(zip(checked, budgets)):
+        # The last new token is never fed back, so the model reads at most len + n - 1 positions.
+        if len(tokens) + n - 1 > max_seq_len:
+            raise ValueError(
+                f"prompts[{b}]: {len(tokens)} prompt tokens + max_new_tokens {n} - 1 exceeds "
+                f"model.max_seq_len={max_seq_len}"
+            )
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    stops = list(stop_tokens)
+    for t in stops:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+            raise ValueError(f"stop_tokens: token {t!r} is not in the vocabulary [0, {vocab})")
+    return checked, budgets, stops
+
+
+def _padded(prompts: list[list[int]], width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded tokens (B, width) int64 (padding 0) and lengths (B,) int32, on `device`."""
+    tokens = torch.zeros((len(prompts), width), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        tokens[b, : len(p)] = torch.tensor(p)
+    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int32)
+    return tokens.to(device), lengths.to(device)
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+class _CachedBackend:
+    """Prefill once, then one cached decode step per token (optionally compiled)."""
+
+    def __init__(self, model, batch_size: int, max_len: int, compile: bool | str):
+        self.model = model
+        if compile:
+            # Stable shapes across calls: the cache spans the model's whole context (decode_attention
+            # reads only each sequence's prefix), and it and the compiled step are kept per model.
+            self.cache, self.step_fn = _compiled_for(model, batch_size, "inductor" if compile is True else compile)
+        else:
+            self.cache, self.step_fn = KVCache.for_model(model, batch_size, max_len), _decode_logits
+
+    def prefill(self, prompts: list[list[int]], device) -> torch.Tensor:
+        tokens, lengths = _padded(prompts, max(map(len, prompts)), device)
+        self.cache.reset(lengths)  # the prefill computes logits at each prompt's last token only
+        return self.model(tokens, cache=self.cache)[:, 0]  # (B, V)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.step_fn(self.model, tokens[:, None], self.cache)
+
+
+def _decode_logits(model, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One decode step: tokens (B, 1) -> next-token logits (B, V); the cache advances by one."""
+    return model(tokens, cache=cache)[:, -1]
+
+
+# model -> {(batch size, dtype, device, backend): (cache, compiled step)}.
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _compiled_for(model, batch_size: int, backend: str):
+    per_model = _COMPILED.setdefault(model, {})
+    p = next(model.parameters())
+    key = (batch_size, p.dtype, p.device, backend)
+    if key not in per_model:
+        # CUDA graphs on a GPU: the step's launches replay as one graph, the cache at fixed addresses.
+        mode = "reduce-overhead" if p.device.type == "cuda" and backend == "inductor" else None
+        cache = KVCache.for_model(model, batch_size, model.config.max_seq_len)
+        # dynamic=False: each batch size gets its own static graph (dynamo keeps them all on
+        # _decode_logits's code object, up to torch._dynamo.config.recompile_limit of them) rather
+        # than one dynamic-shape graph after the second size.
+        step = torch.compile(_decode_logits, backend=backend, mode=mode, fullgraph=True, dynamic=False)
+        per_model[key] = (cache, step)
+    return per_model[key]
+
+
+class _RecomputeBackend:
+    """The naive baseline: the whole sequence (prompt + tokens so far) runs through the model every step."""
+
+    def __init__(self, model, batch_size: int, max_len: int, compile: bool = False):
+        self.model, self.max_len = model, max_len
+
+    def prefill(self, prompts: list[list[int]], device) -> torch.Tensor:
+        self.tokens, self.lengths = _padded(prompts, self.max_len, device)
+        self.rows = torch.arange(len(prompts), device=device)
+        return self._last_logits()
+
+    def _last_logits(self) -> torch.Tensor:
+        width = int(self.lengths.max())  # right padding: exact for every row's real tokens
+        logits = self.model(self.tokens[:, :width])
+        return logits[self.rows, self.lengths.long() - 1]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        # A finished row may run past the buffer: it rewrites the last slot (its output is discarded).
+        slot = self.lengths.long().clamp(max=self.max_len - 1)
+        self.tokens[self.rows, slot] = tokens
+        self.lengths = (slot + 1).to(torch.int32)
+        return self._last_logits()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int | Sequence[int],
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Sequence[int] = (),
+    seed: int | None = None,
+    *,
+    compile: bool | str = False,
+    recompute: bool = False,
+) -> list[list[int]]:
+    """New tokens for each prompt, all prompts in one batch; returns one list per prompt.
+
+    prompts: token lists of any lengths >= 1. max_new_tokens: a budget for all or one per prompt.
+    temperature 0 is greedy (deterministic); otherwise softmax sampling after top_k / top_p
+    filtering, reproducible with `seed` (None: torch's global generator). A prompt's generation ends
+    at its budget or at the first of `stop_tokens`, which is kept as its last token.
+    compile: run the decode step through torch.compile (inductor, with CUDA graphs on a GPU;
+    a string names another torch.compile backend, e.g. "aot_eager"); compiled once per model,
+    batch size and backend. recompute: the no-cache baseline (each step reruns the whole sequence).
+    """
+    prompts, budgets, stops = _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens)
+    device = next(model.parameters()).device
+    B, steps = len(prompts), max(budgets)
+    out: list[list[int]] = [[] for _ in range(B)]
+    if steps == 0:
+        return out
+    max_len = max(len(p) + n - 1 for p, n in zip(prompts, budgets))
+    max_len = max(max_len, max(map(len, prompts)))  # the prefill writes the padded prompts
+    backend = (_RecomputeBackend if recompute else _CachedBackend)(model, B, max_len, compile)
+    generator = None
+    if seed is not None and temperature > 0:
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+    budget_t = torch.tensor(budgets, device=device)
+    stop_t = torch.tensor(stops, dtype=torch.long, device=device)
+    new = torch.empty((B, steps), dtype=torch.long, device=device)  # every step's tokens, on the device
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    logits = backend.prefill(prompts, device)
+    done = steps
+    for t in range(steps):
+        token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+        new[:, t] = token
+        finished |= torch.isin(token, stop_t) | (budget_t <= t + 1)
+        if t + 1 == steps or ((t + 1) % CHECK_EVERY == 0 and bool(finished.all())):
+            done = t + 1
+            break
+        logits = backend.step(token)
+
+    # Cut each row at its budget or just after its first stop token, on the host, once.
+    rows = new[:, :done].tolist()
+    for b, (row, n) in enumerate(zip(rows, budgets)):
+        row = row[:n]
+        for i, token in enumerate(row):
+            if token in stops:
+                row = row[: i + 1]
+                break
+        out[b] = row
+    return out
+
+
+# ----------------------------------------------------------------------------- runs and the CLI
+
+
+class RunError(ValueError):
+    """A run directory that cannot be used (missing config or checkpoint): reported in one line, exit 2."""
+
+
+def load_run(run_dir: str | Path, device: str | torch.device | None = None):
+    """(TrainConfig, Transformer with the latest checkpoint's weights, in eval mode on `device`)."""
+    from nanollama import checkpoint, config
+    from nanollama.model import Transformer
+    from nanollama.run_config import TrainConfig
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"run directory not found: {run_dir}")
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise RunError(f"no config.yaml in {run_dir} (is it a training run directory?)")
+    cfg = config.load(TrainConfig, cfg_path)
+    path = checkpoint.latest(run_dir / "checkpoints")
+    if path is None:
+        raise RunError(f"no complete checkpoint under {run_dir / 'checkpoints'}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError("--device cuda was asked for but no CUDA device is available")
+    model = Transformer(cfg.model)
+    checkpoint.load_model(path, model)  # unsharded weights from the (possibly sharded) checkpoint
+    return cfg, model.to(device).eval()
+
+
+def _tokens(text: str, what: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"{what} must be integers separated by spaces, got {text!r}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from nanollama.config import ConfigError
+
+    parser = argparse.ArgumentParser(prog="python -m nanollama.generate", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", help="a training run directory (config.yaml, checkpoints/)")
+    parser.add_argument("--prompt", action="append", required=True, help='tokens, e.g. "3 17 4"; repeat for a batch')
+    parser.add_argument("--max-new-tokens", type=int, default=50)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", default="", help='stop tokens, e.g. "0 5"')
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on a GPU)")
+    args = parser.parse_args(argv)
+    try:
+        prompts = [_tokens(p, "--prompt") for p in args.prompt]
+        stops = _tokens(args.stop, "--stop")
+        _, model = load_run(args.run_dir, args.device)
+        new = generate(
+            model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p, stops, args.seed,
+            compile=args.compile,
+        )  # fmt: skip
+    except (ValueError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for row in new:
+        print(" ".join(map(str, row)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
