@@ -29,10 +29,6 @@ from nanollama.data.gssm import GSSM
 from nanollama.kernels.rope import SCALING_TYPES
 from nanollama.model import Transformer
 
-# Seed stream of the sequences scored here: key (graph_seed, EVAL_LENGTH, L). Its own tag, so these
-# sequences are none of the trainer's (EVAL) or the data files' (nanollama.data.seeds tags 1-4).
-EVAL_LENGTH = 5
-
 COLUMNS = ("length", "scaling", "loss", "bayes", "excess", "excess_beyond")
 
 
@@ -68,7 +64,7 @@ def evaluate_lengths(
     trained = cfg.data.seq_len
     rows = []
     for length in lengths:
-        seed = seeds.derive_seed(cfg.data.graph_seed, EVAL_LENGTH, length)
+        seed = seeds.derive_seed(cfg.data.graph_seed, seeds.EVAL_LENGTH, length)
         tokens = gssm.sample(sequences, length + 1, seed=seed)  # (N, L + 1)
         bayes = gssm.nll(tokens, seed=seed)[:, 1:].float()  # (N, L): -log p(x_t | x_<t), t = 1..L
         for kind in scalings:

@@ -37,7 +37,7 @@ def test_one_row_per_length_and_scaling_with_exact_bayes_and_excess(run):
         mine = [r for r in rows if r["length"] == length]
         # the same sequences for every scaling: one optimum per length, from GSSM's exact likelihood
         gssm = GSSM(cfg.data.gssm, seed=cfg.data.graph_seed)
-        seed = seeds.derive_seed(cfg.data.graph_seed, ev.EVAL_LENGTH, length)
+        seed = seeds.derive_seed(cfg.data.graph_seed, seeds.EVAL_LENGTH, length)
         tokens = gssm.sample(4, length + 1, seed=seed)
         bayes = gssm.nll(tokens, seed=seed)[:, 1:].mean().item()
         for r in mine:
@@ -58,7 +58,7 @@ def test_the_unscaled_loss_is_the_models_next_token_cross_entropy(run):
     _, cfg, state = run
     (row,) = ev.evaluate_lengths(cfg, state, [20], ["none"], sequences=3, batch_size=2)
     gssm = GSSM(cfg.data.gssm, seed=cfg.data.graph_seed)
-    tokens = gssm.sample(3, 21, seed=seeds.derive_seed(cfg.data.graph_seed, ev.EVAL_LENGTH, 20))
+    tokens = gssm.sample(3, 21, seed=seeds.derive_seed(cfg.data.graph_seed, seeds.EVAL_LENGTH, 20))
     _, model = load_run(run[0], "cpu")
     with torch.no_grad():
         logits = model(tokens[:, :-1])

@@ -13,6 +13,7 @@ ONFLY = 2  # key (seed, ONFLY, global batch index): the on-the-fly training stre
 FILE_TRAIN = 3  # key (seed, FILE_TRAIN, chunk): the train split written to files
 FILE_TEST = 4  # key (seed, FILE_TEST, chunk): the test split written to files
 LAYOUT = 5  # key (seed, LAYOUT, step, micro): prompt and document lengths of a training batch
+EVAL_LENGTH = 6  # key (graph_seed, EVAL_LENGTH, L): the sequences eval_length scores at length L
 
 
 def derive_seed(*key: int) -> int:
