@@ -1,3 +1,4 @@
+import math
 import os
 import shutil
 import signal
@@ -166,3 +167,40 @@ def test_masked_training_learns_and_resumes_exactly(tmp_path, mask):
     shutil.rmtree(checkpoint.step_dir(tmp_path / "resumed" / "checkpoints", 40))
     code, resumed = run(tmp_path, *args, "eval.every=20", name="resumed")
     assert code == 0 and losses(resumed) == losses(full)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains(tmp_path, precision):
+    code, records = run(tmp_path, f"precision={precision}", "steps=30", "optim.lr=1e-2")
+    assert code == 0
+    train = [r["loss"] for r in records if "loss" in r]
+    assert all(map(math.isfinite, train)) and sum(train[-5:]) / 5 < sum(train[:5]) / 5 - 0.2
+
+
+@pytest.mark.parametrize(
+    "setting, tolerance",
+    [
+        ("parallel.activation_checkpointing=full", 1e-6),
+        ("parallel.activation_checkpointing=selective", 1e-6),
+        ("parallel.compile=true", 1e-4),  # inductor may reorder float sums
+    ],
+)
+def test_checkpointing_and_compile_keep_the_losses(tmp_path, monkeypatch, setting, tolerance):
+    monkeypatch.setenv("NANOLLAMA_ATTENTION", "sdpa")  # the same attention backend in both runs
+    _, plain = run(tmp_path, "steps=4", name="plain")
+    _, changed = run(tmp_path, "steps=4", setting, name="changed")
+    a, b = losses(plain), losses(changed)
+    assert sorted(a) == sorted(b) == list(range(1, 5))
+    assert all(abs(a[s] - b[s]) < tolerance for s in a), (a, b)
+
+
+def test_activation_checkpointing_recomputes_in_backward(tmp_path):
+    """Full checkpointing runs each block's forward twice per step (once more in backward)."""
+    cfg = parse([str(DEBUG), *TINY, f"run_dir={tmp_path}", "parallel.activation_checkpointing=full"])
+    trainer = Trainer(cfg)
+    calls = []
+    for block in trainer.model.layers:
+        block.attention.register_forward_pre_hook(lambda *args: calls.append(1))
+    trainer.train_step()
+    assert len(calls) == 2 * cfg.model.n_layers
+    assert trainer.hardware_flops_per_token > trainer.flops_per_token

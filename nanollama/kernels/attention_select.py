@@ -181,23 +181,32 @@ def measure(names: list[str], q, k, v, mask, scale, grad: bool) -> dict[str, flo
     qq, kk, vv = (t.detach().clone().requires_grad_(grad) for t in (q, k, v))
     g = torch.randn_like(q) if grad else None
     results: dict[str, float] = {}
-    for name in names:
-
-        def call(name=name):
-            with torch.set_grad_enabled(grad):
-                out = run_backend(name, qq, kk, vv, mask, scale)
-                if grad:
-                    out.backward(g)
-                    for t in (qq, kk, vv):
-                        t.grad = None
-
-        try:
-            results[name] = time_call(call, q.device, reps)
-        except Exception as e:  # a backend that cannot run here (unsupported, out of memory) loses
-            log.warning("attention auto: backend %s failed while measuring (%s); skipping it", name, e)
-            if q.device.type == "cuda":
-                torch.cuda.empty_cache()
+    # Identity hooks on top of the stack isolate the timing runs from any saved-tensor hooks of the
+    # caller: inside an activation-checkpointed block the checkpoint's own hooks would otherwise
+    # count (and, while recomputing, stop) our throwaway forward passes.
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        for name in names:
+            _time_backend(name, qq, kk, vv, g, mask, scale, grad, reps, results)
     return results
+
+
+def _time_backend(name, qq, kk, vv, g, mask, scale, grad: bool, reps: int, results: dict[str, float]) -> None:
+    """Time one backend into results[name]; a backend that cannot run here is skipped with a warning."""
+
+    def call():
+        with torch.set_grad_enabled(grad):
+            out = run_backend(name, qq, kk, vv, mask, scale)
+            if grad:
+                out.backward(g)
+                for t in (qq, kk, vv):
+                    t.grad = None
+
+    try:
+        results[name] = time_call(call, qq.device, reps)
+    except Exception as e:  # a backend that cannot run here (unsupported, out of memory) loses
+        log.warning("attention auto: backend %s failed while measuring (%s); skipping it", name, e)
+        if qq.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def choose_backend(q, k, v, mask, scale) -> str:

@@ -344,3 +344,20 @@ def test_gpu_auto_picks_and_caches(fresh_cache):
     assert attention_select.STATS["measured"] == 1 and torch.isfinite(q.grad).all()
     entry = next(iter(json.loads(next(fresh_cache.glob("*.json")).read_text())["choices"].values()))
     assert "flex" in entry["ms"] and "sdpa" in entry["ms"]
+
+
+def test_auto_measures_correctly_inside_an_activation_checkpointed_block(fresh_cache):
+    """The first (measuring) call may come from inside torch.utils.checkpoint, forward and recompute."""
+    q, k, v = (t.requires_grad_() for t in _grad_inputs())
+    mask = masks.causal()
+
+    def block(q, k, v):
+        return attention(q, k, v, mask=mask).sin()
+
+    out = torch.utils.checkpoint.checkpoint(block, q, k, v, use_reentrant=False)
+    out.sum().backward()
+    assert attention_select.STATS["measured"] == 1
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    ref64(q2, k2, v2, mask).sin().sum().backward()
+    for got, want in zip((q.grad, k.grad, v.grad), (q2.grad, k2.grad, v2.grad)):
+        torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-4, atol=1e-4)
