@@ -21,6 +21,7 @@ sits at absolute position i + (Skv - Sq).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -42,7 +43,7 @@ def _nbytes(value) -> int:
     return 0  # BlockMasks: a few int32 per tile, negligible
 
 
-class Mask:
+class Mask(ABC):
     """Base class. Subclasses define `kind`, `_mod(q_len, kv_len, tensors)`, `_tensors()` and `check`."""
 
     kind: str = "mask"
@@ -55,15 +56,16 @@ class Mask:
     def _tensors(self) -> tuple[torch.Tensor, ...]:
         return ()
 
+    @abstractmethod
     def _mod(self, q_len: int, kv_len: int, tensors: tuple[torch.Tensor, ...]) -> MaskMod:
-        raise NotImplementedError
+        """The FlexAttention mask_mod (b, h, q_idx, kv_idx) -> bool, closing over `tensors`."""
 
     @property
     def static_key(self) -> tuple | None:
         """A hashable key for masks without tensors (shared cache); None when the mask holds tensors."""
         return None
 
-    def check(self, batch: int, q_len: int, kv_len: int) -> None:
+    def check(self, batch: int, q_len: int, kv_len: int) -> None:  # noqa: B027 (optional: most masks fit any call)
         """Raise a one-line ValueError when this mask cannot describe a (batch, Sq, Skv) call."""
 
     # -- derived API ------------------------------------------------------------------------
