@@ -79,6 +79,7 @@ def prune(root: str | Path, keep: int) -> None:
     for step in complete_steps(root)[:-keep]:
         path = step_dir(root, step)
         if not (path / EVAL_PENDING).exists():
+            (path / MARKER).unlink()  # first: a deletion cut short leaves no "complete" checkpoint
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -142,9 +143,13 @@ class Checkpointer:
                 f.flush()
                 os.fsync(f.fileno())
             final = step_dir(self.root, step)
+            old = None
             if final.exists():  # re-saving a step, e.g. a relaunch at the end of training
-                shutil.rmtree(final)
+                old = self.root / f".tmp-old-step_{step:08d}"
+                os.rename(final, old)  # out of the way first: `final` is never a half-deleted checkpoint
             os.rename(tmp, final)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
             fsync_path(self.root)
             prune(self.root, self.keep)
         self.dist.barrier()  # nobody reads `latest` before the rename

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scaling", default="none,linear,ntk,yarn", help=f"comma-separated: {kinds}")
     parser.add_argument("--sequences", type=int, default=16, help="sequences scored per length")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     args = parser.parse_args(argv)
     try:
         lengths = _ints(args.lengths, "--lengths")

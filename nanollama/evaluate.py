@@ -73,6 +73,10 @@ def evaluate_pending(run_dir: Path) -> list[dict]:
             f"step {record['step']} | eval_loss {record['eval_loss']:.4f} | bayes_loss {record['bayes_loss']:.4f} | "
             f"excess_loss {record['excess_loss']:.4f}"
         )
+    # Evaluated checkpoints beyond checkpoint.keep are no longer protected: apply keep-last-k now,
+    # as the trainer would at its next save (which may never come once training has finished).
+    if records:
+        checkpoint.prune(run_dir / "checkpoints", cfg.checkpoint.keep)
     return records
 
 

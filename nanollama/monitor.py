@@ -25,6 +25,14 @@ def rss_bytes() -> int:
     return 0
 
 
+def _step_of(line: str) -> float:
+    """A record's step; a line cut short by a crash counts as past every step (and is dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 class MetricsFile:
     """Append-only JSON lines, flushed per record so that a crash loses at most the line in flight."""
 
@@ -35,7 +43,7 @@ class MetricsFile:
         """Drop records past `step` (logged after the checkpoint a resumed run restarts from)."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)

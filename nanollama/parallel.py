@@ -91,13 +91,14 @@ def _adopt_slurm_environment() -> None:
     The rendezvous is the first node of the job on a port derived from the job id, unless
     MASTER_ADDR / MASTER_PORT are already set.
     """
-    if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in os.environ:
+    # SLURM_STEP_NUM_TASKS exists inside an srun step only: a batch script of a multi-task job (which
+    # has SLURM_NTASKS too) must not wait for peers that were never started.
+    tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
+    if "RANK" in os.environ or tasks <= 1 or "SLURM_PROCID" not in os.environ:
         return
     import subprocess
 
-    os.environ.update(
-        RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"], LOCAL_RANK=os.environ["SLURM_LOCALID"]
-    )
+    os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=str(tasks), LOCAL_RANK=os.environ["SLURM_LOCALID"])
     if "MASTER_ADDR" not in os.environ:
         nodes = os.environ.get("SLURM_JOB_NODELIST", "localhost")
         hosts = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True).stdout.split()

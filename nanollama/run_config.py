@@ -35,6 +35,7 @@ class DataConfig:
         check(0 < self.prefix_max <= 1, "prefix_max", f"must be in (0, 1], got {self.prefix_max}")
         check(self.doc_min >= 1, "doc_min", f"must be >= 1, got {self.doc_min}")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        check(self.graph_seed >= 0, "graph_seed", f"must be >= 0, got {self.graph_seed}")
         check(self.seq_len >= 1, "seq_len", f"must be >= 1, got {self.seq_len}")
         check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
         check(
@@ -129,6 +130,7 @@ class TrainConfig:
 
     def __post_init__(self):
         check(self.steps >= 0, "steps", f"must be >= 0, got {self.steps}")
+        check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         check(bool(self.run_dir), "run_dir", "must not be empty")
         vocab = self.data.vocab_size
         if self.model.vocab_size is None:

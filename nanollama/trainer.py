@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from nanollama import checkpoint, config, flops, parallel
+from nanollama.checkpoint import step_dir
 from nanollama.data import seeds
 from nanollama.data.gssm import GSSM
 from nanollama.data.layout import Batch, lay_out_for, rows_needed
@@ -113,6 +114,7 @@ class Trainer:
         )
         self.step = 0
         self.metrics = MetricsFile(self.run_dir / "metrics.jsonl")
+        check_relaunch(cfg, self.run_dir)
         self.held_out = HeldOut(cfg, self.gssm)
         name = flops.device_name(self.device)
         self.peak_flops = flops.peak_flops(name, cfg.precision)
@@ -145,7 +147,10 @@ class Trainer:
 
     def train_batch(self, micro: int) -> Batch:
         """The next micro-batch, laid out for the run's mask (random lengths drawn from the step's seed)."""
-        seed = seeds.derive_seed(self.cfg.seed, seeds.LAYOUT, self.step, micro)
+        # Keyed by the global micro-batch index (as the data stream is), so 2 ranks with accumulation A
+        # lay out exactly what 1 rank with 2A does.
+        index = micro * self.dist.world_size + self.dist.rank
+        seed = seeds.derive_seed(self.cfg.seed, seeds.LAYOUT, self.step, index)
         return lay_out_for(self.cfg.data, next(self.stream), seed)
 
     # ------------------------------------------------------------------ steps
@@ -180,6 +185,9 @@ class Trainer:
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # global, over shards
+        if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
+            # (with fp16 the scaler skips such a step and lowers its scale instead)
+            raise NonFiniteLoss(f"the gradient norm became {grad_norm} at step {self.step + 1}")
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -248,7 +256,6 @@ class Trainer:
     def _fit(self) -> int:
         cfg = self.cfg
         if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(self.run_dir / "config.yaml", config.dump(cfg))
             _setup_logging(self.run_dir / "train.log")
         self.dist.barrier()
@@ -286,10 +293,11 @@ class Trainer:
                     clock, steps_timed = time.perf_counter(), 0
                 if (cfg.eval.every and self.step % cfg.eval.every == 0) or self.step == cfg.steps:
                     self.log_eval(self.evaluate())
-                if self.step % cfg.checkpoint.every == 0 or self.step == cfg.steps:
+                saved = self.step % cfg.checkpoint.every == 0 or self.step == cfg.steps
+                if saved:
                     self.save()
-                if self.dist.any(stop.signum is not None):
-                    path = self.save()
+                if self.step < cfg.steps and self.dist.any(stop.signum is not None):
+                    path = step_dir(self.checkpointer.root, self.step) if saved else self.save()
                     self.checkpointer.wait()
                     why = signal.Signals(stop.signum).name if stop.signum else "another rank's signal"
                     self.info(f"stopped by {why} at step {self.step}; checkpoint {path}")
@@ -332,6 +340,34 @@ class Trainer:
             f"eval {self.step:>6}/{self.cfg.steps} | eval_loss {r['eval_loss']:.4f} | "
             f"bayes_loss {r['bayes_loss']:.4f} | excess_loss {r['excess_loss']:.4f}"
         )
+
+
+def check_relaunch(cfg: TrainConfig, run_dir: Path) -> None:
+    """Create run_dir, or check that a relaunch in it continues the same run.
+
+    A relaunch may change steps, the optimizer, logging, evaluation, checkpointing and parallelism,
+    but not the model, the data or the seed: the checkpoint would not fit (and the saved config,
+    which generation and evaluation read, would no longer describe it).
+    """
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise config.ConfigError("run_dir", f"cannot create {run_dir}: {e.strerror}") from None
+    saved_path = run_dir / "config.yaml"
+    if checkpoint.latest(run_dir / "checkpoints") is None or not saved_path.is_file():
+        return
+    saved = config.to_dict(config.load(TrainConfig, saved_path))
+    new = config.to_dict(cfg)
+    for section in ("model", "data"):
+        for key in sorted(set(saved[section]) | set(new[section])):
+            if key != "num_workers" and saved[section].get(key) != new[section].get(key):
+                raise config.ConfigError(
+                    f"{section}.{key}",
+                    f"is {new[section].get(key)!r} but the run in {run_dir} was trained with "
+                    f"{saved[section].get(key)!r}; use a new run_dir to change it",
+                )
+    if saved["seed"] != new["seed"]:
+        raise config.ConfigError("seed", f"is {new['seed']} but the run in {run_dir} used {saved['seed']}")
 
 
 def _seed_everything(seed: int) -> None:

@@ -53,6 +53,8 @@ def test_overrides_of_lists_booleans_and_sections_missing_from_the_file(tmp_path
         ("model.vocab_size=10", "model.vocab_size: is 10 but data.gssm's observed node has state_dim 32"),
         ("data.seq_len=500", "data.seq_len: 500 exceeds model.max_seq_len=128"),
         ("log.every=0", "log.every: must be >= 1, got 0"),
+        ("seed=-1", "seed: must be >= 0, got -1"),
+        ("data.graph_seed=-2", "data.graph_seed: must be >= 0, got -2"),
     ],
 )
 def test_bad_values_name_the_dotted_field(override, expected):

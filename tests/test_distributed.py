@@ -48,9 +48,10 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in MetricsFile(run_dir / "metrics.jsonl").read() if "loss" in r}
 
 
-def test_two_ranks_match_one_rank_with_twice_the_accumulation(tmp_path):
-    two = train(tmp_path / "two", 2, "steps=5", "optim.accum_steps=1")
-    one = train(tmp_path / "one", None, "steps=5", "optim.accum_steps=2")
+@pytest.mark.parametrize("mask", ["causal", "prefix_lm"])
+def test_two_ranks_match_one_rank_with_twice_the_accumulation(tmp_path, mask):
+    two = train(tmp_path / "two", 2, "steps=5", "optim.accum_steps=1", f"data.mask={mask}")
+    one = train(tmp_path / "one", None, "steps=5", "optim.accum_steps=2", f"data.mask={mask}")
     assert two.returncode == 0, two.stdout + two.stderr
     assert one.returncode == 0, one.stdout + one.stderr
     a, b = losses(tmp_path / "two"), losses(tmp_path / "one")

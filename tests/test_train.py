@@ -204,3 +204,39 @@ def test_activation_checkpointing_recomputes_in_backward(tmp_path):
     trainer.train_step()
     assert len(calls) == 2 * cfg.model.n_layers
     assert trainer.hardware_flops_per_token > trainer.flops_per_token
+
+
+def test_a_relaunch_cannot_change_the_model_or_data_of_a_run(tmp_path, capsys):
+    run(tmp_path, "steps=3")
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    for change, field in [("model.dim=64", "model.dim"), ("data.batch_size=4", "data.batch_size"), ("seed=5", "seed")]:
+        code, _ = run(tmp_path, "steps=6", change)
+        assert code == 2
+        assert capsys.readouterr().err.startswith(f"error: {field}: is ")
+    assert (tmp_path / "run" / "config.yaml").read_text() == saved  # the run still describes its checkpoint
+    code, records = run(tmp_path, "steps=6", "optim.lr=5e-4", "data.num_workers=1")  # allowed changes
+    assert code == 0 and sorted(losses(records)) == list(range(1, 7))
+
+
+def test_a_run_dir_that_cannot_be_created_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main([str(DEBUG), *TINY, f"run_dir={tmp_path / 'file' / 'run'}"]) == 2
+    assert capsys.readouterr().err.startswith("error: run_dir: cannot create")
+
+
+def test_a_nonfinite_gradient_never_reaches_a_checkpoint(tmp_path):
+    code, _ = run(tmp_path, "steps=30", "optim.lr=1e30", "optim.warmup=0", "optim.grad_clip=0", "checkpoint.every=1")
+    assert code == EXIT_NONFINITE
+    ckpts = tmp_path / "run" / "checkpoints"
+    model = Transformer(parse([str(tmp_path / "run" / "config.yaml")]).model)
+    for step in checkpoint.complete_steps(ckpts):
+        checkpoint.load_model(checkpoint.step_dir(ckpts, step), model)
+        assert all(torch.isfinite(p).all() for p in model.parameters()), step
+
+
+def test_a_metrics_line_cut_by_a_crash_does_not_stop_the_resume(tmp_path):
+    run(tmp_path, "steps=4", "checkpoint.every=2")
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')
+    code, records = run(tmp_path, "steps=6", "checkpoint.every=2")
+    assert code == 0 and sorted(losses(records)) == list(range(1, 7))
