@@ -33,7 +33,7 @@ def prepare(launch: Launch, dry_run: bool = False, python: str = sys.executable)
     log_dir = Path(cfg.log_dir).expanduser().resolve()
     cfg.log_dir = str(log_dir)  # launcher.yaml records where it really went
     tasks = grid.resolve(launch.run, cfg.grid, launch.run_class, log_dir)
-    layout.prepare(log_dir, cfg.overwrite)
+    layout.prepare(log_dir, cfg.overwrite, dry_run)
     text = scripts.render(cfg, len(tasks), log_dir, python)
     script = layout.write(launch, tasks, log_dir, text)
     command = ["sbatch", "--parsable", str(script)] if cfg.launcher == "slurm" else ["bash", str(script)]

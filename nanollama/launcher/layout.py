@@ -27,13 +27,18 @@ from nanollama.launcher.spec import Launch
 
 # What marks a directory as ours, so `overwrite` never deletes anything else.
 MARKERS = ("launcher.yaml", "run.sh")
+# Left by --dry-run: such a directory ran nothing, so the real launch may replace it without `overwrite`.
+DRY_RUN = "DRY_RUN"
 _IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".pytest_cache")
 
 
-def prepare(log_dir: Path, overwrite: bool) -> None:
-    """Create an empty log directory; an existing one is refused unless `overwrite` (and it is a launcher's)."""
+def prepare(log_dir: Path, overwrite: bool, dry_run: bool = False) -> None:
+    """Create an empty log directory; an existing one is refused unless `overwrite` (and it is a launcher's).
+
+    A directory left by a dry run is replaced without `overwrite`: nothing ran in it.
+    """
     if log_dir.exists() and any(log_dir.iterdir()):
-        if not overwrite:
+        if not overwrite and not (log_dir / DRY_RUN).exists():
             raise ConfigError(
                 "launcher.log_dir",
                 f"{log_dir} already exists; pass overwrite=true to replace it, or choose another name/log_dir",
@@ -44,6 +49,8 @@ def prepare(log_dir: Path, overwrite: bool) -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     for sub in ("tasks", "stdout", "runs", "code"):
         (log_dir / sub).mkdir()
+    if dry_run:
+        (log_dir / DRY_RUN).write_text("written by --dry-run: the next real launch replaces this directory\n")
 
 
 def source_roots(script: str) -> list[Path]:

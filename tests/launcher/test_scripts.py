@@ -229,6 +229,7 @@ def test_tasks_run_the_code_snapshot_not_later_edits(fake_pkg, tmp_path):
 
 def test_existing_log_dir_is_refused_unless_overwrite(fake_pkg, tmp_path):
     p = _prepare_fake(tmp_path, "bash", steps=1, sleep=0.0)
+    (p.log_dir / "DRY_RUN").unlink()  # as if it had really run
     (p.log_dir / "stdout" / "0.out").write_text("old")
     with pytest.raises(config.ConfigError, match="already exists"):
         _prepare_fake(tmp_path, "bash", steps=1, sleep=0.0)
@@ -282,3 +283,11 @@ def test_cli_dry_run_writes_the_layout_and_prints_the_command(tmp_path):
     assert (log_dir / "stdout").is_dir() and (log_dir / "runs").is_dir()
     resolved = yaml.safe_load((log_dir / "launcher.yaml").read_text())
     assert resolved["launcher"]["log_dir"] == str(log_dir) and resolved["run"]["steps"] == 5
+    # the launch that follows a dry run replaces its directory without overwrite=true ...
+    res = launcher_cli(f"config={DEBUG}", f"log_dir={log_dir}", "grid.seed=[3]", "steps=5", "--dry-run")
+    assert res.returncode == 0, res.stderr
+    assert not (log_dir / "tasks" / "1.yaml").exists()
+    # ... but a directory a real launch wrote is kept unless asked
+    (log_dir / "DRY_RUN").unlink()
+    res = launcher_cli(f"config={DEBUG}", f"log_dir={log_dir}", "grid.seed=[3]", "steps=5", "--dry-run")
+    assert res.returncode == 2 and "already exists" in res.stderr
