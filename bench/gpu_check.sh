@@ -50,4 +50,8 @@ for b in json.load(open(sys.argv[1]))["benchmarks"]:
     mem = e.get("call_mem_bytes", 0) / 2**20
     print(f"{b['name'][:70]:70s} {b['stats']['median'] * 1e6:10.1f} us {rate} frac {frac} mem+{mem:.0f}MiB")
 PYEOF
+
+# The issues' targets, PASS/MISS, last of all (targets.md beside bench.json).
+echo "== targets"
+"$PY" bench/targets.py "$OUT_DIR/bench.json" --md "$OUT_DIR/targets.md" || status=1
 exit $status

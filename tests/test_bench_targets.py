@@ -1,0 +1,126 @@
+"""bench/targets.py turns one benchmark JSON into the issues' target verdicts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import targets  # noqa: E402
+
+
+def bench(test: str, median: float, **params) -> dict:
+    extra = params.pop("extra", {})
+    return {"name": f"{test}[x]", "params": params, "stats": {"median": median}, "extra_info": extra}
+
+
+def verdicts(rows) -> dict[tuple[str, str], str]:
+    return {(r.target, r.case): (r.verdict, None if r.value is None else round(r.value, 3)) for r in rows}
+
+
+def test_rope_targets_compare_triton_with_eager_of_the_same_shape():
+    shape, small = [8, 2048, 32, 8, 128], [2, 256, 8, 2, 64]
+    rows = targets.rope_rows(
+        [
+            bench("test_rope_forward_backward", 1.0, shape=shape, variant="eager", extra={"call_mem_bytes": 100}),
+            bench(
+                "test_rope_forward_backward",
+                0.2,
+                shape=shape,
+                variant="triton",
+                extra={"call_mem_bytes": 60, "frac_peak_bw": 0.8},
+            ),
+            bench("test_rope_forward_backward", 1.0, shape=small, variant="eager"),  # below 2K: no target
+            bench("test_rope_forward", 0.1, shape=shape, variant="triton"),  # forward only: no target
+        ]
+    )
+    case = "B8 S2048 Hq32 Hk8 D128"
+    assert verdicts(rows) == {
+        ("rope fwd+bwd speed-up over eager", case): ("PASS", 5.0),
+        ("rope fwd+bwd fraction of HBM peak", case): ("PASS", 0.8),
+        ("rope fwd+bwd memory / eager's", case): ("MISS", 0.6),
+    }
+
+
+def test_attention_targets():
+    rows = targets.attention_rows(
+        [
+            bench("test_attention", 3.0, passes="fwd", mask_name="document", S=8192, variant="sdpa-dense"),
+            bench("test_attention", 2.0, passes="fwd", mask_name="document", S=8192, variant="flex"),
+            bench("test_attention", 1.0, passes="fwd", mask_name="document", S=1024, variant="flex"),  # not 8K
+            bench(
+                "test_attention",
+                1.0,
+                passes="fwd",
+                mask_name="causal",
+                S=1024,
+                variant="flex",
+                extra={"tflop_per_s": 90},
+            ),
+            bench(
+                "test_attention",
+                1.0,
+                passes="fwd",
+                mask_name="causal",
+                S=1024,
+                variant="sdpa-causal",
+                extra={"tflop_per_s": 100},
+            ),
+            bench("test_block_mask_build", 1.0, mask_name="causal", S=1024, extra={"frac_of_step_L12": 0.001}),
+        ]
+    )
+    assert verdicts(rows) == {
+        ("flex speed-up over SDPA dense mask", "document fwd S8192"): ("MISS", 1.5),
+        ("flex causal / SDPA causal TFLOP/s", "causal fwd S1024"): ("PASS", 0.9),
+        ("block-mask build / 12-layer step", "causal S1024"): ("PASS", 0.001),
+    }
+
+
+def test_decode_targets_and_a_missing_variant():
+    def dec(median, case, variant, **extra):
+        return bench("test_decode_attention", median, case=case, variant=variant, extra=extra)
+
+    rows = targets.decode_rows(
+        [
+            dec(1.0, [8, 8192, "full"], "triton", frac_peak_bw=0.72, gb_per_s=100.0),
+            dec(0.1, [8, 8192, "ragged"], "triton", frac_peak_bw=0.5, gb_per_s=60.0),
+            dec(2.0, [8, 8192, "ragged"], "eager"),
+            dec(1.0, [4, 1024, "skew"], "eager"),  # triton missing (CPU run): not measured
+        ]
+    )
+    assert verdicts(rows) == {
+        ("decode fraction of HBM peak", "B8 S8192 full"): ("PASS", 0.72),
+        ("decode fraction of HBM peak", "B8 S8192 ragged"): ("MISS", 0.5),
+        ("decode speed-up over eager SDPA", "B8 S8192 ragged"): ("PASS", 20.0),
+        ("decode GB/s vs the full batch", "B8 S8192 ragged"): ("MISS", 0.6),
+        ("decode speed-up over eager SDPA", "B4 S1024 skew"): ("-", None),
+    }
+
+
+def test_cli_writes_markdown_and_rejects_other_files(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    path.write_text(
+        json.dumps(
+            {
+                "benchmarks": [
+                    bench(
+                        "test_block_mask_build",
+                        1.0,
+                        mask_name="causal",
+                        S=64,
+                        extra={"frac_of_step_L12": 0.5, "device": "cpu"},
+                    )
+                ]
+            }
+        )
+    )
+    assert targets.main([str(path), "--md", str(tmp_path / "t.md")]) == 0
+    assert "0 pass, 1 miss, 0 not measured" in capsys.readouterr().out
+    assert (
+        "| 5 | block-mask build / 12-layer step | causal S64 | 0.500 | < 0.02 | MISS |"
+        in (tmp_path / "t.md").read_text()
+    )
+    path.write_text("[]")
+    assert targets.main([str(path)]) == 2
+    assert "not a pytest-benchmark JSON file" in capsys.readouterr().err
