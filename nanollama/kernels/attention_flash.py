@@ -123,7 +123,8 @@ def _document_plan(ids: torch.Tensor, device: torch.device) -> _Plan:
     sorted_ids, order = torch.sort(ids, dim=1, stable=True)  # stable: each document keeps its token order
     rows = None
     if (ids[:, 1:] != ids[:, :-1]).sum() != (sorted_ids[:, 1:] != sorted_ids[:, :-1]).sum():
-        # more runs than documents: some id recurs after another one, so pack the sorted tokens
+        # more runs than documents (each row has at least as many, so the totals tell): some id
+        # recurs after another one, so pack the sorted tokens
         ids = sorted_ids
         rows = (order + torch.arange(B)[:, None] * S).flatten()  # (B * S,) flat token rows
     starts = torch.ones(B, S, dtype=torch.bool)
@@ -163,7 +164,8 @@ def _plan(spec: _Spec, batch: int, q_len: int, kv_len: int, device: torch.device
 
 
 def _mask_reason(q: torch.Tensor, k: torch.Tensor, mask: Mask | None) -> str | None:
-    """Why flash-attn cannot express `mask` for this call exactly (None: it can). Device-independent."""
+    """Why flash-attn cannot express `mask` for this call exactly (None: it can); no device checks, so
+    the tests drive it, and `_run`, on the CPU with a fake flash_attn."""
     spec = _spec(mask)
     if isinstance(spec, str):
         return spec
@@ -240,7 +242,7 @@ def _run(q, k, v, mask: Mask | None, scale: float | None) -> torch.Tensor:
     )  # (packed queries, Hq, D)
     if plan.q_rows is not None:  # back to the flat (B * Sq) rows; rows left out (no visible key) stay zero
         packed = packed.new_zeros(B * Sq, Hq, D).index_copy(0, plan.q_rows, packed)
-    return packed.view(B, Sq, Hq, D).transpose(1, 2)  # (B, Hq, Sq, D)
+    return packed.reshape(B, Sq, Hq, D).transpose(1, 2)  # (B, Hq, Sq, D)
 
 
 def attention_flash(q, k, v, mask: Mask | None = None, scale: float | None = None) -> torch.Tensor:
