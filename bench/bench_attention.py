@@ -4,7 +4,8 @@ Groups `attn-<mask>-<fwd|fwdbwd>-S<S>`, variants:
   [flex]         attention(backend="flex"): the mask's BlockMask (built once, outside the timing), compiled on CUDA
   [sdpa-dense]   F.scaled_dot_product_attention with the mask as a dense boolean (B, 1, S, S)
   [sdpa-causal]  F.scaled_dot_product_attention(is_causal=True): causal mask only
-  [flash]        flash-attn (causal and sliding window; where installed, CUDA only)
+  [flash]        flash-attn (where installed, CUDA only): causal and sliding window through flash_attn_func,
+                 document through flash_attn_varlen_func (its packing plan built once, in the warm-up)
   [eager]        attention_ref: matmul, float32 softmax, matmul (on a GPU only up to S = 2048)
 Masks: causal, prefix-LM (prefix = S/4), document (8 equal documents), sliding window (S/8).
 
@@ -69,7 +70,7 @@ def _skip_unsupported(variant: str, mask_name: str, S: int, grad: bool) -> None:
         pytest.skip("SDPA's built-in causal path has no other mask")
     if variant == "flash" and not (flash_available() and DEVICE.type == "cuda"):
         pytest.skip("flash-attn is not installed (CUDA only)")
-    if variant == "flash" and mask_name not in ("causal", "sliding_window"):
+    if variant == "flash" and mask_name not in ("causal", "sliding_window", "document"):
         pytest.skip("flash-attn has no such mask")
     if variant == "flex" and grad and DEVICE.type == "cpu":
         pytest.skip("flex has no backward on the CPU")
@@ -88,6 +89,8 @@ def _op(variant: str, mask: masks.Mask, B: int, S: int):
     if variant == "sdpa-causal":
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if variant == "flash":
+        # a document mask's varlen plan (one host copy of the ids) is built by the first, untimed
+        # warm-up call and cached on the mask, as in training where every layer shares the batch's mask
         return lambda q, k, v: attention(q, k, v, mask=mask, backend="flash")
     return lambda q, k, v: attention_ref(q, k, v, mask)
 

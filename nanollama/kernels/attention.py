@@ -11,7 +11,9 @@ Backends (`BACKENDS`):
   auto|1|0 changes that; on the CPU it runs eager, unfused, and has no backward in PyTorch).
 - "sdpa": scaled_dot_product_attention; its built-in causal path for plain causal masks, the
   mask's cached dense boolean otherwise.
-- "flash": flash-attn (when installed, CUDA, fp16/bf16) for no mask, causal and sliding windows.
+- "flash": flash-attn (when installed, CUDA, fp16/bf16) for no mask, causal, sliding windows, documents
+  (packed sequences, Sq == Skv; & causal or sliding_window) and padding alone, through its varlen
+  API for the last two (attention_flash.py; `flash_supports` says why a call is refused).
 - "reference": eager math with a float32 softmax (`attention_ref`); handles everything.
 - "auto": the fastest backend that supports the call, measured once per (mask kind, shape
   bucket, dtype, device, needs-grad) and cached on disk (see attention_select.py);
@@ -28,7 +30,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from nanollama.kernels.masks import Causal, Mask, SlidingWindow
+from nanollama.kernels.attention_flash import attention_flash, flash_available, flash_supports
+from nanollama.kernels.masks import Mask
 
 BACKENDS = ("flex", "sdpa", "flash", "reference")
 
@@ -155,48 +158,6 @@ def attention_flex(q, k, v, mask: Mask | None = None, scale: float | None = None
     return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=Hq != Hk)
 
 
-# -- flash ----------------------------------------------------------------------------------------
-@functools.cache
-def flash_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
-
-
-def flash_supports(q: torch.Tensor, k: torch.Tensor, mask: Mask | None) -> str | None:
-    """None when flash-attn can run this call, else the reason it cannot."""
-    if not flash_available():
-        return "flash-attn is not installed (pip install flash-attn, CUDA only)"
-    if q.device.type != "cuda":
-        return "flash-attn runs on CUDA tensors only"
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"flash-attn takes float16/bfloat16, not {q.dtype}"
-    if q.shape[-1] > 256 or q.shape[-1] % 8:
-        return f"flash-attn takes head_dim <= 256 and a multiple of 8, not {q.shape[-1]}"
-    if mask is not None and not isinstance(mask, (Causal, SlidingWindow)):
-        return f"flash-attn has no '{mask.kind}' mask (it handles none, causal and sliding_window)"
-    if mask is not None and q.shape[2] > k.shape[2]:
-        return "flash-attn's causal alignment needs Sq <= Skv"
-    return None
-
-
-def attention_flash(q, k, v, mask: Mask | None = None, scale: float | None = None) -> torch.Tensor:
-    reason = flash_supports(q, k, mask)
-    if reason:
-        raise RuntimeError(f"attention backend 'flash': {reason}")
-    from flash_attn import flash_attn_func
-
-    window = (mask.window - 1, 0) if isinstance(mask, SlidingWindow) else (-1, -1)
-    # flash-attn wants (B, S, H, D); a transposed view has a contiguous last dim, which it accepts
-    out = flash_attn_func(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        softmax_scale=_scale(q, scale),
-        causal=mask is not None,  # bottom-right aligned, as our masks are when Sq < Skv
-        window_size=window,
-    )
-    return out.transpose(1, 2)  # (B, Hq, Sq, D)
-
-
 _IMPLS = {"flex": attention_flex, "sdpa": attention_sdpa, "flash": attention_flash, "reference": attention_ref}
 
 
@@ -226,4 +187,13 @@ def attention(
     return _IMPLS[backend](q, k, v, mask, scale)
 
 
-__all__ = ["BACKENDS", "attention", "attention_ref", "attention_sdpa", "attention_flex", "attention_flash"]
+__all__ = [
+    "BACKENDS",
+    "attention",
+    "attention_ref",
+    "attention_sdpa",
+    "attention_flex",
+    "attention_flash",
+    "flash_available",
+    "flash_supports",
+]
