@@ -131,14 +131,26 @@ def flex_compiled(device: torch.device) -> bool:
     return device.type == "cuda" if value == "auto" else value == "1"
 
 
+FLEX_RECOMPILE_LIMIT = 64
+_FLEX_BACKEND = "inductor"  # the tests swap in "eager" to count compiles without paying for inductor
+
+
 @functools.cache
 def _flex_fn(compiled: bool):
     from torch.nn.attention.flex_attention import flex_attention
 
     if not compiled:
         return flex_attention
+    # Every compiled call site of flex_attention shares one Dynamo cache, with an entry per (mask
+    # kind, Sq, Skv, grad mode): training plus evaluation at a few lengths passes Dynamo's default
+    # limit of 8, after which flex silently runs unfused (O(S^2) memory). Raise the limit, never lower it.
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), FLEX_RECOMPILE_LIMIT))
+            break
     # dynamic=False: one kernel per shape; new mask tensors (same shapes) reuse it
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention, dynamic=False, backend=_FLEX_BACKEND)
 
 
 def attention_flex(q, k, v, mask: Mask | None = None, scale: float | None = None) -> torch.Tensor:

@@ -3,6 +3,7 @@ fully masked rows; zero recompiles of compiled flex across batches; the measured
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -361,3 +362,36 @@ def test_auto_measures_correctly_inside_an_activation_checkpointed_block(fresh_c
     ref64(q2, k2, v2, mask).sin().sum().backward()
     for got, want in zip((q.grad, k.grad, v.grad), (q2.grad, k2.grad, v2.grad)):
         torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_flex_keeps_compiling_past_dynamo_default_limit(monkeypatch):
+    """Training and evaluation at several lengths need more than Dynamo's default 8 entries for the one
+    compiled flex_attention: each new (mask kind, length) must still compile, not fall back to eager flex.
+    Dynamo's eager backend stands in for inductor (same caching and limits, no code generation)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    attention_mod = importlib.import_module("nanollama.kernels.attention")  # the module, not the function
+    monkeypatch.setenv("NANOLLAMA_FLEX_COMPILE", "1")
+    monkeypatch.setattr(attention_mod, "_FLEX_BACKEND", "eager")
+    attention_mod._flex_fn.cache_clear()
+    torch._dynamo.reset()
+    try:
+        compiled = counters["frames"]["ok"]
+        kinds = [
+            masks.causal(),
+            masks.sliding_window(5),
+            masks.prefix_lm(torch.tensor([3])),
+            masks.padding(torch.tensor([9])),
+        ]
+        cases = [(kind, S) for S in (16, 24, 32) for kind in kinds]  # 12 cache entries
+        with torch.no_grad():
+            for mask, S in cases:
+                q, k, v = (torch.randn(1, 2, S, 16) for _ in range(3))
+                out = attention(q, k, v, mask=mask, backend="flex")
+                torch.testing.assert_close(out.double(), ref64(q, k, v, mask), **TOL[torch.float32])
+        # one successful Dynamo compilation per case; past the limit a case is not compiled but falls back
+        assert counters["frames"]["ok"] - compiled == len(cases), "a case ran uncompiled (Dynamo's recompile limit)"
+    finally:
+        attention_mod._flex_fn.cache_clear()
+        torch._dynamo.reset()
