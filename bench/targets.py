@@ -1,7 +1,8 @@
-"""The kernel issues' GPU targets, read off one pytest-benchmark JSON file.
+"""The kernel issues' GPU targets, read off pytest-benchmark JSON files.
 
-    python bench/targets.py OUT_DIR/bench.json [--md OUT_DIR/targets.md]
+    python bench/targets.py OUT_DIR/bench_*.json [--md OUT_DIR/targets.md]
 
+reads one or more pytest-benchmark JSON files (gpu_check.sh writes one per benchmark file) and
 prints one row per target and measurement: what is compared, the measured value, the threshold
 and PASS, MISS or "-" (a variant did not run, e.g. flash-attn not installed). The run's own
 numbers only: every ratio divides two medians of the same run. The exit status is 0 whatever
@@ -12,6 +13,9 @@ Targets (issues 4, 5 and 6; H100/H200):
   attn     prefix-LM and document at S = 8192: flex >= 2x SDPA with a dense mask (fwd and fwd+bwd);
            causal forward: flex >= 0.85x SDPA's causal (flash) path in visible TFLOP/s;
            building one batch's BlockMask < 2% of the attention of a 12-layer step
+  Triton rows are given for each Triton variant the run has: "triton" (launched from Python, as a
+  model in eager mode runs it) and "triton-graph" (replayed from a CUDA graph: the kernel alone, as
+  in compiled or CUDA-graph decoding); memory is compared for "triton" only.
   decode   S_max >= 8K: triton >= 70% of HBM peak; ragged and skewed batches: triton >= 10x eager SDPA;
            time proportional to the sum of lengths: GB/s on a ragged or skewed batch >= 0.7 x GB/s on
            the full batch of the same shape (0.7 is our reading of "proportional")
@@ -77,6 +81,11 @@ def _info(b: dict | None, key: str) -> float | None:
     return b["extra_info"].get(key) if b else None
 
 
+def _fast_variants(variants: dict[str, dict]) -> list[str]:
+    """The Triton variants of one case ("triton" always listed, so that a missing run shows as "-")."""
+    return ["triton"] + [name for name in sorted(variants) if name.startswith("triton-")]
+
+
 def rope_rows(benchmarks: list[dict]) -> list[Row]:
     rows = []
     for key, v in sorted(by_case(benchmarks, "test_rope_forward_backward").items()):
@@ -84,19 +93,14 @@ def rope_rows(benchmarks: list[dict]) -> list[Row]:
         if S < 2048:
             continue
         case = f"B{B} S{S} Hq{Hq} Hk{Hk} D{D}"
-        eager, triton = v.get("eager"), v.get("triton")
-        rows += [
-            Row(4, "rope fwd+bwd speed-up over eager", case, _ratio(_median(eager), _median(triton)), 4.0),
-            Row(4, "rope fwd+bwd fraction of HBM peak", case, _info(triton, "frac_peak_bw"), 0.75),
-            Row(
-                4,
-                "rope fwd+bwd memory / eager's",
-                case,
-                _ratio(_info(triton, "call_mem_bytes"), _info(eager, "call_mem_bytes")),
-                0.5,
-                at_least=False,
-            ),
-        ]
+        eager = v.get("eager")
+        for name in _fast_variants(v):
+            fast, label = v.get(name), f"{case} [{name}]"
+            rows.append(Row(4, "rope fwd+bwd speed-up over eager", label, _ratio(_median(eager), _median(fast)), 4.0))
+            rows.append(Row(4, "rope fwd+bwd fraction of HBM peak", label, _info(fast, "frac_peak_bw"), 0.75))
+        triton_mem = _info(v.get("triton"), "call_mem_bytes")
+        memory = _ratio(triton_mem, _info(eager, "call_mem_bytes"))
+        rows.append(Row(4, "rope fwd+bwd memory / eager's", f"{case} [triton]", memory, 0.5, at_least=False))
     return rows
 
 
@@ -122,23 +126,24 @@ def attention_rows(benchmarks: list[dict]) -> list[Row]:
 def decode_rows(benchmarks: list[dict]) -> list[Row]:
     rows = []
     cases = by_case(benchmarks, "test_decode_attention")
-    full_gbs = {}  # (B, S_max) -> triton GB/s on the full batch
+    full_gbs = {}  # (B, S_max, variant) -> GB/s on the full batch
     for key, v in cases.items():
         B, S_max, pattern = dict(key)["case"]
         if pattern == "full":
-            full_gbs[B, S_max] = _info(v.get("triton"), "gb_per_s")
+            for name in _fast_variants(v):
+                full_gbs[B, S_max, name] = _info(v.get(name), "gb_per_s")
     for key, v in sorted(cases.items()):
         B, S_max, pattern = dict(key)["case"]
-        case = f"B{B} S{S_max} {pattern}"
-        triton = v.get("triton")
-        if S_max >= 8192:
-            rows.append(Row(6, "decode fraction of HBM peak", case, _info(triton, "frac_peak_bw"), 0.70))
-        if pattern != "full":
-            speedup = _ratio(_median(v.get("eager")), _median(triton))
-            rows.append(Row(6, "decode speed-up over eager SDPA", case, speedup, 10.0))
-            if (B, S_max) in full_gbs:
-                ratio = _ratio(_info(triton, "gb_per_s"), full_gbs[B, S_max])
-                rows.append(Row(6, "decode GB/s vs the full batch", case, ratio, 0.7))
+        for name in _fast_variants(v):
+            fast, case = v.get(name), f"B{B} S{S_max} {pattern} [{name}]"
+            if S_max >= 8192:
+                rows.append(Row(6, "decode fraction of HBM peak", case, _info(fast, "frac_peak_bw"), 0.70))
+            if pattern != "full":
+                speedup = _ratio(_median(v.get("eager")), _median(fast))
+                rows.append(Row(6, "decode speed-up over eager SDPA", case, speedup, 10.0))
+                if (B, S_max, name) in full_gbs:
+                    ratio = _ratio(_info(fast, "gb_per_s"), full_gbs[B, S_max, name])
+                    rows.append(Row(6, "decode GB/s vs the full batch", case, ratio, 0.7))
     return rows
 
 
@@ -162,11 +167,11 @@ def format_rows(rows: list[Row], markdown: bool = False) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("bench_json", type=Path)
+    parser.add_argument("bench_json", type=Path, nargs="+", help="pytest-benchmark JSON files")
     parser.add_argument("--md", type=Path, help="also write the table as markdown to this file")
     args = parser.parse_args(argv)
     try:
-        benchmarks = load(args.bench_json)
+        benchmarks = [b for path in args.bench_json for b in load(path)]
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

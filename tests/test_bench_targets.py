@@ -31,15 +31,18 @@ def test_rope_targets_compare_triton_with_eager_of_the_same_shape():
                 variant="triton",
                 extra={"call_mem_bytes": 60, "frac_peak_bw": 0.8},
             ),
+            bench("test_rope_forward_backward", 0.1, shape=shape, variant="triton-graph", extra={"frac_peak_bw": 0.7}),
             bench("test_rope_forward_backward", 1.0, shape=small, variant="eager"),  # below 2K: no target
             bench("test_rope_forward", 0.1, shape=shape, variant="triton"),  # forward only: no target
         ]
     )
     case = "B8 S2048 Hq32 Hk8 D128"
     assert verdicts(rows) == {
-        ("rope fwd+bwd speed-up over eager", case): ("PASS", 5.0),
-        ("rope fwd+bwd fraction of HBM peak", case): ("PASS", 0.8),
-        ("rope fwd+bwd memory / eager's", case): ("MISS", 0.6),
+        ("rope fwd+bwd speed-up over eager", f"{case} [triton]"): ("PASS", 5.0),
+        ("rope fwd+bwd fraction of HBM peak", f"{case} [triton]"): ("PASS", 0.8),
+        ("rope fwd+bwd speed-up over eager", f"{case} [triton-graph]"): ("PASS", 10.0),
+        ("rope fwd+bwd fraction of HBM peak", f"{case} [triton-graph]"): ("MISS", 0.7),
+        ("rope fwd+bwd memory / eager's", f"{case} [triton]"): ("MISS", 0.6),  # not for graph replays
     }
 
 
@@ -90,37 +93,25 @@ def test_decode_targets_and_a_missing_variant():
         ]
     )
     assert verdicts(rows) == {
-        ("decode fraction of HBM peak", "B8 S8192 full"): ("PASS", 0.72),
-        ("decode fraction of HBM peak", "B8 S8192 ragged"): ("MISS", 0.5),
-        ("decode speed-up over eager SDPA", "B8 S8192 ragged"): ("PASS", 20.0),
-        ("decode GB/s vs the full batch", "B8 S8192 ragged"): ("MISS", 0.6),
-        ("decode speed-up over eager SDPA", "B4 S1024 skew"): ("-", None),
+        ("decode fraction of HBM peak", "B8 S8192 full [triton]"): ("PASS", 0.72),
+        ("decode fraction of HBM peak", "B8 S8192 ragged [triton]"): ("MISS", 0.5),
+        ("decode speed-up over eager SDPA", "B8 S8192 ragged [triton]"): ("PASS", 20.0),
+        ("decode GB/s vs the full batch", "B8 S8192 ragged [triton]"): ("MISS", 0.6),
+        ("decode speed-up over eager SDPA", "B4 S1024 skew [triton]"): ("-", None),
     }
 
 
-def test_cli_writes_markdown_and_rejects_other_files(tmp_path, capsys):
-    path = tmp_path / "bench.json"
-    path.write_text(
-        json.dumps(
-            {
-                "benchmarks": [
-                    bench(
-                        "test_block_mask_build",
-                        1.0,
-                        mask_name="causal",
-                        S=64,
-                        extra={"frac_of_step_L12": 0.5, "device": "cpu"},
-                    )
-                ]
-            }
-        )
+def test_cli_reads_several_files_writes_markdown_and_rejects_other_files(tmp_path, capsys):
+    build = bench(
+        "test_block_mask_build", 1.0, mask_name="causal", S=64, extra={"frac_of_step_L12": 0.5, "device": "cpu"}
     )
-    assert targets.main([str(path), "--md", str(tmp_path / "t.md")]) == 0
+    path, other = tmp_path / "bench_attention.json", tmp_path / "bench_rope.json"
+    path.write_text(json.dumps({"benchmarks": [build]}))
+    other.write_text(json.dumps({"benchmarks": []}))
+    assert targets.main([str(path), str(other), "--md", str(tmp_path / "t.md")]) == 0
     assert "0 pass, 1 miss, 0 not measured" in capsys.readouterr().out
-    assert (
-        "| 5 | block-mask build / 12-layer step | causal S64 | 0.500 | < 0.02 | MISS |"
-        in (tmp_path / "t.md").read_text()
-    )
+    row = "| 5 | block-mask build / 12-layer step | causal S64 | 0.500 | < 0.02 | MISS |"
+    assert row in (tmp_path / "t.md").read_text()
     path.write_text("[]")
-    assert targets.main([str(path)]) == 2
+    assert targets.main([str(other), str(path)]) == 2
     assert "not a pytest-benchmark JSON file" in capsys.readouterr().err
