@@ -23,7 +23,6 @@ Backends (`BACKENDS`):
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 import os
 
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from nanollama.kernels.attention_flash import attention_flash, flash_available, flash_supports
+from nanollama.kernels.dispatch import module_found
 from nanollama.kernels.masks import Mask
 
 BACKENDS = ("flex", "sdpa", "flash", "reference")
@@ -118,9 +118,9 @@ def attention_sdpa(q, k, v, mask: Mask | None = None, scale: float | None = None
 
 
 # -- flex -----------------------------------------------------------------------------------------
-@functools.cache
+@torch.compiler.assume_constant_result  # a constant to Dynamo, which cannot trace find_spec
 def flex_available() -> bool:
-    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+    return module_found("torch.nn.attention.flex_attention")
 
 
 def flex_compiled(device: torch.device) -> bool:

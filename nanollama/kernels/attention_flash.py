@@ -26,17 +26,16 @@ copy: document and padding masks are refused there (`auto` picks flex or sdpa wh
 from __future__ import annotations
 
 import dataclasses
-import functools
-import importlib.util
 
 import torch
 
+from nanollama.kernels.dispatch import module_found
 from nanollama.kernels.masks import And, Causal, Document, Mask, Padding, SlidingWindow
 
 
-@functools.cache
+@torch.compiler.assume_constant_result  # a constant to Dynamo, which cannot trace find_spec
 def flash_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+    return module_found("flash_attn")
 
 
 def _hardware_reason(q: torch.Tensor) -> str | None:

@@ -12,16 +12,15 @@ into the graph (the settings functions are marked constant so Dynamo does not tr
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
 import torch
 
-__all__ = ["MODES", "interpreter_on", "mode", "triton_available", "use_triton"]
+__all__ = ["MODES", "interpreter_on", "mode", "module_found", "triton_available", "use_triton"]
 
 MODES = ("auto", "triton", "reference")
-
-_triton_found: bool | None = None
 
 
 @torch.compiler.assume_constant_result
@@ -33,14 +32,16 @@ def mode() -> str:
     return value
 
 
+@functools.cache
+def module_found(name: str) -> bool:
+    """Whether `name` can be imported, looked up once. Callers that torch.compile may trace wrap it in
+    a function marked assume_constant_result (as triton_available is): Dynamo refuses to trace find_spec."""
+    return importlib.util.find_spec(name) is not None
+
+
 @torch.compiler.assume_constant_result
 def triton_available() -> bool:
-    """Whether triton can be imported (looked up once; a plain global, not functools.cache,
-    which Dynamo warns about)."""
-    global _triton_found
-    if _triton_found is None:
-        _triton_found = importlib.util.find_spec("triton") is not None
-    return _triton_found
+    return module_found("triton")
 
 
 @torch.compiler.assume_constant_result

@@ -21,6 +21,7 @@ import torch
 
 from nanollama.kernels import attention_flash, attention_select, masks
 from nanollama.kernels.attention import attention, attention_ref, flash_available, flash_supports
+from nanollama.kernels.dispatch import module_found
 
 B, D = 2, 16
 
@@ -113,9 +114,9 @@ def fake_flash(monkeypatch):
     module.flash_attn_varlen_func = fake.flash_attn_varlen_func
     monkeypatch.setitem(sys.modules, "flash_attn", module)
     monkeypatch.setattr(attention_flash, "_hardware_reason", lambda q: None)
-    flash_available.cache_clear()
+    module_found.cache_clear()
     yield fake
-    flash_available.cache_clear()
+    module_found.cache_clear()
 
 
 # -- inputs and the float64 comparison ------------------------------------------------------------
@@ -339,7 +340,7 @@ def test_public_check_still_refuses_cpu(monkeypatch):
     module = types.ModuleType("flash_attn")  # "installed", but the device check is the real one
     module.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)
     monkeypatch.setitem(sys.modules, "flash_attn", module)
-    flash_available.cache_clear()
+    module_found.cache_clear()
     try:
         q, k, v = _inputs(70, 70, 4, 2)
         mask = masks.document(_ragged_ids(70, 0))
@@ -347,7 +348,7 @@ def test_public_check_still_refuses_cpu(monkeypatch):
         with pytest.raises(RuntimeError, match="attention backend 'flash': flash-attn runs on CUDA tensors only"):
             attention(q, k, v, mask=mask, backend="flash")
     finally:
-        flash_available.cache_clear()
+        module_found.cache_clear()
 
 
 # -- the real flash-attn ---------------------------------------------------------------------------
