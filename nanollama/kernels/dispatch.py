@@ -49,11 +49,36 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _release(version: str) -> tuple[int, int]:
+    major, minor = (version.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton's interpreter cannot run kernels with these versions (None: it can)."""
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        # numpy 2.4 refuses int() of a 1-element array, which these interpreters do for every loop
+        # bound (triton-lang/triton#9171, fixed in Triton 3.7)
+        return (
+            f"Triton {triton_version}'s interpreter cannot run with numpy {numpy_version}: "
+            "install 'numpy<2.4' or 'triton>=3.7'"
+        )
+    return None
+
+
+@functools.cache
+def _interpreter_problem_here() -> str | None:
+    import numpy
+    import triton
+
+    return interpreter_problem(triton.__version__, numpy.__version__)
+
+
 def use_triton(*tensors: torch.Tensor) -> bool:
     """True when the Triton kernel should run on these tensors, False for the eager reference.
 
     Raises RuntimeError when NANOLLAMA_KERNELS=triton cannot be honoured (no triton; CPU tensors
-    without the interpreter).
+    without the interpreter, or with an interpreter that cannot run here).
     """
     chosen = mode()
     if chosen == "reference":
@@ -68,4 +93,6 @@ def use_triton(*tensors: torch.Tensor) -> bool:
             "NANOLLAMA_KERNELS=triton on CPU tensors needs Triton's interpreter: "
             "set TRITON_INTERPRET=1 before importing nanollama.kernels"
         )
+    if not on_cuda and (problem := _interpreter_problem_here()):
+        raise RuntimeError(f"NANOLLAMA_KERNELS=triton on CPU tensors: {problem}")
     return True
