@@ -47,29 +47,24 @@ def test_rope_targets_compare_triton_with_eager_of_the_same_shape():
 
 
 def test_attention_targets():
+    def causal(variant, tflops):
+        return bench(
+            "test_attention",
+            1.0,
+            passes="fwd",
+            mask_name="causal",
+            S=1024,
+            variant=variant,
+            extra={"tflop_per_s": tflops},
+        )
+
     rows = targets.attention_rows(
         [
             bench("test_attention", 3.0, passes="fwd", mask_name="document", S=8192, variant="sdpa-dense"),
             bench("test_attention", 2.0, passes="fwd", mask_name="document", S=8192, variant="flex"),
             bench("test_attention", 1.0, passes="fwd", mask_name="document", S=1024, variant="flex"),  # not 8K
-            bench(
-                "test_attention",
-                1.0,
-                passes="fwd",
-                mask_name="causal",
-                S=1024,
-                variant="flex",
-                extra={"tflop_per_s": 90},
-            ),
-            bench(
-                "test_attention",
-                1.0,
-                passes="fwd",
-                mask_name="causal",
-                S=1024,
-                variant="sdpa-causal",
-                extra={"tflop_per_s": 100},
-            ),
+            causal("flex", 90),
+            causal("sdpa-causal", 100),
             bench("test_block_mask_build", 1.0, mask_name="causal", S=1024, extra={"frac_of_step_L12": 0.001}),
         ]
     )
