@@ -233,8 +233,9 @@ def _check_inputs(q, k_cache, v_cache, cache_seqlens, split_size=None, dtypes=_D
         raise ValueError(
             f"decode_attention: k_cache/v_cache dtype ({k_cache.dtype}, {v_cache.dtype}) must equal q dtype {q.dtype}"
         )
-    devices = {t.device for t in (q, k_cache, v_cache, cache_seqlens)}
-    if len(devices) != 1:
+    device = q.device  # compared one by one: cheaper than building a set on every call
+    if k_cache.device != device or v_cache.device != device or cache_seqlens.device != device:
+        devices = {t.device for t in (q, k_cache, v_cache, cache_seqlens)}
         raise ValueError(f"decode_attention: q, k_cache, v_cache, cache_seqlens must share one device, got {devices}")
     if split_size is not None and (split_size <= 0 or split_size % 16):
         raise ValueError(f"decode_attention: split_size must be a positive multiple of 16, got {split_size}")

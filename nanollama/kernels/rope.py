@@ -293,8 +293,14 @@ def _check_inputs(q, k, cos, sin, positions) -> None:
     elif positions.shape != (B, S) or positions.dtype not in (torch.int64, torch.int32):
         got = f"{positions.dtype} {tuple(positions.shape)}"
         raise ValueError(f"positions must be a (B, S) = ({B}, {S}) integer tensor; got {got}")
-    devices = {t.device for t in (q, k, cos, sin, positions) if t is not None}
-    if len(devices) != 1:
+    device = q.device  # compared one by one: cheaper than building a set on every call
+    if (
+        k.device != device
+        or cos.device != device
+        or sin.device != device
+        or (positions is not None and positions.device != device)
+    ):
+        devices = {t.device for t in (q, k, cos, sin, positions) if t is not None}
         raise ValueError(f"q, k, cos, sin and positions must be on one device; got {sorted(map(str, devices))}")
 
 
