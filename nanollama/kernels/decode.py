@@ -289,7 +289,7 @@ def _plan(B: int, Hq: int, Hk: int, S_max: int, D: int, split_size: int, sms: in
     """(split_size, n_splits, BLOCK_N, BLOCK_D, BLOCK_G, BLOCK_S) for one launch; split_size 0: pick it.
 
     Cached, keyed by ints (tuning: TUNING's values, so a sweep that edits TUNING gets fresh plans):
-    a hit costs well under a microsecond against ~10 us for the arithmetic below.
+    a hit costs ~0.4 us here against ~3.5 us for the arithmetic below.
     """
     block_n = _block_n(D)
     if split_size == 0:

@@ -253,7 +253,7 @@ if triton is not None:
 
 def _pow2_at_least(n: int) -> int:
     """The smallest power of two >= n (plain int math: triton.next_power_of_2 is a ConstexprFunction
-    in Triton 3.9 and costs ~5 us per host call)."""
+    in Triton 3.9 and costs ~4 us per host call here)."""
     return 1 << max(0, n - 1).bit_length()
 
 
@@ -261,7 +261,8 @@ def _pow2_at_least(n: int) -> int:
 def _blocks(n_tokens: int, heads: int, half: int, on_gpu: bool) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_H, BLOCK_HALF). On a GPU a program holds about 2048 pairs (all heads of a
     token at Llama shapes); under the interpreter, whose cost is per operation, many more.
-    Cached: keyed by ints and a bool, a hit costs well under a microsecond."""
+    Cached, keyed by ints and a bool: a hit costs ~0.3 us here, the arithmetic ~2.6 us (with
+    triton.next_power_of_2 it was ~15 us)."""
     block_half = _pow2_at_least(half)
     block_h = min(_pow2_at_least(heads), max(1, 4096 // block_half))
     budget = 2048 if on_gpu else 1 << 16
