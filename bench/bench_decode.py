@@ -9,6 +9,11 @@ Length patterns: "full" (every L_b = S_max), "ragged" (L_b uniform in [1, S_max]
 "skew" (one sequence at S_max, the others at S_max / 64: continuous batching with one long request).
 GPU: Hq=32, Hk=8, D=128 bf16, contexts 1K..32K, batch 1..64. CPU: small fp32 shapes, Triton skipped
 (the interpreter is not a performance path).
+
+Variants: triton (decode_attention launched eagerly: ~20 us of host time per call included, as much
+as the whole GPU time of the small cases), triton-graph (the same call captured once per input set
+into a CUDA graph, outside the timing, and replayed: the kernel-bound figure, and what generate()
+runs, since its decode step replays CUDA graphs; GPU only), eager (SDPA over the padded cache), ref.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ else:
     CASES = [(1, 1024, "full"), (4, 1024, "ragged"), (8, 512, "skew")]
     REF_MAX_BYTES = 1 << 40
 
-VARIANTS = ["triton", "eager", "ref"]
+VARIANTS = ["triton", "triton-graph", "eager", "ref"]
 
 
 def _lengths(B: int, S_max: int, pattern: str) -> torch.Tensor:
@@ -68,8 +73,44 @@ def _sdpa_padded(q, k_cache, v_cache, cache_seqlens):
     return out[:, :, 0]
 
 
+class _Graphed:
+    """`call()` captured once into a CUDA graph; calling the object replays it (no host work but the replay).
+
+    As torch.cuda.graphs requires, the call first runs a few times on a side stream (Triton compiles,
+    the caching allocator settles) and only then is captured.
+    """
+
+    def __init__(self, call):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                call()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = call()  # kept alive with the graph, which writes them on every replay
+
+    def __call__(self) -> None:
+        self.graph.replay()
+
+
+def _graphed(op, make):
+    """For triton-graph: each input set (as measure() makes them) carries its own captured graph of op."""
+
+    def make_graphed():
+        args = tuple(make())
+        return (*args, _Graphed(lambda: op(*args)))
+
+    return make_graphed
+
+
+def _replay(*args):
+    args[-1]()
+
+
 def _op(variant: str):
-    if variant == "triton":
+    if variant in ("triton", "triton-graph"):
         requires_gpu()
         return decode_attention
     return _sdpa_padded if variant == "eager" else decode_attention_ref
@@ -84,7 +125,7 @@ def _case_id(case) -> str:
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_decode_attention(benchmark, case, variant, monkeypatch):
     """GB/s = 2 * sum(L_b) * Hk * D * element size / time (only the K/V bytes a decode step needs)."""
-    monkeypatch.setenv("NANOLLAMA_KERNELS", "triton" if variant == "triton" else "auto")
+    monkeypatch.setenv("NANOLLAMA_KERNELS", "triton" if variant.startswith("triton") else "auto")
     op = _op(variant)
     B, S_max, pattern = case
     benchmark.group = f"decode-{_case_id(case)}"
@@ -101,11 +142,12 @@ def test_decode_attention(benchmark, case, variant, monkeypatch):
         return q, k, v, lengths.to(DEVICE)
 
     needed = 2 * int(lengths.sum()) * HK * D * DTYPE.itemsize
+    fn, sets = (_replay, _graphed(op, make)) if variant == "triton-graph" else (op, make)
     with torch.no_grad():
         measure(
             benchmark,
-            op,
-            make,
+            fn,
+            sets,
             bytes=needed,
             dtype=DTYPE,
             shapes={"q": (B, HQ, D), "cache": (B, HK, S_max, D)},

@@ -9,6 +9,13 @@ Floors on an H200 (measured copy ceiling 4.3 TB/s): S=2048 moves 335.5 MB per pa
 forward and 156 us forward+backward; S=8192, four times that. Targets (issue 4): triton
 forward+backward >= 4x eager, >= 75% of HBM bandwidth, call_mem_bytes <= half of eager's.
 q and k are views of one fused QKV projection output, as the model produces them.
+
+Variants: eager (rope_ref), triton (apply_rope, launched eagerly: host time included), triton-graph
+(the same call captured once per input set into a CUDA graph, outside the timing, and replayed: the
+kernel-bound figure; GPU only), compile (torch.compile of the eager code). The eager triton call
+costs ~15-40 us of host time forward and more with autograd, a sizeable part of the ~78 us floor at
+S=2048, so read kernel efficiency off triton-graph. Its memory columns mean nothing: the graph's
+outputs live in its private pool, allocated at capture.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ else:
     SHAPES = [(2, 256, 8, 2, 64)]
     DTYPE = torch.float32  # the CPU's native type; bf16 on the CPU measures conversion, not RoPE
 
-VARIANTS = ["eager", "triton", "compile"]
+VARIANTS = ["eager", "triton", "triton-graph", "compile"]
 
 
 def _eager(q, k, cos, sin):
@@ -43,12 +50,48 @@ _compiled = {}
 def _op(variant: str):
     if variant == "eager":
         return _eager
-    if variant == "triton":
+    if variant in ("triton", "triton-graph"):
         requires_gpu()
         return _triton
     if "fn" not in _compiled:
         _compiled["fn"] = torch.compile(_eager, dynamic=False)  # one static graph per shape, as a model would
     return _compiled["fn"]
+
+
+class _Graphed:
+    """`call()` captured once into a CUDA graph; calling the object replays it (no host work but the replay).
+
+    As torch.cuda.graphs requires, the call first runs a few times on a side stream (Triton compiles,
+    the caching allocator and autograd settle) and only then is captured.
+    """
+
+    def __init__(self, call):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                call()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = call()  # kept alive with the graph, which writes them on every replay
+
+    def __call__(self) -> None:
+        self.graph.replay()
+
+
+def _graphed(op, make):
+    """For triton-graph: each input set (as measure() makes them) carries its own captured graph of op."""
+
+    def make_graphed():
+        args = tuple(make())
+        return (*args, _Graphed(lambda: op(*args)))
+
+    return make_graphed
+
+
+def _replay(*args):
+    args[-1]()
 
 
 def _inputs(B, S, Hq, Hk, D, requires_grad):
@@ -70,7 +113,7 @@ def _shape_id(shape):
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
 def test_rope_forward(benchmark, shape, variant, monkeypatch):
     """Forward only. GB/s = 2 * (|q| + |k|) bytes / time."""
-    monkeypatch.setenv("NANOLLAMA_KERNELS", "triton" if variant == "triton" else "auto")
+    monkeypatch.setenv("NANOLLAMA_KERNELS", "triton" if variant.startswith("triton") else "auto")
     op = _op(variant)
     B, S, Hq, Hk, D = shape
     benchmark.group = f"rope-fwd-{_shape_id(shape)}"
@@ -82,15 +125,16 @@ def test_rope_forward(benchmark, shape, variant, monkeypatch):
 
     q, k, _, _ = make()
     moved = 2 * tensor_bytes(q, k)
-    with torch.no_grad():
-        measure(benchmark, op, make, bytes=moved, dtype=DTYPE, shapes={"q": q.shape, "k": k.shape}, variant=variant)
+    fn, sets = (_replay, _graphed(op, make)) if variant == "triton-graph" else (op, make)
+    with torch.no_grad():  # also around the capture: the graph holds the no-grad forward
+        measure(benchmark, fn, sets, bytes=moved, dtype=DTYPE, shapes={"q": q.shape, "k": k.shape}, variant=variant)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
 def test_rope_forward_backward(benchmark, shape, variant, monkeypatch):
     """Forward + backward (torch.autograd.grad, no .grad accumulation). GB/s = 4 * (|q| + |k|) / time."""
-    monkeypatch.setenv("NANOLLAMA_KERNELS", "triton" if variant == "triton" else "auto")
+    monkeypatch.setenv("NANOLLAMA_KERNELS", "triton" if variant.startswith("triton") else "auto")
     op = _op(variant)
     B, S, Hq, Hk, D = shape
     benchmark.group = f"rope-fwdbwd-{_shape_id(shape)}"
@@ -107,4 +151,9 @@ def test_rope_forward_backward(benchmark, shape, variant, monkeypatch):
 
     q, k = make()[:2]
     moved = 4 * tensor_bytes(q, k)
-    measure(benchmark, step, make, bytes=moved, dtype=DTYPE, shapes={"q": q.shape, "k": k.shape}, variant=variant)
+    # triton-graph captures the whole step, torch.autograd.grad included (autograd's backward runs on
+    # the capturing stream, as in torch.cuda.graphs' whole-network example): the graph then holds
+    # exactly the GPU work of the public call (forward and conjugate-rotation launches and their
+    # allocations), not a hand-picked pair of private launches that could drift from it.
+    fn, sets = (_replay, _graphed(step, make)) if variant == "triton-graph" else (step, make)
+    measure(benchmark, fn, sets, bytes=moved, dtype=DTYPE, shapes={"q": q.shape, "k": k.shape}, variant=variant)

@@ -8,6 +8,12 @@ proportional to the sum of the lengths, not to B x S_max. `_decode_reduce_kernel
 partials of each (sequence, query head) with their log-sum-exps.
 
 Decode is inference-only: there is no backward.
+
+Host cost. Eagerly decode_attention checks its inputs once and launches directly; only under
+torch.compile does it go through the `nanollama::decode_attention` torch op, whose dispatch alone
+costs ~20 us. The split arithmetic is cached per shape. Host time per call with no-op kernels
+(B1 Hq32 Hk8 S8K D128, 2 shared CPU cores, best of 5 runs) went from 66 to 21 us, against GPU
+floors of ~8-60 us at the benchmark shapes on an H200; generate() replays the step as a CUDA graph.
 """
 
 from __future__ import annotations
@@ -233,8 +239,9 @@ def _check_inputs(q, k_cache, v_cache, cache_seqlens, split_size=None, dtypes=_D
         raise ValueError(
             f"decode_attention: k_cache/v_cache dtype ({k_cache.dtype}, {v_cache.dtype}) must equal q dtype {q.dtype}"
         )
-    devices = {t.device for t in (q, k_cache, v_cache, cache_seqlens)}
-    if len(devices) != 1:
+    device = q.device  # compared one by one: cheaper than building a set on every call
+    if k_cache.device != device or v_cache.device != device or cache_seqlens.device != device:
+        devices = {t.device for t in (q, k_cache, v_cache, cache_seqlens)}
         raise ValueError(f"decode_attention: q, k_cache, v_cache, cache_seqlens must share one device, got {devices}")
     if split_size is not None and (split_size <= 0 or split_size % 16):
         raise ValueError(f"decode_attention: split_size must be a positive multiple of 16, got {split_size}")
@@ -255,25 +262,44 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+_LOG2E = math.log2(math.e)
+
+
 def _block_n(head_dim: int) -> int:
     return 64 if head_dim <= 128 else 32
 
 
-def _pick_split_size(B: int, Hk: int, S_max: int, block_n: int, device: torch.device) -> int:
+def _pick_split_size(B: int, Hk: int, S_max: int, block_n: int, sms: int, programs_per_sm: int, min_split: int,
+                     max_split: int) -> int:  # fmt: skip
     """Keys per split, from the shapes only (reading the lengths would sync the host and break CUDA graphs).
 
-    Enough splits to give the device ~4 programs per SM when the cache is full; splits of at most
-    1024 keys, so a ragged batch's long sequences spread over many programs instead of a few long
-    ones finishing last; and at least 256 keys, so the partial outputs (G x D floats per split and
-    head group, written and read back) stay a few percent of the K/V bytes read.
+    Enough splits to give the device ~programs_per_sm programs per SM (`sms` of them) when the cache
+    is full; splits of at most max_split keys, so a ragged batch's long sequences spread over many
+    programs instead of a few long ones finishing last; and at least min_split keys, so the partial
+    outputs (G x D floats per split and head group, written and read back) stay a few percent of
+    the K/V bytes read.
     """
-    if device.type == "cuda":
-        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    else:
-        sms = 8  # the interpreter: any value works
-    n_splits = max(_cdiv(TUNING["programs_per_sm"] * sms, B * Hk), _cdiv(S_max, TUNING["max_split"]))
-    n_splits = max(1, min(n_splits, _cdiv(S_max, TUNING["min_split"])))
+    n_splits = max(_cdiv(programs_per_sm * sms, B * Hk), _cdiv(S_max, max_split))
+    n_splits = max(1, min(n_splits, _cdiv(S_max, min_split)))
     return max(block_n, _cdiv(_cdiv(S_max, n_splits), block_n) * block_n)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(B: int, Hq: int, Hk: int, S_max: int, D: int, split_size: int, sms: int, tuning: tuple) -> tuple:
+    """(split_size, n_splits, BLOCK_N, BLOCK_D, BLOCK_G, BLOCK_S) for one launch; split_size 0: pick it.
+
+    Cached, keyed by ints (tuning: TUNING's values, so a sweep that edits TUNING gets fresh plans):
+    a hit costs ~0.4 us here against ~3.5 us for the arithmetic below.
+    """
+    block_n = _block_n(D)
+    if split_size == 0:
+        _, _, programs_per_sm, min_split, max_split = tuning
+        split_size = _pick_split_size(B, Hk, S_max, block_n, sms, programs_per_sm, min_split, max_split)
+    else:
+        block_n = min(block_n, split_size & -split_size)  # a power of two dividing split_size, >= 16
+    n_splits = _cdiv(S_max, split_size)
+    block_d = max(16, _next_pow2(D))
+    return split_size, n_splits, block_n, block_d, max(16, _next_pow2(Hq // Hk)), min(32, _next_pow2(n_splits))
 
 
 def decode_attention_launch(
@@ -283,6 +309,7 @@ def decode_attention_launch(
     cache_seqlens: torch.Tensor,
     scale: float,
     split_size: int | None = None,
+    check: bool = True,
 ) -> torch.Tensor:
     """Run the two Triton kernels. Returns out (B, Hq, D) in q's dtype.
 
@@ -290,23 +317,33 @@ def decode_attention_launch(
     int64: sequence b attends to cache positions [0, cache_seqlens[b]), clamped to S_max; length 0
     gives zeros. Any strides (views into a bigger cache are fine); q, k_cache, v_cache share a dtype
     in {float16, bfloat16, float32}. split_size: keys per split, a positive multiple of 16 (None:
-    chosen from the shapes and the device).
+    chosen from the shapes and the device). check=False skips the input checks, for a caller that
+    has just made them (decode_attention: checking once per call is part of its host budget).
     Workspace: o_part (B, Hq, n_splits, D) float32 and lse (B, Hq, n_splits) float32, base 2.
     """
-    _check_inputs(q, k_cache, v_cache, cache_seqlens, split_size)
+    if check:
+        _check_inputs(q, k_cache, v_cache, cache_seqlens, split_size)
+    if q.is_cuda:
+        index = q.get_device()
+        if index != torch.cuda.current_device():  # Triton launches on the current device: make it q's
+            with torch.cuda.device(index):
+                return _launch(q, k_cache, v_cache, cache_seqlens, scale, split_size, _sm_count(index))
+        return _launch(q, k_cache, v_cache, cache_seqlens, scale, split_size, _sm_count(index))
+    return _launch(q, k_cache, v_cache, cache_seqlens, scale, split_size, 8)  # the interpreter: any SM count
+
+
+def _launch(q, k_cache, v_cache, cache_seqlens, scale: float, split_size: int | None, sms: int) -> torch.Tensor:
     B, Hq, D = q.shape
-    Hk, S_max = k_cache.shape[1], k_cache.shape[2]
-    out = q.new_empty((B, Hq, D))
+    _, Hk, S_max, _ = k_cache.shape
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)  # (B, Hq, D), cheaper than new_empty
     if B == 0 or Hq == 0 or S_max == 0:
         return out.zero_()
-    group = Hq // Hk
-    block_d = max(16, _next_pow2(D))
-    block_n = _block_n(D)
-    if split_size is None:
-        split_size = _pick_split_size(B, Hk, S_max, block_n, q.device)
-    else:
-        block_n = min(block_n, split_size & -split_size)  # a power of two dividing split_size, >= 16
-    n_splits = _cdiv(S_max, split_size)
+    tuning = TUNING
+    split_size, n_splits, block_n, block_d, block_g, block_s = _plan(
+        B, Hq, Hk, S_max, D, split_size or 0, sms,
+        (tuning["num_warps"], tuning["num_stages"], tuning["programs_per_sm"], tuning["min_split"],
+         tuning["max_split"]),
+    )  # fmt: skip
     o_part = torch.empty((B, Hq, n_splits, D), device=q.device, dtype=torch.float32)
     lse = torch.empty((B, Hq, n_splits), device=q.device, dtype=torch.float32)
     # fp32 inputs get a true fp32 dot (no TF32) so they meet fp32 tolerances.
@@ -316,15 +353,15 @@ def decode_attention_launch(
         q, k_cache, v_cache, cache_seqlens, o_part, lse,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), cache_seqlens.stride(0),
         *o_part.stride(), *lse.stride(),
-        scale * math.log2(math.e), S_max, split_size,
-        HK=Hk, GROUP=group, HEAD_DIM=D, BLOCK_G=max(16, _next_pow2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
-        DOT_PRECISION=precision, num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
+        scale * _LOG2E, S_max, split_size,
+        HK=Hk, GROUP=Hq // Hk, HEAD_DIM=D, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
+        DOT_PRECISION=precision, num_warps=tuning["num_warps"], num_stages=tuning["num_stages"],
     )  # fmt: skip
     _decode_reduce_kernel[(B * Hq,)](
         o_part, lse, cache_seqlens, out,
         *o_part.stride(), *lse.stride(), cache_seqlens.stride(0), *out.stride(),
         S_max, split_size,
-        HQ=Hq, HEAD_DIM=D, BLOCK_S=min(32, _next_pow2(n_splits)), BLOCK_D=block_d, num_warps=4,
+        HQ=Hq, HEAD_DIM=D, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4,
     )  # fmt: skip
     return out
 
@@ -396,8 +433,12 @@ def decode_attention(
     to 1/sqrt(D). split_size (keys per program, multiple of 16) is a tuning knob; None picks it.
     Dispatch: Triton on CUDA tensors (or NANOLLAMA_KERNELS=triton), else decode_attention_ref.
     """
-    _check_inputs(q, k_cache, v_cache, cache_seqlens, split_size)
+    _check_inputs(q, k_cache, v_cache, cache_seqlens, split_size)  # the only check on the eager path
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if use_triton(q, k_cache, v_cache, cache_seqlens):
-        return _decode_attention_op(q, k_cache, v_cache, cache_seqlens, scale, split_size or 0)
+        if torch.compiler.is_compiling():  # traced: the op, which the graph can hold
+            return _decode_attention_op(q, k_cache, v_cache, cache_seqlens, scale, split_size or 0)
+        # Eager: launch directly. The op's dispatch alone costs ~20 us of host time per call, more
+        # than the whole GPU time of a B1-8K decode step on an H200 (see the module docstring).
+        return decode_attention_launch(q, k_cache, v_cache, cache_seqlens, scale, split_size, False)
     return decode_attention_ref(q, k_cache, v_cache, cache_seqlens, scale)

@@ -152,6 +152,48 @@ def test_triton_under_torch_compile(triton_path):
     check(compiled(q, k, v, L), q, k, v, L)
 
 
+def test_eager_launches_directly_and_equals_the_traced_op(triton_path, monkeypatch):
+    # Eagerly decode_attention launches without the torch op (its dispatch costs ~20 us of host time);
+    # under torch.compile it goes through the op. Same kernels, so the same bits.
+    q, k, v, L = make_inputs(3, 8, 2, 37, 16, [1, 37, 20], torch.float32, seed=3)
+    with monkeypatch.context() as m:
+        op_calls = []
+        real_op = decode_mod._decode_attention_op
+        m.setattr(decode_mod, "_decode_attention_op", lambda *a: op_calls.append(1) or real_op(*a))
+        eager = decode_attention(q, k, v, L, split_size=16)
+        assert op_calls == []
+    torch._dynamo.reset()
+    traced = torch.compile(decode_attention, fullgraph=True, backend="aot_eager")(q, k, v, L, split_size=16)
+    assert torch.equal(eager, traced)
+    assert torch.equal(eager, decode_mod._decode_attention_op(q, k, v, L, 1 / math.sqrt(16), 16))
+    check(eager, q, k, v, L)
+
+
+class _GridSpy:
+    """Wraps a kernel object, recording each launch grid and delegating the launch."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+def test_tuning_edits_reach_the_cached_launch_plan(triton_path, monkeypatch):
+    # The split arithmetic is cached; TUNING's values are part of the key, so a sweep's edits apply.
+    spy = _GridSpy(decode_mod._decode_split_kernel)
+    monkeypatch.setattr(decode_mod, "_decode_split_kernel", spy)
+    q, k, v, L = make_inputs(1, 2, 1, 256, 16, [256], torch.float32, seed=4)
+    first = decode_attention(q, k, v, L)
+    monkeypatch.setitem(decode_mod.TUNING, "min_split", 64)
+    monkeypatch.setitem(decode_mod.TUNING, "max_split", 64)
+    second = decode_attention(q, k, v, L)
+    assert spy.grids == [(1, 1), (1, 4)]  # min_split 256 -> one split; max_split 64 -> 256 / 64 = 4
+    check(first, q, k, v, L)
+    check(second, q, k, v, L)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}-Hq{s[1]}-Hk{s[2]}-S{s[3]}-D{s[4]}")
 def test_reference_on_cpu(monkeypatch, shape, dtype):
@@ -292,3 +334,15 @@ def test_gpu_compiled_reduce_overhead_no_recompile():
         out = step(q, k, v, L).clone()  # clone: cudagraph outputs are overwritten by the next replay
         check(out, q, k, v, L)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.gpu
+def test_gpu_tensors_on_a_device_that_is_not_current():
+    # Triton launches on the current device: the launcher switches to q's device when they differ.
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    q, k, v, L = make_inputs(2, 8, 2, 300, 64, [300, 17], torch.bfloat16, device="cuda:1")
+    with torch.cuda.device(0):
+        out = decode_attention(q, k, v, L)
+    assert out.device == q.device
+    check(out, q, k, v, L)

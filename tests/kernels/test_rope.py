@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -197,6 +198,116 @@ def test_compile_has_no_graph_break(monkeypatch, path):
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(dq, rdq)
     torch.testing.assert_close(dk, rdk)
+
+
+# ----------------------------------------------------------------------------- eager path vs traced path
+#
+# Eagerly apply_rope launches through _RopeFunction (or the launcher alone when no gradient is
+# wanted); under torch.compile through the nanollama::rope op. Same kernel, so the same bits.
+
+
+def _rope_loss_grads(fn, q, k, gq, gk):
+    q_out, k_out = fn(q, k)
+    dq, dk = torch.autograd.grad((q_out, k_out), (q, k), (gq, gk))
+    return q_out, k_out, dq, dk
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["halves", "interleaved"])
+@pytest.mark.parametrize("pos_kind", [None, "random"], ids=["pos-none", "pos-random"])
+def test_eager_path_equals_op_path(triton_kernels, pos_kind, interleaved):
+    """apply_rope's eager route gives the op's results bit for bit, forward and backward."""
+    torch.manual_seed(10)
+    q, k = _qk(2, 9, 4, 2, 16, "fused", torch.float32)
+    positions, table = _positions(pos_kind, 2, 9)
+    cos, sin = rope_frequencies(table, 16, device=DEVICE)
+    gq, gk = torch.randn(q.shape, device=DEVICE), torch.randn(k.shape, device=DEVICE)
+
+    eager = _rope_loss_grads(lambda q, k: apply_rope(q, k, cos, sin, positions, interleaved), q, k, gq, gk)
+    assert type(eager[0].grad_fn).__name__ == "_RopeFunctionBackward"  # not the op's generated backward
+    op = _rope_loss_grads(
+        lambda q, k: torch.ops.nanollama.rope(q, k, cos, sin, positions, interleaved, False), q, k, gq, gk
+    )
+    assert "nanollama_rope" in type(op[0].grad_fn).__name__
+    for name, a, b in zip(["q_out", "k_out", "dq", "dk"], eager, op):
+        assert torch.equal(a, b), name
+    with torch.no_grad():  # the launcher alone: no autograd node, same values
+        q_out, k_out = apply_rope(q, k, cos, sin, positions, interleaved)
+    assert q_out.grad_fn is None and torch.equal(q_out, eager[0]) and torch.equal(k_out, eager[1])
+
+
+def test_eager_path_equals_compiled_path(triton_kernels):
+    """torch.compile (the traced op inside an aot_eager graph) and the eager route agree exactly."""
+    torch.manual_seed(11)
+    q, k = _qk(2, 9, 4, 2, 16, "heads_first", torch.float32)
+    positions, table = _positions("offset", 2, 9)
+    cos, sin = rope_frequencies(table, 16, device=DEVICE)
+    gq, gk = torch.randn(q.shape, device=DEVICE), torch.randn(k.shape, device=DEVICE)
+
+    def fn(q, k):
+        return apply_rope(q, k, cos, sin, positions, True)
+
+    torch._dynamo.reset()
+    compiled = _rope_loss_grads(torch.compile(fn, fullgraph=True, backend="aot_eager"), q, k, gq, gk)
+    eager = _rope_loss_grads(fn, q, k, gq, gk)
+    for name, a, b in zip(["q_out", "k_out", "dq", "dk"], eager, compiled):
+        assert torch.equal(a, b), name
+
+
+def test_eager_gradients_gradcheck(triton_kernels):
+    """Finite differences against _RopeFunction's backward (and, through create_graph, its double
+    backward). The op is linear in q and k, so float32 differences with a large step are exact up
+    to rounding; a wrong backward (e.g. the forward rotation again) is off by O(1)."""
+    torch.manual_seed(12)
+    q, k = _qk(1, 5, 2, 1, 8, "fused", torch.float32)
+    positions, table = _positions("random", 1, 5)
+    cos, sin = rope_frequencies(table, 8, device=DEVICE)
+
+    def fn(q, k):
+        return apply_rope(q, k, cos, sin, positions, False)
+
+    kw = dict(eps=1e-2, atol=2e-3, rtol=2e-3, fast_mode=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Input #", UserWarning)  # gradcheck prefers float64 inputs
+        assert torch.autograd.gradcheck(fn, (q, k), **kw)
+        assert torch.autograd.gradgradcheck(fn, (q, k), **kw)
+
+
+def test_eager_double_backward_matches_float64(triton_kernels):
+    """create_graph=True: the backward is itself differentiable; d/dg <R^T g, v> = R v."""
+    torch.manual_seed(13)
+    q, k = _qk(2, 7, 4, 2, 16, "fused", torch.float32)
+    positions, table = _positions("random", 2, 7)
+    cos, sin = rope_frequencies(table, 16, device=DEVICE)
+    gq = torch.randn(q.shape, device=DEVICE, requires_grad=True)
+    gk = torch.randn(k.shape, device=DEVICE, requires_grad=True)
+    vq, vk = torch.randn(q.shape, device=DEVICE), torch.randn(k.shape, device=DEVICE)
+    q_out, k_out = apply_rope(q, k, cos, sin, positions)
+    dq, dk = torch.autograd.grad((q_out, k_out), (q, k), (gq, gk), create_graph=True)
+    ggq, ggk = torch.autograd.grad((dq * vq).sum() + (dk * vk).sum(), (gq, gk))
+    c64, s64 = cos.double(), sin.double()
+    torch.testing.assert_close(ggq.double(), rope_ref(vq.double(), c64, s64, positions), **TOL[torch.float32])
+    torch.testing.assert_close(ggk.double(), rope_ref(vk.double(), c64, s64, positions), **TOL[torch.float32])
+
+
+def test_eager_gradient_for_k_only(triton_kernels):
+    """Only k requires grad: q's output still comes out right, k's gradient matches float64."""
+    torch.manual_seed(14)
+    q, k = _qk(1, 6, 2, 2, 16, "contiguous", torch.float32, requires_grad=False)
+    k.requires_grad_()
+    cos, sin = rope_frequencies(6, 16, device=DEVICE)
+    q_out, k_out = apply_rope(q, k, cos, sin)
+    gk = torch.randn(k.shape, device=DEVICE)
+    (dk,) = torch.autograd.grad(k_out, k, gk)
+    c64, s64 = cos.double(), sin.double()
+    torch.testing.assert_close(q_out.double(), rope_ref(q.double(), c64, s64), **TOL[torch.float32])
+    torch.testing.assert_close(dk.double(), rope_ref(gk.double(), c64, -s64), **TOL[torch.float32])
+
+
+def test_block_sizes_use_plain_int_powers_of_two():
+    """The host-side power-of-two helper agrees with Triton's on every size the launcher sees."""
+    triton = pytest.importorskip("triton")
+    assert [rope_mod._pow2_at_least(n) for n in range(1, 2049)] == [triton.next_power_of_2(n) for n in range(1, 2049)]
+    assert rope_mod._blocks(64, 32, 64, True) == (1, 32, 64)  # a Llama token: all 32 heads x 64 pairs
 
 
 @pytest.mark.slow
@@ -433,3 +544,17 @@ def test_cuda_int64_offsets(monkeypatch):
     tail = slice(S - 9, S)
     want = rope_ref(q[:, tail].double(), cos.double(), sin.double(), positions[:, tail])
     torch.testing.assert_close(q_out[:, tail].double(), want, **TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+def test_cuda_tensors_on_a_device_that_is_not_current(monkeypatch):
+    """Triton launches on the current device: the launcher switches to q's device when they differ."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    monkeypatch.setenv("NANOLLAMA_KERNELS", "auto")
+    torch.manual_seed(15)
+    q = torch.randn(2, 33, 4, 64, device="cuda:1", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(2, 33, 2, 64, device="cuda:1", dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = rope_frequencies(33, 64, device="cuda:1")
+    with torch.cuda.device(0):
+        _check_against_float64(q, k, cos, sin, None, interleaved=False)
