@@ -21,7 +21,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import DEVICE, measure, requires_gpu
+from harness import DEVICE, graphed_inputs, measure, replay_graph, requires_gpu
 
 from nanollama.kernels.decode import decode_attention, decode_attention_ref
 
@@ -73,42 +73,6 @@ def _sdpa_padded(q, k_cache, v_cache, cache_seqlens):
     return out[:, :, 0]
 
 
-class _Graphed:
-    """`call()` captured once into a CUDA graph; calling the object replays it (no host work but the replay).
-
-    As torch.cuda.graphs requires, the call first runs a few times on a side stream (Triton compiles,
-    the caching allocator settles) and only then is captured.
-    """
-
-    def __init__(self, call):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                call()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = call()  # kept alive with the graph, which writes them on every replay
-
-    def __call__(self) -> None:
-        self.graph.replay()
-
-
-def _graphed(op, make):
-    """For triton-graph: each input set (as measure() makes them) carries its own captured graph of op."""
-
-    def make_graphed():
-        args = tuple(make())
-        return (*args, _Graphed(lambda: op(*args)))
-
-    return make_graphed
-
-
-def _replay(*args):
-    args[-1]()
-
-
 def _op(variant: str):
     if variant in ("triton", "triton-graph"):
         requires_gpu()
@@ -142,7 +106,7 @@ def test_decode_attention(benchmark, case, variant, monkeypatch):
         return q, k, v, lengths.to(DEVICE)
 
     needed = 2 * int(lengths.sum()) * HK * D * DTYPE.itemsize
-    fn, sets = (_replay, _graphed(op, make)) if variant == "triton-graph" else (op, make)
+    fn, sets = (replay_graph, graphed_inputs(op, make)) if variant == "triton-graph" else (op, make)
     with torch.no_grad():
         measure(
             benchmark,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import DEVICE, measure, requires_gpu, tensor_bytes
+from harness import DEVICE, graphed_inputs, measure, replay_graph, requires_gpu, tensor_bytes
 
 from nanollama.kernels import rope as rope_mod
 
@@ -58,42 +58,6 @@ def _op(variant: str):
     return _compiled["fn"]
 
 
-class _Graphed:
-    """`call()` captured once into a CUDA graph; calling the object replays it (no host work but the replay).
-
-    As torch.cuda.graphs requires, the call first runs a few times on a side stream (Triton compiles,
-    the caching allocator and autograd settle) and only then is captured.
-    """
-
-    def __init__(self, call):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                call()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = call()  # kept alive with the graph, which writes them on every replay
-
-    def __call__(self) -> None:
-        self.graph.replay()
-
-
-def _graphed(op, make):
-    """For triton-graph: each input set (as measure() makes them) carries its own captured graph of op."""
-
-    def make_graphed():
-        args = tuple(make())
-        return (*args, _Graphed(lambda: op(*args)))
-
-    return make_graphed
-
-
-def _replay(*args):
-    args[-1]()
-
-
 def _inputs(B, S, Hq, Hk, D, requires_grad):
     """q, k as views of one (B, S, (Hq + 2 Hk) * D) projection output; fresh random values."""
     qkv = torch.randn(B, S, (Hq + 2 * Hk) * D, device=DEVICE, dtype=DTYPE)
@@ -125,7 +89,7 @@ def test_rope_forward(benchmark, shape, variant, monkeypatch):
 
     q, k, _, _ = make()
     moved = 2 * tensor_bytes(q, k)
-    fn, sets = (_replay, _graphed(op, make)) if variant == "triton-graph" else (op, make)
+    fn, sets = (replay_graph, graphed_inputs(op, make)) if variant == "triton-graph" else (op, make)
     with torch.no_grad():  # also around the capture: the graph holds the no-grad forward
         measure(benchmark, fn, sets, bytes=moved, dtype=DTYPE, shapes={"q": q.shape, "k": k.shape}, variant=variant)
 
@@ -155,5 +119,5 @@ def test_rope_forward_backward(benchmark, shape, variant, monkeypatch):
     # the capturing stream, as in torch.cuda.graphs' whole-network example): the graph then holds
     # exactly the GPU work of the public call (forward and conjugate-rotation launches and their
     # allocations), not a hand-picked pair of private launches that could drift from it.
-    fn, sets = (_replay, _graphed(step, make)) if variant == "triton-graph" else (step, make)
+    fn, sets = (replay_graph, graphed_inputs(step, make)) if variant == "triton-graph" else (step, make)
     measure(benchmark, fn, sets, bytes=moved, dtype=DTYPE, shapes={"q": q.shape, "k": k.shape}, variant=variant)
