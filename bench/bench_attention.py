@@ -163,16 +163,8 @@ def test_attention(benchmark, passes, mask_name, S, variant):
 def test_block_mask_build(benchmark, mask_name, S):
     """One batch's BlockMask from scratch; compared with flex forward+backward of one layer (median times)."""
     B = max(1, TOKENS // S)
-    benchmark.group = f"attn-blockmask-S{S}"
+    extra = _time_build(benchmark, mask_name, B, S, exact=False)
     mask = make_mask(mask_name, B, S)
-    extra = measure(
-        benchmark,
-        lambda m: build_block_mask(m, B, S, S, DEVICE, 128),
-        lambda: (make_mask(mask_name, B, S),),
-        shapes={"mask": (B, S, S)},
-        variant="build",
-        mask=mask_name,
-    )
     # one layer's attention, the cheapest path that trains: flex on a GPU, SDPA on the CPU
     backend = "flex" if DEVICE.type == "cuda" else "sdpa"
     q, k, v, g = _inputs(B, S, grad=True)
@@ -188,4 +180,23 @@ def test_block_mask_build(benchmark, mask_name, S):
         attention_fwdbwd_s=layer_s,
         frac_of_attention_fwdbwd=round(frac, 4),
         frac_of_step_L12=round(frac / STEP_LAYERS, 5),
+    )
+
+
+@pytest.mark.parametrize("S", SEQS, ids=_shape_id)
+@pytest.mark.parametrize("mask_name", MASKS)
+def test_block_mask_build_exact(benchmark, mask_name, S):
+    """The baseline: the exact builder, which evaluates the mask on all B * S^2 (query, key) pairs."""
+    _time_build(benchmark, mask_name, max(1, TOKENS // S), S, exact=True)
+
+
+def _time_build(benchmark, mask_name: str, B: int, S: int, exact: bool) -> dict:
+    benchmark.group = f"attn-blockmask-S{S}"
+    return measure(
+        benchmark,
+        lambda m: build_block_mask(m, B, S, S, DEVICE, 128, exact=exact),
+        lambda: (make_mask(mask_name, B, S),),
+        shapes={"mask": (B, S, S)},
+        variant="exact" if exact else "closed_form",
+        mask=mask_name,
     )

@@ -39,12 +39,12 @@ from nanollama.kernels import masks as _masks
 _CHUNK_ELEMENTS = 1 << 26  # booleans evaluated at once by the exact builder (64 MiB)
 
 
-def _ordered(dense_blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(..., n_q, n_kv) 0/1 -> (count (..., n_q), indices (..., n_q, n_kv)) with the visible kv blocks first."""
-    dense_blocks = dense_blocks.to(torch.int32)
-    counts = dense_blocks.sum(dim=-1, dtype=torch.int32)
-    indices = torch.argsort(dense_blocks, dim=-1, descending=True, stable=True).to(torch.int32)
-    return counts.contiguous(), indices.contiguous()
+def _ordered(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool (..., rows, cols) -> (count (..., rows), indices (..., rows, cols)): each row's True columns first."""
+    keys = tiles.contiguous().view(torch.uint8)  # the same bytes: every device sorts uint8
+    counts = keys.sum(dim=-1, dtype=torch.int32)
+    indices = torch.argsort(keys, dim=-1, descending=True, stable=True).to(torch.int32)
+    return counts, indices
 
 
 def block_counts(
@@ -86,10 +86,12 @@ class _Tiles:
     kv_first: torch.Tensor  # (1, n_kv) first key of each key block
     kv_last: torch.Tensor  # (1, n_kv) last in-range key
     inner: torch.Tensor  # (n_q, n_kv) False for tiles reaching past Sq or Skv: those are never full
+    causal_some: torch.Tensor  # (n_q, n_kv) some key of the tile at or before some query (kv_first <= q_last)
+    causal_every: torch.Tensor  # (n_q, n_kv) every key at or before every query (kv_last <= q_first)
 
     @classmethod
     def of(cls, q_len: int, kv_len: int, block: int, device) -> _Tiles:
-        """The geometry, cached per shape: it is the same for every batch (a dozen small ops saved)."""
+        """The geometry, cached per shape: the same for every batch (on a GPU, a dozen launches saved per build)."""
         key = (q_len, kv_len, block, torch.device(device))
         if torch.compiler.is_compiling():  # traced: no module state, the ops become part of the graph
             return cls._build(*key)
@@ -107,8 +109,9 @@ class _Tiles:
         q1 = (q0 + block).clamp(max=q_len) - 1
         k1 = (k0 + block).clamp(max=kv_len) - 1
         inner = (q0 + block <= q_len) & (k0 + block <= kv_len)  # (n_q, n_kv)
-        offset = kv_len - q_len
-        return cls(q_len, kv_len, block, n_q, n_kv, q0 + offset, q1 + offset, k0, k1, inner)
+        q_first, q_last = q0 + (kv_len - q_len), q1 + (kv_len - q_len)
+        causal = (k0 <= q_last, k1 <= q_first)
+        return cls(q_len, kv_len, block, n_q, n_kv, q_first, q_last, k0, k1, inner, *causal)
 
     def block_ranges(self, ids: torch.Tensor, queries: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-block (min, max) of per-key values ids (B, Skv): (B, n, 1) for query blocks, (B, 1, n) for key blocks."""
@@ -135,7 +138,7 @@ _TILES_ENTRIES = 16
 
 
 def _causal(mask, tensors, t: _Tiles):
-    return t.kv_first <= t.q_last, t.kv_last <= t.q_first
+    return t.causal_some, t.causal_every
 
 
 def _sliding_window(mask, tensors, t: _Tiles):
@@ -146,10 +149,9 @@ def _sliding_window(mask, tensors, t: _Tiles):
 
 def _prefix_lm(mask, tensors, t: _Tiles):
     prefix = tensors[0].view(-1, 1, 1)  # (B, 1, 1)
-    some = (t.kv_first <= t.q_last) | (t.kv_first < prefix)
-    # every key j needs j < prefix or j <= (the tile's first query): i.e. j < max(prefix, q_first + 1)
-    every = t.kv_last < torch.maximum(prefix, t.q_first + 1)
-    return some, every
+    some = t.causal_some | (t.kv_first < prefix)
+    # every key j of the tile must sit in the prompt (j < prefix) or at or before the tile's first query
+    return some, t.causal_every | (t.kv_last < prefix)
 
 
 def _padding(mask, tensors, t: _Tiles):
@@ -166,9 +168,9 @@ def _document(mask, tensors, t: _Tiles):
     (ids,) = tensors
     k_lo, k_hi = t.block_ranges(ids, queries=False)
     q_lo, q_hi = (k_lo.transpose(1, 2), k_hi.transpose(1, 2)) if t.q_len == t.kv_len else t.block_ranges(ids, True)
-    some = (t.kv_first <= t.q_last) & (q_lo <= k_hi) & (k_lo <= q_hi)
-    one_id = (q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo)
-    return some, (t.kv_last <= t.q_first) & one_id
+    some = t.causal_some & (q_lo <= k_hi) & (k_lo <= q_hi)
+    one_id = (q_lo == k_hi) & (q_hi == k_lo)  # with lo <= hi in each block: all four ids equal
+    return some, t.causal_every & one_id
 
 
 def _combined(mask, tensors, t: _Tiles):
@@ -227,11 +229,15 @@ def build_block_mask(mask, batch: int, q_len: int, kv_len: int, device, block_si
     with torch.no_grad():
         classes = None if exact else tile_classes(mask, batch, q_len, kv_len, device, block_size)
         partial, full = classes if classes is not None else block_counts(mask, batch, q_len, kv_len, device, block_size)
-        tiles = torch.stack((partial, full))  # (2, B|1, 1, n_q, n_kv): one sort for both classes
-        kv_num, kv_idx = _ordered(tiles)
         # the backward walks the transposed lists (key block -> query blocks); sorting them here from
-        # the tiles we hold is what from_kv_blocks does, minus rebuilding the tiles from the lists
-        q_num, q_idx = _ordered(tiles.transpose(-1, -2))
+        # the tiles we hold is what from_kv_blocks does, minus rebuilding the tiles from the lists.
+        # One stack and one sort for all four lists where the tiles are square (few launches on a GPU).
+        by_kv, by_q = (partial, full), (partial.transpose(-1, -2), full.transpose(-1, -2))
+        if partial.shape[-1] == partial.shape[-2]:
+            num, idx = _ordered(torch.stack(by_kv + by_q))  # (4, B|1, 1, n, n)
+            kv_num, kv_idx, q_num, q_idx = num[:2], idx[:2], num[2:], idx[2:]
+        else:
+            (kv_num, kv_idx), (q_num, q_idx) = _ordered(torch.stack(by_kv)), _ordered(torch.stack(by_q))
     mask_mod = mask.mask_mod_for(q_len, kv_len, device)
     try:
         return BlockMask(

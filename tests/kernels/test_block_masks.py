@@ -152,15 +152,19 @@ def test_block_mask_equals_exact_builder(q_len, kv_len):
         assert ours.mask_mod is not None and ours.kv_indices.dtype == torch.int32, name
 
 
-def test_q_lists_match_torchs_transposition():
-    """The builder sorts the backward's (key block -> query blocks) lists itself: as from_kv_blocks would."""
-    mask = _cases(300, seed=3)["(prefix|sliding)&padding"][0]
-    ours = block_masks.build_block_mask(mask, B, 300, 300, "cpu", 64)
+@pytest.mark.parametrize("q_len,kv_len", [(300, 300), (129, 300)])  # square tiles: one sort; else two
+def test_lists_match_the_tiles_and_torchs_transposition(q_len, kv_len):
+    """kv lists hold the tiles' classes; the q lists (for the backward) are their transposition, as torch's."""
+    mask = _cases(kv_len, seed=3)["(prefix|sliding)&padding"][0]
+    ours = block_masks.build_block_mask(mask, B, q_len, kv_len, "cpu", 64)
+    partial, full = block_masks.tile_classes(mask, B, q_len, kv_len, "cpu", 64)
+    assert torch.equal(ours.to_dense().bool(), partial | full)
     theirs = BlockMask.from_kv_blocks(
         ours.kv_num_blocks, ours.kv_indices, ours.full_kv_num_blocks, ours.full_kv_indices, BLOCK_SIZE=64
     )
     for field in ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
         assert torch.equal(getattr(ours, field), getattr(theirs, field)), field
+    assert int(ours.full_kv_num_blocks.sum()) == int(full.sum()) > 0
 
 
 class _Shifted(masks.Causal):
