@@ -83,7 +83,9 @@ class Mask(ABC):
     def tensors_on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         device = torch.device(device)
         if device not in self._on_device:
-            self._on_device[device] = tuple(t.to(device) for t in self._tensors())
+            # host -> GPU without a stream sync (a blocking copy waits for all queued GPU work, once per
+            # batch); the other way stays blocking, since the CPU reads the result at once
+            self._on_device[device] = tuple(t.to(device, non_blocking=t.device.type == "cpu") for t in self._tensors())
         return self._on_device[device]
 
     def mask_mod_for(self, q_len: int, kv_len: int, device=None) -> MaskMod:
