@@ -5,8 +5,9 @@ A mask says which keys each query may see. Each mask is written once as a mask_m
 
 - `mask.dense(B, Sq, Skv, device)`: boolean (B, Sq, Skv) for SDPA and the reference, made by
   evaluating the mask_mod on broadcast index grids (so flex and dense can never disagree);
-- `mask.block_mask(B, Sq, Skv, device)`: FlexAttention's BlockMask, built by the eager, chunked
-  builder in `block_masks.py` (no torch.compile, so a new batch never recompiles anything).
+- `mask.block_mask(B, Sq, Skv, device)`: FlexAttention's BlockMask, built eagerly by `block_masks.py`
+  (tiles classified in closed form for the built-in masks and their combinations, O(tiles + S);
+  other masks evaluated pair by pair), no torch.compile, so a new batch never recompiles anything.
 
 Both are cached: on the mask object for masks that hold per-sequence tensors (build the mask
 once per batch and pass the same object to every layer), and in a small module-level cache for
@@ -82,7 +83,9 @@ class Mask(ABC):
     def tensors_on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         device = torch.device(device)
         if device not in self._on_device:
-            self._on_device[device] = tuple(t.to(device) for t in self._tensors())
+            # host -> GPU without a stream sync (a blocking copy waits for all queued GPU work, once per
+            # batch); the other way stays blocking, since the CPU reads the result at once
+            self._on_device[device] = tuple(t.to(device, non_blocking=t.device.type == "cpu") for t in self._tensors())
         return self._on_device[device]
 
     def mask_mod_for(self, q_len: int, kv_len: int, device=None) -> MaskMod:

@@ -1,5 +1,6 @@
-"""Masks: dense form against loop definitions written from the spec, block masks against torch's own
-create_block_mask, caching (built once per batch, shared by layers), and argument errors."""
+"""Masks: dense form against loop definitions written from the spec, block masks (closed form and
+exact builder) against torch's own create_block_mask, caching (built once per batch, shared by layers), and argument
+errors."""
 
 from __future__ import annotations
 
@@ -67,20 +68,34 @@ def test_dense_matches_definition(q_len, kv_len):
         assert torch.equal(got, expected), f"{name} at Sq={q_len}, Skv={kv_len}"
 
 
+@pytest.mark.parametrize("exact", [False, True], ids=["closed_form", "exact"])
 @pytest.mark.parametrize("q_len,kv_len", [(256, 256), (129, 129), (70, 129), (300, 257)])
-def test_block_mask_matches_torch(q_len, kv_len, monkeypatch):
-    # a tiny chunk forces the builder through several query-block chunks; 256 fills its blocks exactly
+def test_block_mask_matches_torch(q_len, kv_len, exact, monkeypatch):
+    # a tiny chunk forces the exact builder through several query-block chunks; 256 fills its blocks exactly
     monkeypatch.setattr(block_masks, "_CHUNK_ELEMENTS", 1)
     for name, (mask, _) in _cases(kv_len).items():
-        ours = mask.block_mask(B, q_len, kv_len)
+        ours = block_masks.build_block_mask(mask, B, q_len, kv_len, torch.device("cpu"), 128, exact=exact)
         theirs = create_block_mask(mask.mask_mod_for(q_len, kv_len), B, None, q_len, kv_len, device="cpu")
         assert ours.seq_lengths == (q_len, kv_len), name
-        assert torch.equal(ours.to_dense().expand_as(theirs.to_dense()), theirs.to_dense()), name
-        nb = ours.full_kv_num_blocks.expand_as(theirs.full_kv_num_blocks)
-        assert torch.equal(nb, theirs.full_kv_num_blocks), f"{name}: full blocks differ"
+        computed, full = ours.to_dense().expand_as(theirs.to_dense()), _full_tiles(ours).expand_as(_full_tiles(theirs))
+        if exact or not ("&" in name or "|" in name):
+            assert torch.equal(computed, theirs.to_dense()), name
+            assert torch.equal(full, _full_tiles(theirs)), f"{name}: full blocks differ"
+        else:  # combined closed-form bounds may only be looser: no tile torch computes skipped, no extra full tile
+            assert not (theirs.to_dense().bool() & ~computed.bool()).any(), name
+            assert not (full & ~_full_tiles(theirs)).any(), f"{name}: a full tile torch calls partial"
         # and the mask_mod itself agrees with the dense form, through torch's own evaluator
         dense = create_mask(mask.mask_mod_for(q_len, kv_len), B, 1, q_len, kv_len, device="cpu")[:, 0]
         assert torch.equal(dense, mask.dense(B, q_len, kv_len)), name
+
+
+def _full_tiles(bm) -> torch.Tensor:
+    """(B, H, n_q, n_kv) bool: the tiles a BlockMask computes without its mask_mod."""
+    n_q, n_kv = bm.full_kv_indices.shape[-2:]
+    cols = torch.arange(n_kv)
+    listed = cols < bm.full_kv_num_blocks[..., None]  # (B, H, n_q, n_kv): the first count entries are valid
+    out = torch.zeros(*bm.full_kv_indices.shape[:-1], n_kv, dtype=torch.bool)
+    return out.scatter(-1, bm.full_kv_indices.long(), listed)
 
 
 def test_block_mask_is_sparse_where_it_should_be():
