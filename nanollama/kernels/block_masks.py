@@ -41,7 +41,8 @@ _CHUNK_ELEMENTS = 1 << 26  # booleans evaluated at once by the exact builder (64
 
 def _ordered(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """bool (..., rows, cols) -> (count (..., rows), indices (..., rows, cols)): each row's True columns first."""
-    keys = tiles.contiguous().view(torch.uint8)  # the same bytes: every device sorts uint8
+    # every device sorts uint8; a cast, not a view: inductor in torch 2.11 cannot lower bool.view(uint8)
+    keys = tiles.to(torch.uint8)
     counts = keys.sum(dim=-1, dtype=torch.int32)
     indices = torch.argsort(keys, dim=-1, descending=True, stable=True).to(torch.int32)
     return counts, indices
