@@ -12,8 +12,8 @@ GPU: Hq=32, Hk=8, D=128 bf16, contexts 1K..32K, batch 1..64. CPU: small fp32 sha
 
 Variants: triton (decode_attention launched eagerly: ~20 us of host time per call included, as much
 as the whole GPU time of the small cases), triton-graph (the same call captured once per input set
-into a CUDA graph, outside the timing, and replayed: the kernel-bound figure, and what generate()
-runs, since its decode step replays CUDA graphs; GPU only), eager (SDPA over the padded cache), ref.
+into a CUDA graph, outside the timing, and replayed: the kernel-bound figure, and what generate(compile=True)
+runs on CUDA, whose decode step replays CUDA graphs; GPU only), eager (SDPA over the padded cache), ref.
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@
 # stage): stages run in priority order (the kernel issues' targets first), each with its own time
 # limit cut to what is left; a stage that fails or runs out of time does not stop the next one.
 # A stage out of time gets SIGINT, not SIGTERM: pytest then still finishes its session and
-# pytest-benchmark writes the JSON of the benchmarks already done. Exit status: 0 when every stage passed.
+# pytest-benchmark writes the JSON of the benchmarks already done (a stage stuck inside a CUDA call
+# cannot act on SIGINT: it is killed 15 s later and its JSON is lost). Give the remote call a time
+# limit of NANOLLAMA_GPU_CHECK_S + 60 s. Exit status: 0 when every stage passed.
 set -u
 OUT_DIR=${1:?usage: bench/gpu_check.sh OUT_DIR}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -38,7 +40,7 @@ stage() {
     return
   fi
   echo "== $name (up to ${limit} s)"
-  timeout -s INT -k 30 "$limit" "$PY" -m pytest -q -p no:cacheprovider "$@" >"$OUT_DIR/$name.log" 2>&1 || status=1
+  timeout -s INT -k 15 "$limit" "$PY" -m pytest -q -p no:cacheprovider "$@" >"$OUT_DIR/$name.log" 2>&1 || status=1
   tail -n 3 "$OUT_DIR/$name.log"
 }
 
@@ -78,7 +80,12 @@ fi
 "$PY" - "${results[@]}" <<'PYEOF' || status=1
 import json, sys
 for path in sys.argv[1:]:
-    for b in json.load(open(path))["benchmarks"]:
+    try:
+        benchmarks = json.load(open(path))["benchmarks"]
+    except (OSError, ValueError, KeyError) as e:
+        print(f"{path}: unreadable ({e})")
+        continue
+    for b in benchmarks:
         e = b["extra_info"]
         rate = f"{e['gb_per_s']:8.1f} GB/s" if "gb_per_s" in e else f"{e.get('tflop_per_s', 0):8.1f} TFLOP/s"
         frac = e.get("frac_measured_bw", e.get("frac_peak_bw", e.get("frac_peak_flops", "")))

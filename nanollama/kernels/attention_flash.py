@@ -30,7 +30,7 @@ import dataclasses
 import torch
 
 from nanollama.kernels.dispatch import module_found
-from nanollama.kernels.masks import And, Causal, Document, Mask, Padding, SlidingWindow
+from nanollama.kernels.masks import And, Causal, Document, Mask, Padding, SlidingWindow, to_device
 
 
 @torch.compiler.assume_constant_result  # a constant to Dynamo, which cannot trace find_spec
@@ -112,7 +112,7 @@ class _Plan:
 
 
 def _on(device: torch.device, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-    return tuple(None if t is None else t.to(device) for t in tensors)
+    return tuple(None if t is None else to_device(t, device) for t in tensors)  # no stream sync
 
 
 def _document_plan(ids: torch.Tensor, device: torch.device) -> _Plan:

@@ -44,6 +44,16 @@ def _nbytes(value) -> int:
     return 0  # BlockMasks: a few int32 per tile, negligible
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`. Host -> GPU goes through a pinned copy, asynchronously: a plain copy from
+    pageable memory may wait for all queued GPU work, once per batch. The pinned buffer comes from
+    torch's caching host allocator, which keeps it until the copy is done, and is not the caller's
+    tensor, so changing `t` afterwards is harmless. Other directions stay blocking."""
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class Mask(ABC):
     """Base class. Subclasses define `kind`, `_mod(q_len, kv_len, tensors)`, `_tensors()` and `check`."""
 
@@ -83,9 +93,7 @@ class Mask(ABC):
     def tensors_on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         device = torch.device(device)
         if device not in self._on_device:
-            # host -> GPU without a stream sync (a blocking copy waits for all queued GPU work, once per
-            # batch); the other way stays blocking, since the CPU reads the result at once
-            self._on_device[device] = tuple(t.to(device, non_blocking=t.device.type == "cpu") for t in self._tensors())
+            self._on_device[device] = tuple(to_device(t, device) for t in self._tensors())
         return self._on_device[device]
 
     def mask_mod_for(self, q_len: int, kv_len: int, device=None) -> MaskMod:
