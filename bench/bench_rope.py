@@ -73,15 +73,20 @@ def _shape_id(shape):
     return f"B{B}-S{S}-Hq{Hq}-Hk{Hk}-D{D}"
 
 
+def _setup(benchmark, passes: str, shape, variant: str, monkeypatch):
+    """The variant's dispatch mode and op, the benchmark group, and the (cos, sin) tables: (op, cos, sin)."""
+    monkeypatch.setenv("NANOLLAMA_KERNELS", "triton" if variant.startswith("triton") else "auto")
+    benchmark.group = f"rope-{passes}-{_shape_id(shape)}"
+    S, D = shape[1], shape[4]
+    return (_op(variant), *rope_mod.rope_frequencies(S, D, device=DEVICE))
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
 def test_rope_forward(benchmark, shape, variant, monkeypatch):
     """Forward only. GB/s = 2 * (|q| + |k|) bytes / time."""
-    monkeypatch.setenv("NANOLLAMA_KERNELS", "triton" if variant.startswith("triton") else "auto")
-    op = _op(variant)
+    op, cos, sin = _setup(benchmark, "fwd", shape, variant, monkeypatch)
     B, S, Hq, Hk, D = shape
-    benchmark.group = f"rope-fwd-{_shape_id(shape)}"
-    cos, sin = rope_mod.rope_frequencies(S, D, device=DEVICE)
 
     def make():
         q, k = _inputs(B, S, Hq, Hk, D, requires_grad=False)
@@ -98,11 +103,8 @@ def test_rope_forward(benchmark, shape, variant, monkeypatch):
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
 def test_rope_forward_backward(benchmark, shape, variant, monkeypatch):
     """Forward + backward (torch.autograd.grad, no .grad accumulation). GB/s = 4 * (|q| + |k|) / time."""
-    monkeypatch.setenv("NANOLLAMA_KERNELS", "triton" if variant.startswith("triton") else "auto")
-    op = _op(variant)
+    op, cos, sin = _setup(benchmark, "fwdbwd", shape, variant, monkeypatch)
     B, S, Hq, Hk, D = shape
-    benchmark.group = f"rope-fwdbwd-{_shape_id(shape)}"
-    cos, sin = rope_mod.rope_frequencies(S, D, device=DEVICE)
 
     def make():
         q, k = _inputs(B, S, Hq, Hk, D, requires_grad=True)

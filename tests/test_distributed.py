@@ -9,23 +9,14 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny_run import tiny
 
 from nanollama import checkpoint
 from nanollama.monitor import MetricsFile
 
 ROOT = Path(__file__).parents[1]
 DEBUG = ROOT / "configs" / "gssm" / "debug.yaml"
-TINY = [
-    "model.dim=32",
-    "model.n_layers=2",
-    "model.max_seq_len=32",
-    "data.batch_size=4",
-    "data.seq_len=16",
-    "optim.warmup=2",
-    "log.every=1",
-    "eval.every=0",
-    "eval.batches=1",
-]
+TINY = tiny({"model.n_layers": 2, "data.batch_size": 4, "eval.batches": 1})
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "NANOLLAMA_ATTENTION": "sdpa"}
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is tested on Linux")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_run import tiny
 
 from nanollama import checkpoint
 from nanollama.model import Transformer
@@ -18,17 +19,7 @@ from nanollama.trainer import EXIT_INTERRUPTED, EXIT_NONFINITE, Trainer
 
 ROOT = Path(__file__).parents[1]
 DEBUG = ROOT / "configs" / "gssm" / "debug.yaml"
-TINY = [
-    "model.dim=32",
-    "model.n_layers=1",
-    "model.max_seq_len=32",
-    "data.batch_size=8",
-    "data.seq_len=16",
-    "optim.warmup=2",
-    "log.every=1",
-    "eval.every=5",
-    "eval.batches=2",
-]
+TINY = tiny({"eval.every": 5})
 
 
 def run(tmp_path, *extra, name="run") -> tuple[int, list[dict]]:

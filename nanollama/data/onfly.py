@@ -24,7 +24,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from nanollama.data.seeds import ONFLY, derive_seed
 
 
-def _check_int(name: str, value: Any, low: int) -> int:
+def check_int(name: str, value: Any, low: int) -> int:
+    """`value` when it is an int (not a bool) >= low, else a ValueError naming it."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     return value
@@ -49,14 +50,14 @@ class OnTheFlyDataset(IterableDataset):
         start: int = 0,
     ):
         self.gssm = gssm
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.seq_len = _check_int("seq_len", seq_len, 1)
-        self.seed = _check_int("seed", seed, 0)
-        self.world_size = _check_int("world_size", world_size, 1)
-        self.rank = _check_int("rank", rank, 0)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.seq_len = check_int("seq_len", seq_len, 1)
+        self.seed = check_int("seed", seed, 0)
+        self.world_size = check_int("world_size", world_size, 1)
+        self.rank = check_int("rank", rank, 0)
         if rank >= world_size:
             raise ValueError(f"rank must be < world_size={world_size}, got {rank}")
-        self.start = _check_int("start", start, 0)
+        self.start = check_int("start", start, 0)
 
     def batch_seed(self, index: int) -> int:
         return derive_seed(self.seed, ONFLY, index * self.world_size + self.rank)

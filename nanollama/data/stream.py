@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import BatchSampler, DataLoader
 
-from nanollama.data.onfly import OnTheFlyDataset
+from nanollama.data.onfly import OnTheFlyDataset, check_int
 from nanollama.data.reader import DataError, TokenFileDataset, as_batch
 from nanollama.data.sampler import ShardedShuffleSampler
 
@@ -132,10 +132,8 @@ class FileStream(_Stream):
         gssm: Any = None,
     ):
         super().__init__(num_workers, pin_memory)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-            raise ValueError(f"seq_len must be an integer >= 1, got {seq_len!r}")
+        check_int("batch_size", batch_size, 1)
+        check_int("seq_len", seq_len, 1)
         self.dataset = TokenFileDataset(path, split, length=seq_len + 1)
         if gssm is not None:
             check_same_graph(self.dataset.manifest, gssm, path)

@@ -8,22 +8,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+from tiny_run import tiny
+
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
 DEBUG = ROOT / "configs" / "gssm" / "debug.yaml"
 # A tiny CPU training: a couple of seconds of compute per run, most of it process start-up.
-TINY = [
-    "model.dim=32",
-    "model.n_layers=1",
-    "model.max_seq_len=32",
-    "data.batch_size=8",
-    "data.seq_len=16",
-    "optim.warmup=2",
-    "log.every=1",
-    "eval.every=0",
-    "eval.batches=2",
-    "checkpoint.every=1000",
-]
+TINY = tiny({"checkpoint.every": 1000})
 
 # A stand-in task for tests of the scripts themselves: counts steps in run_dir/step, prints its
 # VERSION, exits 75 after a step once SIGUSR1 or SIGTERM arrived (like nanollama.train), and resumes.
