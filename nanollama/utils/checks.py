@@ -1,0 +1,34 @@
+"""Argument checks shared by the library's public functions: one wording for every integer check."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+
+def is_int(value: Any) -> bool:
+    """A Python or numpy integer (numbers.Integral), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: Any, low: int | None = None, high: int | None = None) -> int:
+    """`value` as an int when it is an integer (not a bool) in [low, high], else a ValueError naming it."""
+    if not is_int(value) or (low is not None and value < low) or (high is not None and value > high):
+        if low is not None and high is not None:
+            bound = f" in [{low}, {high}]"
+        elif low is not None:
+            bound = f" >= {low}"
+        elif high is not None:
+            bound = f" <= {high}"
+        else:
+            bound = ""
+        raise ValueError(f"{name} must be an integer{bound}, got {value!r}")
+    return int(value)
+
+
+def check_finite(name: str, value: Any) -> float:
+    """`value` as a float when it is a finite real number (not a bool), else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
