@@ -26,7 +26,7 @@ import torch
 from harness import DEVICE, device_name, requires_gpu
 
 from nanollama.generate import generate
-from nanollama.model import Transformer, TransformerConfig
+from nanollama.models.transformer import Transformer, TransformerConfig
 
 if DEVICE.type == "cuda":
     MODEL = dict(vocab_size=8192, dim=768, n_layers=6, n_heads=12, n_kv_heads=4, max_seq_len=2048)

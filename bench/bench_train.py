@@ -51,12 +51,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from harness import DEVICE, device_name, measure
 
-from nanollama.flops import peak_flops
+from nanollama.distributed import compile_blocks
 from nanollama.kernels.attention_select import cache_file
-from nanollama.model import Transformer, TransformerConfig
-from nanollama.optim import build_optimizer
-from nanollama.parallel import compile_blocks
-from nanollama.run_config import OptimConfig
+from nanollama.models.transformer import Transformer, TransformerConfig
+from nanollama.train.config import OptimConfig
+from nanollama.train.optim import build_optimizer
+from nanollama.utils.devices import peak_flops
 
 
 def lm_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:

@@ -19,24 +19,11 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from nanollama.utils.checks import ConfigError, check
+
+__all__ = ["ConfigError", "build", "check", "dump", "load", "to_dict"]
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A bad config value: `field` is the dotted path, `reason` what is wrong and what is allowed."""
-
-    def __init__(self, field: str, reason: str):
-        self.field, self.reason = field, reason
-        super().__init__(f"{field}: {reason}" if field else reason)
-
-    def under(self, prefix: str) -> ConfigError:
-        return ConfigError(f"{prefix}.{self.field}" if self.field else prefix, self.reason)
-
-
-def check(condition: bool, field: str, reason: str) -> None:
-    """Raise ConfigError(field, reason) unless condition holds (for __post_init__ validation)."""
-    if not condition:
-        raise ConfigError(field, reason)
 
 
 # ----------------------------------------------------------------------------- building
@@ -56,13 +43,39 @@ def build(cls: type[T], data: Any, path: str = "") -> T:
     for key, value in data.items():
         if key not in fields:
             raise ConfigError(_join(path, str(key)), "unknown key" + _suggest(str(key), fields, path))
-        kwargs[key] = convert(value, hints[key], _join(path, key))
+        tp = field_type(fields[key], hints[key], value, _join(path, key))
+        kwargs[key] = convert(value, tp, _join(path, key))
     try:
         return cls(**kwargs)
     except ConfigError as e:
         raise (e.under(path) if path else e) from None
     except TypeError as e:  # a required field left out
         raise ConfigError(path, str(e)) from None
+
+
+def variant(default_factory, key: str, lookup) -> Any:
+    """A section whose dataclass is chosen by one of its own keys, e.g. `model.arch` or `data.source`.
+
+    `lookup(name) -> dataclass` (a ValueError for an unknown name); the default factory's instance
+    gives the name when the key is absent.
+    """
+    return dataclasses.field(default_factory=default_factory, metadata={"variant": (key, lookup)})
+
+
+def field_type(f: dataclasses.Field, hint: Any, value: Any, path: str) -> Any:
+    """The type to convert `value` to: the hint, or for a variant section the class its key names."""
+    if "variant" not in f.metadata:
+        return hint
+    key, lookup = f.metadata["variant"]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return type(value)
+    name = value.get(key) if isinstance(value, dict) else None
+    if name is None:
+        name = getattr(f.default_factory(), key)
+    try:
+        return lookup(name)
+    except ValueError as e:
+        raise ConfigError(_join(path, key), str(e)) from None
 
 
 def convert(value: Any, tp: Any, path: str) -> Any:
@@ -176,13 +189,13 @@ def apply_override(data: dict, dotted: str, raw: str, cls: type) -> None:
             fields = {f.name: f for f in dataclasses.fields(schema) if f.init}
             if key not in fields:
                 raise ConfigError(here, "unknown key" + _suggest(key, fields, ".".join(keys[:depth])))
-            field_type = typing.get_type_hints(schema)[key]
+            hint = typing.get_type_hints(schema)[key]
             if last:
                 node[key] = yaml.safe_load(raw) if raw.strip() else raw
                 return
             if node.get(key) is None:
                 node[key] = _default_as_data(fields[key])
-            node, schema = node[key], field_type
+            node, schema = node[key], field_type(fields[key], hint, node[key], here)
         elif typing.get_origin(schema) in (list, tuple):
             if not key.isdigit() or not isinstance(node, list) or int(key) >= len(node):
                 size = len(node) if isinstance(node, list) else 0
@@ -234,9 +247,18 @@ def read_yaml(path: Path) -> dict:
     return data
 
 
-def load(cls: type[T], path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> T:
-    """Defaults -> YAML file at `path` -> `key=value` overrides, validated into a `cls` instance."""
+def load(
+    cls: type[T], path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), only: tuple[str, ...] = ()
+) -> T:
+    """Defaults -> YAML file at `path` -> `key=value` overrides, validated into a `cls` instance.
+
+    `only`: keep just these top-level sections of the file and the overrides (a tool that reads part
+    of a training config, and ignores the rest of it).
+    """
     data = read_yaml(Path(path)) if path is not None else {}
+    if only:
+        data = {k: v for k, v in data.items() if k in only}
+        overrides = [o for o in overrides if o.partition("=")[0].split(".")[0].strip() in only]
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:

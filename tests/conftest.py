@@ -18,10 +18,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# Whole files outside the quick inner loop (`pytest -m "not slow"`): each test starts a real Slurm
+# or several processes. Single slow tests carry @pytest.mark.slow themselves.
+SLOW_FILES = ("test_slurm.py",)
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    skip = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
+        if skip is not None and "gpu" in item.keywords:
             item.add_marker(skip)

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from nanollama import config
-from nanollama.run_config import TrainConfig
-from nanollama.train import parse
+from nanollama.train.cli import parse
+from nanollama.train.config import TrainConfig
 
 DEBUG = Path(__file__).parents[1] / "configs" / "gssm" / "debug.yaml"
 
@@ -50,7 +50,7 @@ def test_overrides_of_lists_booleans_and_sections_missing_from_the_file(tmp_path
         ("data.gssm.nodes.7.state_dim=3", "data.gssm.nodes.7: no list item 7 (the list has 3 items)"),
         ("data.gssm.nodes.0.alpha=0", "data.gssm.nodes.0.alpha: node 'clock': alpha must be > 0, got 0.0"),
         ("optim.lr.x=1", "optim.lr: is a value, not a section"),
-        ("model.vocab_size=10", "model.vocab_size: is 10 but data.gssm's observed node has state_dim 32"),
+        ("model.vocab_size=10", "model.vocab_size: is 10 but data.source=onfly has 32 tokens"),
         ("data.seq_len=500", "data.seq_len: 500 exceeds model.max_seq_len=128"),
         ("log.every=0", "log.every: must be >= 1, got 0"),
         ("seed=-1", "seed: must be >= 0, got -1"),
@@ -96,6 +96,7 @@ def test_resolved_config_round_trips(tmp_path):
         ([str(DEBUG), "optim.lrr=3"], "error: optim.lrr: unknown key (did you mean 'optim.lr'?)"),
     ],
 )
+@pytest.mark.slow
 def test_cli_errors_are_one_line_with_exit_code_2(args, message):
     proc = subprocess.run([sys.executable, "-m", "nanollama.train", *args], capture_output=True, text=True)
     assert proc.returncode == 2

@@ -11,15 +11,18 @@ from pathlib import Path
 import pytest
 from tiny_run import tiny
 
-from nanollama import checkpoint
-from nanollama.monitor import MetricsFile
+from nanollama.observe.metrics import MetricsFile
+from nanollama.train import checkpoint
 
 ROOT = Path(__file__).parents[1]
 DEBUG = ROOT / "configs" / "gssm" / "debug.yaml"
 TINY = tiny({"model.n_layers": 2, "data.batch_size": 4, "eval.batches": 1})
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "NANOLLAMA_ATTENTION": "sdpa"}
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is tested on Linux")
+pytestmark = [
+    pytest.mark.slow,  # several processes each: outside the quick inner loop (pytest -m "not slow")
+    pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is tested on Linux"),
+]
 
 
 def command(run_dir: Path, nproc: int | None, *extra: str) -> list[str]:

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from tiny_run import train_tiny_run
 
-from nanollama import eval_length as ev
 from nanollama.data import seeds
 from nanollama.data.gssm import GSSM
-from nanollama.generate import load_run
+from nanollama.evaluate import length as ev
 from nanollama.kernels import rope_frequencies
+from nanollama.runs import load_run
 
 SCALINGS = ["none", "linear", "ntk", "yarn"]
 

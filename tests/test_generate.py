@@ -11,9 +11,10 @@ import pytest
 import torch
 from tiny_run import train_tiny_run
 
-from nanollama import generate as gen
-from nanollama.generate import filter_logits, generate, load_run, sample
-from nanollama.model import KVCache, Transformer, TransformerConfig
+from nanollama.generate import cli as gen
+from nanollama.generate import filter_logits, generate, loop, sample
+from nanollama.models.transformer import KVCache, Transformer, TransformerConfig
+from nanollama.runs import load_run
 
 VOCAB = 29
 
@@ -99,7 +100,7 @@ def test_padding_slots_may_hold_nan_they_are_never_read():
     model = tiny(n_layers=1)
     prompts = ragged_prompts([2, 9], seed=4)
     want = generate(model, prompts, 5)
-    backend = gen._CachedBackend(model, 2, 13, compile=False)
+    backend = loop._CachedBackend(model, 2, 13, compile=False)
     backend.cache.fill_(float("nan"))
     with torch.no_grad():
         logits = backend.prefill(prompts, torch.device("cpu"))
@@ -149,7 +150,7 @@ def test_the_batch_ends_early_when_every_sequence_has_stopped():
     model.register_forward_pre_hook(lambda *_: calls.append(1))
     out = generate(model, ragged_prompts([3, 5]), 30, stop_tokens=range(VOCAB))  # every token stops
     assert [len(r) for r in out] == [1, 1]
-    assert len(calls) <= gen.CHECK_EVERY  # the prefill and fewer than CHECK_EVERY decode steps, not 30
+    assert len(calls) <= loop.CHECK_EVERY  # the prefill and fewer than CHECK_EVERY decode steps, not 30
 
 
 def test_zero_budget_and_single_token_prompts():
@@ -279,7 +280,7 @@ def test_cache_shape_errors():
     cache.start_decode(torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="one token per sequence, got 2"):
         model(torch.zeros((2, 2), dtype=torch.long), cache=cache)
-    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
         KVCache(1, 0, 1, 8, 4)
 
 
@@ -304,6 +305,7 @@ def test_cli_round_trip_on_a_trained_run(run_dir, capsys):
     assert first == second
 
 
+@pytest.mark.slow
 def test_cli_as_a_module(run_dir):
     env = {**os.environ, "PYTHONPATH": str(Path(gen.__file__).resolve().parents[1])}
     cmd = [sys.executable, "-m", "nanollama.generate", str(run_dir), "--prompt", "3 7 4", "--max-new-tokens", "5"]

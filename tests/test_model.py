@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from nanollama.config import ConfigError
-from nanollama.model import Transformer, TransformerConfig
+from nanollama.models.transformer import Transformer, TransformerConfig
 
 
 def tiny(**kw) -> Transformer:
@@ -89,7 +89,7 @@ def test_too_long_input_is_refused():
 
 
 def test_peak_table_never_guesses():
-    from nanollama.flops import peak_flops
+    from nanollama.utils.devices import peak_flops
 
     assert peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989e12
     assert peak_flops("NVIDIA H100 PCIe", "bf16") == 756e12

@@ -11,11 +11,13 @@ import pytest
 import torch
 from tiny_run import tiny
 
-from nanollama import checkpoint
-from nanollama.model import Transformer
-from nanollama.monitor import MetricsFile
-from nanollama.train import main, parse
-from nanollama.trainer import EXIT_INTERRUPTED, EXIT_NONFINITE, Trainer
+from nanollama.models.transformer import Transformer
+from nanollama.observe.metrics import MetricsFile
+from nanollama.train import checkpoint
+from nanollama.train.cli import main, parse
+from nanollama.train.trainer import Trainer
+from nanollama.utils.exit_codes import INTERRUPTED as EXIT_INTERRUPTED
+from nanollama.utils.exit_codes import NONFINITE as EXIT_NONFINITE
 
 ROOT = Path(__file__).parents[1]
 DEBUG = ROOT / "configs" / "gssm" / "debug.yaml"
@@ -102,6 +104,7 @@ def test_half_written_checkpoints_are_ignored(tmp_path):
     assert code == 0 and sorted(losses(records)) == list(range(1, 7))
 
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_and_the_relaunch_matches_an_uninterrupted_run(tmp_path):
     args = [*TINY, "steps=150", "checkpoint.every=1000", "log.every=1"]
     _, full = run(tmp_path, *args[len(TINY) :], name="full")
@@ -125,7 +128,7 @@ def test_ctrl_c_checkpoints_and_the_relaunch_matches_an_uninterrupted_run(tmp_pa
 
 
 def test_files_source_resumes_bitwise_with_workers(tmp_path):
-    from nanollama.data.files import main as write_files
+    from nanollama.data.gssm.__main__ import main as write_files
 
     data = tmp_path / "data"
     assert write_files([str(DEBUG), *TINY, "--out", str(data), "--train", "100", "--test", "16"]) == 0
@@ -225,6 +228,7 @@ def test_a_nonfinite_gradient_never_reaches_a_checkpoint(tmp_path):
         assert all(torch.isfinite(p).all() for p in model.parameters()), step
 
 
+@pytest.mark.slow
 def test_a_metrics_line_cut_by_a_crash_does_not_stop_the_resume(tmp_path):
     run(tmp_path, "steps=4", "checkpoint.every=2")
     with open(tmp_path / "run" / "metrics.jsonl", "a") as f:

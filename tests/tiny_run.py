@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nanollama.train import main
+from nanollama.train.cli import main
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "gssm" / "debug.yaml"
 # The smallest training worth testing: a couple of seconds of compute per run.

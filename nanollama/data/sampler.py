@@ -13,6 +13,8 @@ from collections.abc import Iterator
 import numpy as np
 from torch.utils.data import Sampler
 
+from nanollama.utils.checks import check_int
+
 
 class ShardedShuffleSampler(Sampler[int]):
     """Indices of one rank's shard of epoch `epoch`, from position `start` of that shard on.
@@ -26,8 +28,7 @@ class ShardedShuffleSampler(Sampler[int]):
         self, n: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True, drop_last: bool = True
     ):
         for name, value, low in (("n", n, 1), ("seed", seed, 0), ("rank", rank, 0), ("world_size", world_size, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            check_int(name, value, low)
         if rank >= world_size:
             raise ValueError(f"rank must be < world_size={world_size}, got {rank}")
         if drop_last and n < world_size:

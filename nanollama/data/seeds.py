@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from nanollama.utils.checks import is_int
+
 EVAL = 1  # key (graph_seed, EVAL, i): the trainer's held-out batches
 ONFLY = 2  # key (seed, ONFLY, global batch index): the on-the-fly training stream
 FILE_TRAIN = 3  # key (seed, FILE_TRAIN, chunk): the train split written to files
@@ -18,8 +20,7 @@ EVAL_LENGTH = 6  # key (graph_seed, EVAL_LENGTH, L): the sequences eval_length s
 
 def derive_seed(*key: int) -> int:
     """A 63-bit non-negative seed from non-negative integers (a hash: distinct keys, distinct seeds)."""
-    for k in key:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
-            raise ValueError(f"seed key parts must be non-negative integers, got {key!r}")
+    if not all(is_int(k) and k >= 0 for k in key):
+        raise ValueError(f"seed key parts must be non-negative integers, got {key!r}")
     state = np.random.SeedSequence([int(k) for k in key]).generate_state(2, np.uint64)
     return int(state[0] >> np.uint64(1))

@@ -14,6 +14,7 @@ import math
 import torch
 
 from nanollama.kernels.dispatch import use_triton
+from nanollama.utils.checks import ConfigError
 
 try:
     import triton
@@ -46,7 +47,7 @@ SCALING_TYPES: dict[str, dict[str, object]] = {
 def _number(value, field: str, low: float, strict: bool) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or (value <= low if strict else value < low):
-        raise ValueError(f"rope_scaling.{field}: must be a number {'>' if strict else '>='} {low}; got {value!r}")
+        raise ConfigError(f"rope_scaling.{field}", f"must be a number {'>' if strict else '>='} {low}; got {value!r}")
     return float(value)
 
 
@@ -63,26 +64,26 @@ def check_rope_scaling(scaling: dict | None) -> dict | None:
     if scaling is None:
         return None
     if not isinstance(scaling, dict):
-        raise ValueError(f"rope_scaling: must be a mapping with a 'type' key or null; got {scaling!r}")
+        raise ConfigError("rope_scaling", f"must be a mapping with a 'type' key or null; got {scaling!r}")
     kind = scaling.get("type")
     if kind not in SCALING_TYPES:
-        raise ValueError(f"rope_scaling.type: must be one of {', '.join(SCALING_TYPES)}; got {kind!r}")
+        raise ConfigError("rope_scaling.type", f"must be one of {', '.join(SCALING_TYPES)}; got {kind!r}")
     spec = SCALING_TYPES[kind]
     out: dict = {"type": kind}
     for key in scaling:
         if key != "type" and key not in spec:
             allowed = ", ".join(spec) or "no other keys"
-            raise ValueError(f"rope_scaling.{key}: unknown key for type {kind!r} (allowed: {allowed})")
+            raise ConfigError(f"rope_scaling.{key}", f"unknown key for type {kind!r} (allowed: {allowed})")
     for key, default in spec.items():
         if scaling.get(key) is None and default is _REQUIRED:
-            raise ValueError(f"rope_scaling.{key}: required for type {kind!r}")
+            raise ConfigError(f"rope_scaling.{key}", f"required for type {kind!r}")
         out[key] = scaling[key] if scaling.get(key) is not None else default
     if kind == "none":
         return None
     out["factor"] = _number(out["factor"], "factor", 1.0, strict=False)
     ctx = out["original_max_seq_len"]
     if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or ctx <= 0):
-        raise ValueError(f"rope_scaling.original_max_seq_len: must be a positive integer; got {ctx!r}")
+        raise ConfigError("rope_scaling.original_max_seq_len", f"must be a positive integer; got {ctx!r}")
     if kind == "yarn":
         out["beta_slow"] = _number(out["beta_slow"], "beta_slow", 0.0, strict=True)
         out["beta_fast"] = _number(out["beta_fast"], "beta_fast", out["beta_slow"], strict=True)

@@ -32,3 +32,24 @@ def check_finite(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
+
+
+class ConfigError(ValueError):
+    """A bad config value: `field` is the dotted path, `reason` what is wrong and what is allowed.
+
+    Defined here, not in nanollama.config, so that the kernels (which import nothing above utils)
+    can name the field of a config they validate, e.g. rope_scaling.factor.
+    """
+
+    def __init__(self, field: str, reason: str):
+        self.field, self.reason = field, reason
+        super().__init__(f"{field}: {reason}" if field else reason)
+
+    def under(self, prefix: str) -> ConfigError:
+        return ConfigError(f"{prefix}.{self.field}" if self.field else prefix, self.reason)
+
+
+def check(condition: bool, field: str, reason: str) -> None:
+    """Raise ConfigError(field, reason) unless condition holds (for __post_init__ validation)."""
+    if not condition:
+        raise ConfigError(field, reason)

@@ -13,12 +13,13 @@ import pytest
 import torch
 from torch.utils.data import BatchSampler, DataLoader
 
-from nanollama.data import files, seeds
-from nanollama.data.files import main, write_dataset
-from nanollama.data.gssm import GSSM, GSSMConfig, NodeConfig
-from nanollama.data.reader import DataError, TokenFileDataset, as_batch, load_manifest, token_dtype
+from nanollama.data import seeds
+from nanollama.data.gssm import GSSM, GSSMConfig, NodeConfig, files
+from nanollama.data.gssm.__main__ import main
+from nanollama.data.gssm.files import write_dataset
+from nanollama.data.gssm.reader import DataError, TokenFileDataset, as_batch, load_manifest, token_dtype
+from nanollama.data.gssm.stream import FileStream, build_train_stream
 from nanollama.data.sampler import ShardedShuffleSampler
-from nanollama.data.stream import FileStream, build_train_stream
 
 T = 20  # seq_len: rows hold T + 1 tokens
 N_TRAIN, N_TEST, CHUNK = 150, 40, 64  # 3 train chunks, the last one short
@@ -199,11 +200,10 @@ def test_cli_writes_with_overrides_and_fails_in_one_line(tmp_path, config_yaml, 
     assert capsys.readouterr().err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_python_dash_m_entry_point(tmp_path, config_yaml):
     """One real `python -m nanollama.data.gssm` (a fresh interpreter costs seconds; errors are tested above)."""
     src = Path(__file__).resolve().parents[2]
-    if "nanollama.data.files import main" not in (src / "nanollama/data/gssm.py").read_text():
-        pytest.skip("gssm.py does not call the files CLI yet")
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "nanollama.data.gssm", str(config_yaml), "--out", str(out), "--train", "4"]
     env = {"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin"}

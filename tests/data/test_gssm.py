@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from nanollama.config import ConfigError
-from nanollama.data import gssm as gssm_module
 from nanollama.data.gssm import GSSM, GSSMConfig, NodeConfig
-from nanollama.data.hmm import joint_hmm
+from nanollama.data.gssm import graph as gssm_module
+from nanollama.data.gssm.hmm import joint_hmm
 
 BUILT = importlib.util.find_spec("nanollama._gssm_sampler") is not None
 needs_cpp = pytest.mark.skipif(not BUILT, reason="nanollama._gssm_sampler is not built (run `make install`)")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from nanollama.data.layout import IGNORE, lay_out, rows_needed
+from nanollama.data.batch import IGNORE, lay_out, rows_needed
 
 
 def source_and_nll(rows: int, T1: int):

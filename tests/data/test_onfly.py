@@ -8,8 +8,8 @@ from torch.utils.data import DataLoader
 
 from nanollama.data import seeds
 from nanollama.data.gssm import GSSM, GSSMConfig, NodeConfig
-from nanollama.data.onfly import OnTheFlyDataset
-from nanollama.data.stream import OnTheFlyStream, build_train_stream
+from nanollama.data.gssm.onfly import OnTheFlyDataset
+from nanollama.data.gssm.stream import OnTheFlyStream, build_train_stream
 
 B, T = 4, 24
 

@@ -9,7 +9,7 @@ from launcher_helpers import DEBUG
 from nanollama import config
 from nanollama.config import ConfigError
 from nanollama.launcher import grid, spec
-from nanollama.run_config import TrainConfig
+from nanollama.train.config import TrainConfig
 
 
 def test_expand_is_the_cartesian_product_first_key_slowest():

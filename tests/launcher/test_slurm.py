@@ -17,7 +17,7 @@ import yaml
 from launcher_helpers import DEBUG, TINY, launcher_cli
 
 from nanollama.launcher import status
-from nanollama.monitor import MetricsFile
+from nanollama.observe.metrics import MetricsFile
 
 pytestmark = pytest.mark.slow  # about a minute on 2 idle cores: several short trainings
 

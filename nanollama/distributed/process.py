@@ -1,0 +1,104 @@
+"""Where a process stands: the process group and device mesh under torchrun (or srun), or one process alone.
+
+Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK in the environment) the processes join one group
+over an explicit 1-D device mesh: NCCL on GPUs, gloo on CPUs. A plain `python -m nanollama.train`
+runs one process without any of it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from nanollama.utils.checks import ConfigError
+from nanollama.utils.slurm import rendezvous_port
+
+
+@dataclass
+class Dist:
+    """Where this process stands: rank among world_size, its device, and the mesh (None alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    mesh: object | None = None  # a DeviceMesh under torchrun
+
+    @property
+    def distributed(self) -> bool:
+        return self.mesh is not None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is True on any rank (so all ranks stop at the same step)."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def mean(self, value: float) -> float:
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.item() / self.world_size
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init(device: str = "auto", timeout_s: float = 300.0) -> Dist:
+    """Join the process group when launched by torchrun; otherwise a single process on `device`."""
+    want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        raise ConfigError("device", "cuda was asked for but no CUDA device is available")
+    _adopt_slurm_environment()
+    if "RANK" not in os.environ:
+        return Dist(device=torch.device("cuda" if want_cuda else "cpu"))
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if want_cuda:
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    # A bounded timeout: if a rank dies, the others fail their next collective instead of hanging.
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group("nccl" if want_cuda else "gloo", timeout=timeout, device_id=dev if want_cuda else None)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(dev.type, (world,), mesh_dim_names=("dp",))
+    return Dist(rank=rank, world_size=world, local_rank=local, device=dev, mesh=mesh)
+
+
+def _adopt_slurm_environment() -> None:
+    """Processes started by `srun` (several tasks, no torchrun) take their ranks from Slurm's variables.
+
+    The rendezvous is the first node of the job on a port derived from the job id, unless
+    MASTER_ADDR / MASTER_PORT are already set.
+    """
+    # SLURM_STEP_NUM_TASKS exists inside an srun step only: a batch script of a multi-task job (which
+    # has SLURM_NTASKS too) must not wait for peers that were never started.
+    tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
+    if "RANK" in os.environ or tasks <= 1 or "SLURM_PROCID" not in os.environ:
+        return
+    import subprocess
+
+    os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=str(tasks), LOCAL_RANK=os.environ["SLURM_LOCALID"])
+    if "MASTER_ADDR" not in os.environ:
+        nodes = os.environ.get("SLURM_JOB_NODELIST", "localhost")
+        hosts = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True).stdout.split()
+        os.environ["MASTER_ADDR"] = hosts[0] if hosts else "localhost"
+    os.environ.setdefault("MASTER_PORT", str(rendezvous_port(int(os.environ.get("SLURM_JOB_ID", "0")))))

@@ -1,0 +1,1 @@
+"""`python -m nanollama.eval_length`: the command's name; the code is nanollama/evaluate/length.py."""

@@ -1,0 +1,99 @@
+"""The model plug point: `model.arch` -> ModelSpec, everything the trainer, FSDP and generation need.
+
+A new model family is new files plus one `register(ModelSpec(...))` line; nothing else names it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What one architecture provides. Every callable takes the built model first.
+
+    config: the `model` section's dataclass; it has an `arch` field (this spec's name) and `vocab_size`.
+    build: config -> module (under `torch.device("meta")` when the trainer shards it).
+    blocks: the repeated units, in order: each is FSDP-sharded, activation-checkpointed and compiled alone.
+    initial_value: (model, parameter name, seed) -> its full initial tensor on the CPU, a function of
+        (seed, name) alone, so the weights are the same on any world size.
+    num_params: (model, embeddings) -> parameter count; embeddings=False leaves out the token embedding table.
+    reset_buffers: recompute non-persistent buffers (e.g. RoPE tables) after `to_empty` on a device.
+    flops_per_token: (model, seq_len) -> model FLOPs of one training token (forward + backward), for MFU.
+    recompute_flops_per_token: (model, seq_len) -> extra FLOPs per token when every block's forward
+        runs twice (full activation checkpointing), for HFU.
+    parallelize: (model, mesh, mp_policy) -> None, the model's own sharding plan; None: FSDP2 on each
+        block, then the root.
+    new_state: (model, batch_size, max_len, dtype, device) -> a generation state (see
+        models/transformer/cache.py for the interface); None: no cached generation.
+    """
+
+    arch: str
+    config: type
+    build: Callable[[Any], nn.Module]
+    blocks: Callable[[nn.Module], Sequence[nn.Module]]
+    initial_value: Callable[[nn.Module, str, int], torch.Tensor]
+    flops_per_token: Callable[[nn.Module, int], float]
+    recompute_flops_per_token: Callable[[nn.Module, int], float]
+    num_params: Callable[[nn.Module, bool], int] = lambda model, embeddings=True: sum(
+        p.numel() for p in model.parameters()
+    )
+    reset_buffers: Callable[[nn.Module], None] = lambda model: None
+    parallelize: Callable[..., None] | None = None
+    new_state: Callable[..., Any] | None = None
+
+
+_SPECS: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    """Make `spec` selectable as `model.arch=<spec.arch>`; re-registering a name replaces it."""
+    _SPECS[spec.arch] = spec
+    return spec
+
+
+def archs() -> list[str]:
+    return sorted(_SPECS)
+
+
+def get(arch: str) -> ModelSpec:
+    """The spec of `arch`; a ValueError naming the known architectures otherwise."""
+    if arch not in _SPECS:
+        close = difflib.get_close_matches(str(arch), archs(), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ValueError(f"unknown architecture {arch!r}{hint}; known: {', '.join(archs())}")
+    return _SPECS[arch]
+
+
+def spec_of(model: nn.Module) -> ModelSpec:
+    """The spec a built model belongs to (by its config's `arch`)."""
+    return get(model.config.arch)
+
+
+def config_class(arch: str) -> type:
+    return get(arch).config
+
+
+def build(cfg: Any) -> nn.Module:
+    """The model for a `model` config section, initialised with seed 0 unless on the meta device."""
+    return get(cfg.arch).build(cfg)
+
+
+def reset_parameters(model: nn.Module, seed: int = 0) -> None:
+    """Set every (unsharded, materialised) parameter to the spec's initial value for `seed`."""
+    spec = spec_of(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(spec.initial_value(model, name, seed))
+
+
+def seeded_normal(shape: torch.Size, std: float, seed: int, index: int) -> torch.Tensor:
+    """Normal(0, std) from a generator seeded by (seed, index): per-parameter seeding for `initial_value`."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + index)
+    return torch.empty(shape).normal_(0.0, std, generator=generator)

@@ -1,0 +1,20 @@
+"""The Llama-style Transformer (model.py) and its generation state, the static KV cache (cache.py)."""
+
+from nanollama.models.registry import ModelSpec
+from nanollama.models.transformer.cache import KVCache
+from nanollama.models.transformer.model import Transformer, TransformerConfig
+
+SPEC = ModelSpec(
+    arch="transformer",
+    config=TransformerConfig,
+    build=Transformer,
+    blocks=lambda model: list(model.layers),
+    initial_value=lambda model, name, seed: model.initial_value(name, seed),
+    flops_per_token=lambda model, seq_len: model.flops_per_token(seq_len),
+    recompute_flops_per_token=lambda model, seq_len: model.recompute_flops_per_token(seq_len),
+    num_params=lambda model, embeddings=True: model.num_params(embeddings),
+    reset_buffers=lambda model: model.reset_buffers(),
+    new_state=lambda model, batch_size, max_len, dtype=None: KVCache.for_model(model, batch_size, max_len, dtype),
+)
+
+__all__ = ["SPEC", "KVCache", "Transformer", "TransformerConfig"]

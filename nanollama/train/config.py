@@ -1,0 +1,122 @@
+"""The training run's config: one dataclass per component, composed into TrainConfig.
+
+Loaded by `nanollama.config.load(TrainConfig, yaml_path, overrides)`; saved to run_dir/config.yaml.
+The `model` section's class is chosen by `model.arch` (nanollama.models), the `data` section's by
+`data.source` (nanollama.data): each model and each data source owns its section.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from nanollama import data, models
+from nanollama.config import ConfigError, check, variant
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup: int = 100  # steps of linear warm-up from 0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1  # the decayed schedules end at lr * min_lr_ratio
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping (the norm is still logged)
+    accum_steps: int = 1
+
+    def __post_init__(self):
+        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check(all(0 <= b < 1 for b in self.betas), "betas", f"each must be in [0, 1), got {self.betas}")
+        check(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
+        check(self.warmup >= 0, "warmup", f"must be >= 0, got {self.warmup}")
+        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        check(self.grad_clip >= 0, "grad_clip", f"must be >= 0 (0 disables), got {self.grad_clip}")
+        check(self.accum_steps >= 1, "accum_steps", f"must be >= 1, got {self.accum_steps}")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100  # steps between checkpoints (one is always written at the end)
+    keep: int = 2  # the last `keep` checkpoints survive (besides those pending evaluation)
+    eval_every: int = 0  # checkpoints at multiples of this are kept until `python -m nanollama.evaluate` reads them
+    async_save: bool = False  # write in the background; committed before the next save
+
+    def __post_init__(self):
+        check(self.every >= 1, "every", f"must be >= 1, got {self.every}")
+        check(self.keep >= 1, "keep", f"must be >= 1, got {self.keep}")
+        check(self.eval_every >= 0, "eval_every", f"must be >= 0 (0: none), got {self.eval_every}")
+
+
+@dataclass
+class ParallelConfig:
+    """How the model runs under torchrun (FSDP2) and what trades memory for compute."""
+
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    compile: bool = False  # torch.compile each block
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # gradient reduction dtype under bf16 FSDP
+    defer_grad_sync: bool = True  # with accumulation, reduce gradients on the last micro-step only (more memory)
+    timeout_s: float = 300.0  # collectives fail after this long, e.g. when another rank died
+
+    def __post_init__(self):
+        check(self.timeout_s > 0, "timeout_s", f"must be > 0, got {self.timeout_s}")
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+
+    def __post_init__(self):
+        check(self.every >= 1, "every", f"must be >= 1, got {self.every}")
+
+
+@dataclass
+class EvalConfig:
+    every: int = 100  # steps between evaluations (0: only at the end)
+    batches: int = 4  # held-out batches per evaluation, the same ones every time
+
+    def __post_init__(self):
+        check(self.every >= 0, "every", f"must be >= 0, got {self.every}")
+        check(self.batches >= 1, "batches", f"must be >= 1, got {self.batches}")
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    steps: int = 1000
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    model: Any = variant(models.default_config, "arch", models.config_class)
+    data: Any = variant(data.default_config, "source", data.config_class)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self):
+        check(self.steps >= 0, "steps", f"must be >= 0, got {self.steps}")
+        check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        check(bool(self.run_dir), "run_dir", "must not be empty")
+        if self.data.vocab_size is not None:  # known from the config alone; else once the source is built
+            set_vocab_size(self, self.data.token_vocab_size)
+        max_len = getattr(self.model, "max_seq_len", None)  # a recurrent model has no context limit
+        if max_len is not None and self.data.seq_len > max_len:
+            raise ConfigError("data.seq_len", f"{self.data.seq_len} exceeds model.max_seq_len={max_len}")
+
+
+def set_vocab_size(cfg: TrainConfig, token_vocab_size: int) -> None:
+    """Take model.vocab_size from the data (its tokens, plus the end token for documents), or check it agrees."""
+    vocab = token_vocab_size + (cfg.data.mask == "document")
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = vocab
+    elif cfg.model.vocab_size != vocab:
+        end = " + 1 end token (data.mask=document)" if cfg.data.mask == "document" else ""
+        raise ConfigError(
+            "model.vocab_size",
+            f"is {cfg.model.vocab_size} but data.source={cfg.data.source} has {token_vocab_size} tokens{end}; "
+            "leave model.vocab_size unset to take it from the data",
+        )

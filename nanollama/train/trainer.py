@@ -1,0 +1,330 @@
+"""The training loop: data -> model -> AdamW, on one process or sharded with FSDP2 under torchrun.
+
+Everything a resumed run needs is in the checkpoint: model, optimizer, grad scaler, the step, the
+data stream's position and every RNG state. So a relaunch of the same command continues with
+exactly the losses an uninterrupted run would have (on the same world size; on another one the
+model and optimizer reshard and the data stream restarts deterministically).
+
+The loop names no model and no data source: `model.arch` and `data.source` pick them from their
+registries (nanollama.models, nanollama.data).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nanollama import config, data, distributed, models
+from nanollama.data import seeds
+from nanollama.data.batch import Batch, lay_out_for, rows_needed
+from nanollama.data.heldout import HeldOut
+from nanollama.observe import flops
+from nanollama.observe.metrics import MetricsFile
+from nanollama.observe.system import hostname, memory_record, rss_bytes
+from nanollama.train import checkpoint
+from nanollama.train.checkpoint import step_dir
+from nanollama.train.config import TrainConfig, set_vocab_size
+from nanollama.train.loss import lm_loss
+from nanollama.train.optim import build_optimizer, lr_at
+from nanollama.train.relaunch import check_relaunch
+from nanollama.train.signals import StopRequest
+from nanollama.utils import exit_codes
+from nanollama.utils.devices import gpu_name
+from nanollama.utils.fileio import write_atomic
+
+log = logging.getLogger("nanollama")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.dist = distributed.init(cfg.device, cfg.parallel.timeout_s)
+        self.device = self.dist.device
+        self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+
+        _seed_everything(cfg.seed + self.dist.rank)
+        d = cfg.data
+        self.source = data.build(d)  # the same source (e.g. the same graph) on every rank
+        set_vocab_size(cfg, self.source.token_vocab_size)
+        self.stream = self.source.train_stream(
+            d.batch_size * rows_needed(d.mask, d.seq_len, d.doc_min),  # document packing takes more rows
+            seed=cfg.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            pin_memory=self.device.type == "cuda",
+        )
+        self.spec = models.get(cfg.model.arch)
+        self.model = self.build_model()
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        use_scaler = cfg.precision == "fp16" and not self.dist.distributed
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
+        self.checkpointer = checkpoint.Checkpointer(
+            self.run_dir / "checkpoints",
+            self.dist,
+            keep=cfg.checkpoint.keep,
+            eval_every=cfg.checkpoint.eval_every,
+            async_save=cfg.checkpoint.async_save,
+        )
+        self.step = 0
+        self.metrics = MetricsFile(self.run_dir / "metrics.jsonl")
+        check_relaunch(cfg, self.run_dir)
+        self.held_out = HeldOut(self.source, cfg.eval.batches)
+        self.peak_flops = flops.peak_flops(gpu_name(self.device), cfg.precision)
+        self.flops_per_token, self.hardware_flops_per_token = flops.per_token(
+            self.model_shape, d.seq_len, cfg.parallel.activation_checkpointing
+        )
+
+    def build_model(self) -> torch.nn.Module:
+        """fp32 parameters, initialised identically whatever the world size; sharded under torchrun."""
+        p = self.cfg.parallel
+        if not self.dist.distributed:
+            model = self.spec.build(self.cfg.model)
+            models.reset_parameters(model, self.cfg.seed)
+            model.to(self.device)
+        else:
+            with torch.device("meta"):
+                model = self.spec.build(self.cfg.model)
+        self.model_shape = model  # FLOP counts only read its config and parameter counts
+        distributed.activation_checkpointing(model, p.activation_checkpointing)
+        if p.compile:
+            distributed.compile_blocks(model)
+        if self.dist.distributed:
+            distributed.shard(model, self.dist.mesh, self.cfg.precision, p.reduce_dtype)
+            model.to_empty(device=self.device)
+            self.spec.reset_buffers(model)
+            distributed.init_weights(model, self.cfg.seed)
+        return model
+
+    # ------------------------------------------------------------------ data
+
+    def train_batch(self, micro: int) -> Batch:
+        """The next micro-batch, laid out for the run's mask (random lengths drawn from the step's seed)."""
+        # Keyed by the global micro-batch index (as the data stream is), so 2 ranks with accumulation A
+        # lay out exactly what 1 rank with 2A does.
+        index = micro * self.dist.world_size + self.dist.rank
+        seed = seeds.derive_seed(self.cfg.seed, seeds.LAYOUT, self.step, index)
+        return lay_out_for(self.cfg.data, next(self.stream), seed, self.source.eos)
+
+    # ------------------------------------------------------------------ steps
+
+    def autocast(self):
+        # Under FSDP the mixed-precision policy casts parameters; autocast serves the single process.
+        if self.amp_dtype is None or self.dist.distributed:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def loss_on(self, batch: Batch) -> torch.Tensor:
+        with self.autocast():
+            return lm_loss(self.model, batch.to(self.device))
+
+    def train_step(self) -> dict:
+        """One optimizer step over accum_steps micro-batches; returns the step's metrics."""
+        cfg = self.cfg.optim
+        lr = lr_at(self.step, self.cfg.steps, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = 0.0
+        for micro in range(cfg.accum_steps):
+            if self.dist.distributed and self.cfg.parallel.defer_grad_sync:
+                self.model.set_requires_gradient_sync(micro == cfg.accum_steps - 1)
+            loss = self.loss_on(self.train_batch(micro))
+            self.scaler.scale(loss / cfg.accum_steps).backward()
+            total += loss.item() / cfg.accum_steps
+        total = self.dist.mean(total)  # every rank sees the same loss, so all stop together on NaN
+        if not math.isfinite(total):
+            raise NonFiniteLoss(f"the loss became {total} at step {self.step + 1}")
+        self.scaler.unscale_(self.optimizer)
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # global, over shards
+        if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
+            # (with fp16 the scaler skips such a step and lowers its scale instead)
+            raise NonFiniteLoss(f"the gradient norm became {grad_norm} at step {self.step + 1}")
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"loss": total, "lr": lr, "grad_norm": grad_norm}
+
+    def evaluate(self) -> dict:
+        self.model.eval()
+        record = self.held_out.evaluate(self.loss_on)
+        self.model.train()
+        return record
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self) -> Path:
+        state = {
+            "step": self.step,
+            "data": self.stream.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+        }
+        return self.checkpointer.save(self.step, self.model, self.optimizer, state)
+
+    def resume(self) -> bool:
+        path = checkpoint.latest(self.checkpointer.root)
+        if path is None:
+            return False
+        state, saved_world = self.checkpointer.load(path, self.model, self.optimizer)
+        self.step = state["step"]
+        if saved_world == self.dist.world_size:
+            self.stream.load_state_dict(state["data"])
+            self.scaler.load_state_dict(state["scaler"])
+            rng = state["rng"]
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            torch.set_rng_state(rng["torch"].cpu())
+            if rng["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+            self.info(f"resumed from {path} at step {self.step}")
+        else:
+            how = self.stream.restart_resharded(state["data"])
+            self.info(
+                f"resumed from {path} at step {self.step}, resharded from world size {saved_world} to "
+                f"{self.dist.world_size}: model and optimizer resharded; {how}"
+            )
+        if self.dist.is_main:
+            self.metrics.truncate_after(self.step)
+        return True
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> int:
+        """Train to cfg.steps (resuming if a checkpoint exists); returns the process exit code."""
+        try:
+            return self._fit()
+        finally:
+            self.checkpointer.wait()
+            self.stream.close()
+            self.dist.close()
+
+    def _fit(self) -> int:
+        cfg = self.cfg
+        if self.dist.is_main:
+            write_atomic(self.run_dir / "config.yaml", config.dump(cfg))
+            _setup_logging(self.run_dir / "train.log")
+        self.dist.barrier()
+        self.checkpointer.clean_stale()
+        world = self.dist.world_size
+        self.info(
+            f"host {hostname()} | pid rss {rss_bytes() / 2**20:.0f} MiB | device {self.device} | {cfg.precision} | "
+            f"world size {world}{' (FSDP2)' if self.dist.distributed else ''}"
+        )
+        self.info(
+            f"model: {cfg.model.arch}, {self.spec.num_params(self.model_shape, True) / 1e6:.3f}M parameters "
+            f"({self.spec.num_params(self.model_shape, False) / 1e6:.3f}M without embeddings), "
+            f"{self.flops_per_token / 1e6:.2f} MFLOP/token | run_dir {self.run_dir}"
+        )
+        self.resume()
+        if self.step >= cfg.steps:
+            self.info(f"already at step {self.step} >= steps={cfg.steps}: nothing to do (raise steps to go on)")
+            return 0
+        if self.held_out.bayes_loss is not None:
+            self.info(f"Bayes-optimal loss on the eval batches: {self.held_out.bayes_loss:.4f}")
+        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.optim.accum_steps * world
+        self.info(f"tokens per step: {tokens_per_step} (batch_size x seq_len x accum_steps x world_size)")
+        self.model.train()
+        with StopRequest() as stop:
+            clock, steps_timed = time.perf_counter(), 0
+            while self.step < cfg.steps:
+                try:
+                    record = self.train_step()
+                except NonFiniteLoss as e:
+                    last = checkpoint.latest(self.checkpointer.root)
+                    self.info(f"{e}; stopping. Last good checkpoint: {last or 'none'} (try a lower optim.lr)")
+                    return exit_codes.NONFINITE
+                steps_timed += 1
+                if self.step % cfg.log.every == 0 or self.step == cfg.steps:
+                    elapsed = time.perf_counter() - clock
+                    self.log_train(record, tokens_per_step * steps_timed / elapsed)
+                    clock, steps_timed = time.perf_counter(), 0
+                if (cfg.eval.every and self.step % cfg.eval.every == 0) or self.step == cfg.steps:
+                    self.log_eval(self.evaluate())
+                saved = self.step % cfg.checkpoint.every == 0 or self.step == cfg.steps
+                if saved:
+                    self.save()
+                if self.step < cfg.steps and self.dist.any(stop.signum is not None):
+                    path = step_dir(self.checkpointer.root, self.step) if saved else self.save()
+                    self.checkpointer.wait()
+                    why = signal.Signals(stop.signum).name if stop.signum else "another rank's signal"
+                    self.info(f"stopped by {why} at step {self.step}; checkpoint {path}")
+                    return stop.exit_code
+        self.info(f"done: step {self.step}")
+        return 0
+
+    def info(self, message: str) -> None:
+        if self.dist.is_main:
+            log.info(message)
+
+    def log_train(self, r: dict, tokens_per_s: float) -> None:
+        per_device = tokens_per_s / self.dist.world_size
+        achieved = per_device * self.flops_per_token
+        r = {
+            "step": self.step,
+            **r,
+            "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_device": per_device,
+            "tflops_per_device": achieved / 1e12,
+            "mfu": achieved / self.peak_flops if self.peak_flops else None,
+            "hfu": per_device * self.hardware_flops_per_token / self.peak_flops if self.peak_flops else None,
+            "host": hostname(),
+            **memory_record(self.device, self.dist.local_rank),
+        }
+        if not self.dist.is_main:
+            return
+        self.metrics.write(r)
+        mfu = f" | mfu {r['mfu']:.1%}" if r["mfu"] is not None else ""
+        log.info(
+            f"step {r['step']:>6}/{self.cfg.steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
+            f"grad_norm {r['grad_norm']:.3f} | tok/s {r['tokens_per_s']:,.0f}{mfu}"
+        )
+
+    def log_eval(self, r: dict) -> None:
+        if not self.dist.is_main:
+            return
+        self.metrics.write({"step": self.step, **r, "host": hostname()})
+        log.info(f"eval {self.step:>6}/{self.cfg.steps} | " + format_eval(r))
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _setup_logging(path: Path) -> None:
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(path)):
+        handler.setFormatter(fmt)
+        log.addHandler(handler)
+
+
+def format_eval(r: dict) -> str:
+    """'eval_loss 1.3013 | bayes_loss 1.2920 | excess_loss 0.0093', the oracle's fields only where known."""
+    return " | ".join(f"{k} {r[k]:.4f}" for k in ("eval_loss", "bayes_loss", "excess_loss") if k in r)
