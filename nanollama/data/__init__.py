@@ -6,21 +6,13 @@ training mask, heldout.py holds the evaluation batches and their optimum where a
 
 from nanollama.data import gssm
 from nanollama.data.config import DataConfig
-from nanollama.data.registry import build, config_class, get, names, register
+from nanollama.data.registry import build, config_class, default_config, get, names, register
 from nanollama.data.source import DataError, DataSource, TokenStream
 
 register("onfly", gssm.GSSMDataConfig, gssm.GSSMSource)
 register("files", gssm.GSSMDataConfig, gssm.GSSMSource)
-DEFAULT_SOURCE = "onfly"  # data.source when a config leaves it out
-
-
-def default_config():
-    """The `data` section of a config that names no source."""
-    return config_class(DEFAULT_SOURCE)()
-
 
 __all__ = [
-    "DEFAULT_SOURCE",
     "DataConfig",
     "DataError",
     "DataSource",

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 
 from nanollama.data.config import DataConfig
 from nanollama.data.source import DataSource
+from nanollama.utils.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -16,31 +16,31 @@ class SourceSpec:
     source: type  # a DataSource subclass built from that config
 
 
-_SPECS: dict[str, SourceSpec] = {}
+SOURCES: Registry[SourceSpec] = Registry("data source", default="onfly")
 
 
 def register(name: str, config: type, source: type) -> SourceSpec:
     """Make `data.source=<name>` read `config` and build `source(config)`."""
     if not issubclass(config, DataConfig) or not issubclass(source, DataSource):
         raise TypeError("register(name, config, source): a DataConfig subclass and a DataSource subclass")
-    _SPECS[name] = SourceSpec(name, config, source)
-    return _SPECS[name]
+    return SOURCES.add(name, SourceSpec(name, config, source))
 
 
 def names() -> list[str]:
-    return sorted(_SPECS)
+    return SOURCES.names()
 
 
 def get(name: str) -> SourceSpec:
-    if name not in _SPECS:
-        close = difflib.get_close_matches(str(name), names(), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ValueError(f"unknown data source {name!r}{hint}; known: {', '.join(names())}")
-    return _SPECS[name]
+    return SOURCES.get(name)
 
 
 def config_class(name: str) -> type:
     return get(name).config
+
+
+def default_config() -> DataConfig:
+    """The `data` section of a config that names no source."""
+    return config_class(SOURCES.default)()
 
 
 def build(cfg: DataConfig) -> DataSource:

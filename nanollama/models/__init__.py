@@ -5,19 +5,21 @@ Built in: `transformer` (models/transformer/). Another family registers its Mode
 """
 
 from nanollama.models import transformer
-from nanollama.models.registry import ModelSpec, archs, build, config_class, get, register, reset_parameters, spec_of
+from nanollama.models.registry import (
+    ModelSpec,
+    archs,
+    build,
+    config_class,
+    default_config,
+    get,
+    register,
+    reset_parameters,
+    spec_of,
+)
 
 register(transformer.SPEC)
-DEFAULT_ARCH = "transformer"  # model.arch when a config leaves it out
-
-
-def default_config():
-    """The `model` section of a config that names no architecture."""
-    return config_class(DEFAULT_ARCH)()
-
 
 __all__ = [
-    "DEFAULT_ARCH",
     "ModelSpec",
     "archs",
     "build",

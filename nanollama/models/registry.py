@@ -5,13 +5,14 @@ A new model family is new files plus one `register(ModelSpec(...))` line; nothin
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from nanollama.utils.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -49,26 +50,21 @@ class ModelSpec:
     new_state: Callable[..., Any] | None = None
 
 
-_SPECS: dict[str, ModelSpec] = {}
+SPECS: Registry[ModelSpec] = Registry("architecture", default="transformer")
 
 
 def register(spec: ModelSpec) -> ModelSpec:
     """Make `spec` selectable as `model.arch=<spec.arch>`; re-registering a name replaces it."""
-    _SPECS[spec.arch] = spec
-    return spec
+    return SPECS.add(spec.arch, spec)
 
 
 def archs() -> list[str]:
-    return sorted(_SPECS)
+    return SPECS.names()
 
 
 def get(arch: str) -> ModelSpec:
     """The spec of `arch`; a ValueError naming the known architectures otherwise."""
-    if arch not in _SPECS:
-        close = difflib.get_close_matches(str(arch), archs(), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ValueError(f"unknown architecture {arch!r}{hint}; known: {', '.join(archs())}")
-    return _SPECS[arch]
+    return SPECS.get(arch)
 
 
 def spec_of(model: nn.Module) -> ModelSpec:
@@ -78,6 +74,11 @@ def spec_of(model: nn.Module) -> ModelSpec:
 
 def config_class(arch: str) -> type:
     return get(arch).config
+
+
+def default_config() -> Any:
+    """The `model` section of a config that names no architecture."""
+    return config_class(SPECS.default)()
 
 
 def build(cfg: Any) -> nn.Module:
