@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from harness import DEVICE, device_name, measure
 
 from nanollama.flops import peak_flops
-from nanollama.kernels.attention_select import cache_file
+from nanollama.kernels.dispatch import cache_file
 from nanollama.model import Transformer, TransformerConfig
 from nanollama.optim import build_optimizer
 from nanollama.parallel import compile_blocks

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanollama.config import ConfigError, check
-from nanollama.kernels import apply_rope, attention, check_rope_scaling, masks, rope_frequencies
+from nanollama.kernels import apply_rope, attention, check_rope_scaling, masks, prepare, rope_frequencies
 from nanollama.kv_cache import KVCache, LayerCache  # KVCache is also exported here: nanollama.model.KVCache
 
 
@@ -188,8 +188,8 @@ class Transformer(nn.Module):
         B, S = tokens.shape
         if S > self.config.max_seq_len and positions is None:
             raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.config.max_seq_len}")
-        mask = masks.causal() if mask is None else mask
         h = self.tok_embeddings(tokens)  # (B, S, dim)
+        mask = self._prepare_mask(masks.causal() if mask is None else mask, h)  # once for every layer
         for layer in self.layers:
             h = layer(h, self.rope_cos, self.rope_sin, mask, positions)
         return self.output(self.norm(h)).float()  # logits in float32 for a stable cross-entropy
@@ -200,13 +200,25 @@ class Transformer(nn.Module):
             raise ValueError(f"tokens batch {B} does not match the KV cache's batch_size={cache.batch_size}")
         if cache.max_len > self.config.max_seq_len:  # decode positions index the RoPE table
             raise ValueError(f"KV cache max_len={cache.max_len} exceeds model.max_seq_len={self.config.max_seq_len}")
-        mask = masks.causal() if mask is None else mask
         step = cache.begin_step(S)
         h = self.tok_embeddings(tokens)  # (B, S, dim)
+        if step is None:  # prefill: attention over the prompts; decode steps use no mask
+            mask = self._prepare_mask(masks.causal() if mask is None else mask, h)
         for i, layer in enumerate(self.layers):
             h = layer(h, self.rope_cos, self.rope_sin, mask, None, cache.for_layer(i, step))
         h = cache.end_step(step, h)  # a prefill may keep only each prompt's last token
         return self.output(self.norm(h)).float()
+
+    def _prepare_mask(self, mask, h: torch.Tensor):
+        """The mask made ready for attention (backend chosen, BlockMask or dense mask built) at h's shapes."""
+        cfg = self.config
+        B, S = h.shape[:2]
+        device = h.device
+        # q's dtype is the projection's output: autocast's dtype when autocast is on, else h's
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else h.dtype
+        grad = torch.is_grad_enabled() and self.layers[0].attention.wqkv.weight.requires_grad
+        q_shape, k_shape = (B, cfg.n_heads, S, cfg.head_dim), (B, cfg.n_kv_heads, S, cfg.head_dim)
+        return prepare(mask, q_shape, k_shape, dtype, device, grad)
 
     def num_params(self, embeddings: bool = True) -> int:
         """Parameter count (tied weights once); embeddings=False leaves out the token embedding table."""
