@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from nanollama.kernels import _decode_triton, _rope_triton
 from nanollama.kernels import decode as decode_mod
 from nanollama.kernels import rope as rope_mod
 
@@ -34,8 +35,8 @@ def best_us(fn, calls: int = 200, runs: int = 5) -> float:
 
 
 def main() -> None:
-    rope_mod._rope_kernel = InterpretedFunction()
-    decode_mod._decode_split_kernel = decode_mod._decode_reduce_kernel = InterpretedFunction()
+    _rope_triton._rope_kernel = InterpretedFunction()
+    _decode_triton._decode_split_kernel = _decode_triton._decode_reduce_kernel = InterpretedFunction()
     q = torch.randn(1, 64, 32, 128)
     k = torch.randn(1, 64, 8, 128)
     cos, sin = rope_mod.rope_frequencies(64, 128)

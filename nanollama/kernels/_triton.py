@@ -1,5 +1,6 @@
-"""Helpers every kernel file shares, each written once: the Triton import guard, availability checks,
-integer block arithmetic and the CUDA device guard. Imports nothing of nanollama but utils."""
+"""Helpers every kernel file shares, each written once: availability checks, integer block arithmetic
+and the CUDA device guard. Triton itself is imported only by the kernel modules (_rope_triton.py,
+_decode_triton.py), at the first launch; whether it is there is dispatch.triton_available's one check."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import importlib.util
 
 import torch
 
-__all__ = ["cdiv", "constant_to_dynamo", "launch_device", "module_found", "pow2_at_least", "tl", "triton"]
+__all__ = ["cdiv", "constant_to_dynamo", "launch_device", "module_found", "pow2_at_least"]
 
 
 def constant_to_dynamo(fn):
@@ -29,15 +30,6 @@ def module_found(name: str) -> bool:
     """Whether `name` can be imported, looked up once. Callers that torch.compile may trace wrap it in a
     function marked constant_to_dynamo: Dynamo refuses to trace find_spec."""
     return importlib.util.find_spec(name) is not None
-
-
-# The one Triton import guard: without triton the eager references still work, and forcing Triton
-# fails in dispatch.use_triton with a clear message.
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - the CPU image has triton
-    triton, tl = None, None
 
 
 def cdiv(a: int, b: int) -> int:

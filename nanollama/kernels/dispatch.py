@@ -3,8 +3,8 @@
 Kernels (RoPE, decode):
 NANOLLAMA_KERNELS=auto (default): Triton on CUDA tensors, the eager reference elsewhere.
 NANOLLAMA_KERNELS=triton: Triton always; on CPU tensors that needs Triton's interpreter, which
-    must be switched on (TRITON_INTERPRET=1) before the kernels are defined (before importing
-    nanollama.kernels), since triton.jit picks the interpreter when it decorates a function.
+    must be switched on (TRITON_INTERPRET=1) before the kernels are defined, at the first Triton
+    call (or any earlier import of triton), since triton.jit picks the interpreter when it decorates.
 NANOLLAMA_KERNELS=reference: the eager reference always. float64 inputs always take the
     reference (the Triton kernels take 16- and 32-bit floats), on the CPU as on CUDA.
 
@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import re
-import statistics
 import time
 from collections import Counter
 from pathlib import Path
@@ -119,7 +118,7 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if not on_cuda and not interpreter_on():
         raise RuntimeError(
             "NANOLLAMA_KERNELS=triton on CPU tensors needs Triton's interpreter: "
-            "set TRITON_INTERPRET=1 before importing nanollama.kernels"
+            "set TRITON_INTERPRET=1 before the first Triton call (and before importing triton)"
         )
     if not on_cuda and (problem := _interpreter_problem_here()):
         raise RuntimeError(f"NANOLLAMA_KERNELS=triton on CPU tensors: {problem}")
@@ -227,7 +226,8 @@ def time_call(fn, device: torch.device, reps: int) -> float:
         fn()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times.sort()  # the median, without importing statistics (and decimal) into every import of the kernels
+    return (times[(reps - 1) // 2] + times[reps // 2]) / 2
 
 
 def measure(names: list[str], mask, q_shape, k_shape, dtype, device, scale, grad: bool) -> dict[str, float]:

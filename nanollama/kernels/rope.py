@@ -4,7 +4,8 @@ Layers, top to bottom: `apply_rope` (public; checks the inputs once and dispatch
 path or the eager reference), then one route to the kernel, eager and traced alike: `_Rope`, an
 autograd.Function whose forward and backward call the `nanollama::rope` torch op (with a fake impl,
 so torch.compile traces it), as flash-attention's interface does. Below them the launcher
-`_launch_rope` (one launch for q and k), the `_rope_kernel` Triton kernel, and the eager reference
+`_launch_rope` (one launch for q and k), the `_rope_kernel` Triton kernel (_rope_triton.py, imported at
+the first launch), and the eager reference
 `rope_ref`. The backward is the same kernel with the conjugate rotation (sin -> -sin).
 """
 
@@ -12,7 +13,7 @@ import functools
 
 import torch
 
-from nanollama.kernels._triton import launch_device, pow2_at_least, tl, triton
+from nanollama.kernels._triton import launch_device, pow2_at_least
 from nanollama.kernels.dispatch import use_triton
 from nanollama.kernels.rope_scaling import SCALING_TYPES, check_rope_scaling, rope_frequencies
 
@@ -43,87 +44,6 @@ def rope_ref(
         x1, x2 = xf.chunk(2, dim=-1)  # (B, S, H, D/2) each: halves
         out = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
     return out.to(x.dtype)
-
-
-# ----------------------------------------------------------------------------- Triton kernel
-
-if triton is not None:
-
-    @triton.jit
-    def _rotate_heads(
-        X, OUT, H, HALF, stride_x_b, stride_x_s, stride_x_h, stride_x_d,
-        stride_out_b, stride_out_s, stride_out_h, stride_out_d, b, s, mask_t, cos, sin,
-        INTERLEAVED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    ):  # fmt: skip
-        # Rotate all H heads of BLOCK_T tokens (b, s) by cos, sin (BLOCK_T, 1, BLOCK_HALF).
-        x_tok = (X + b * stride_x_b + s * stride_x_s)[:, None, None]  # (BLOCK_T, 1, 1) pointers
-        out_tok = (OUT + b * stride_out_b + s * stride_out_s)[:, None, None]
-        for h0 in range(0, H, BLOCK_H):
-            h = (h0 + tl.arange(0, BLOCK_H))[None, :, None]  # (1, BLOCK_H, 1)
-            x_row, out_row = x_tok + h * stride_x_h, out_tok + h * stride_out_h
-            if INTERLEAVED:
-                # Pairs (2i, 2i + 1): load whole rows (wide contiguous loads) and split the pairs
-                # in registers, rather than two stride-2 loads.
-                d = tl.arange(0, 2 * BLOCK_HALF)[None, None, :]  # (1, 1, D)
-                mask = mask_t[:, None, None] & (h < H) & (d < 2 * HALF)  # (BLOCK_T, BLOCK_H, D)
-                x = tl.load(x_row + d * stride_x_d, mask=mask, other=0.0).to(tl.float32)
-                x1, x2 = tl.split(tl.reshape(x, (BLOCK_T, BLOCK_H, BLOCK_HALF, 2)))  # (BLOCK_T, BLOCK_H, D/2)
-                out = tl.join(x1 * cos - x2 * sin, x2 * cos + x1 * sin)  # (BLOCK_T, BLOCK_H, D/2, 2)
-                out = tl.reshape(out, (BLOCK_T, BLOCK_H, 2 * BLOCK_HALF))
-                tl.store(out_row + d * stride_out_d, out.to(OUT.dtype.element_ty), mask=mask)
-            else:
-                # Pairs (i, i + D/2): two contiguous half-row loads.
-                i = tl.arange(0, BLOCK_HALF)[None, None, :]  # (1, 1, D/2)
-                mask = mask_t[:, None, None] & (h < H) & (i < HALF)  # (BLOCK_T, BLOCK_H, D/2)
-                x1 = tl.load(x_row + i * stride_x_d, mask=mask, other=0.0).to(tl.float32)
-                x2 = tl.load(x_row + (i + HALF) * stride_x_d, mask=mask, other=0.0).to(tl.float32)
-                tl.store(out_row + i * stride_out_d, (x1 * cos - x2 * sin).to(OUT.dtype.element_ty), mask=mask)
-                tl.store(out_row + (i + HALF) * stride_out_d, (x2 * cos + x1 * sin).to(OUT.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _rope_kernel(
-        Q, K, Q_OUT, K_OUT, COS, SIN, POS,
-        B, S, HQ, HK, HALF, L,
-        stride_q_b, stride_q_s, stride_q_h, stride_q_d,
-        stride_k_b, stride_k_s, stride_k_h, stride_k_d,
-        stride_qo_b, stride_qo_s, stride_qo_h, stride_qo_d,
-        stride_ko_b, stride_ko_s, stride_ko_h, stride_ko_d,
-        stride_cos_p, stride_cos_d, stride_sin_p, stride_sin_d,
-        stride_pos_b, stride_pos_s,
-        HAS_POS: tl.constexpr, INTERLEAVED: tl.constexpr, CONJ: tl.constexpr,
-        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    ):  # fmt: skip
-        # One program per BLOCK_T consecutive tokens of the flattened (B, S): each token's cos/sin
-        # row is loaded once for all of its Hq + Hk heads.
-        t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # int64: large offsets
-        mask_t = t < B * S
-        b = t // S
-        s = t % S
-        if HAS_POS:
-            p = tl.load(POS + b * stride_pos_b + s * stride_pos_s, mask=mask_t, other=0).to(tl.int64)
-        else:
-            p = s
-        i = tl.arange(0, BLOCK_HALF)
-        mask_d = i < HALF
-        # positions outside [0, L) read no table row: cos = sin = 0, so those tokens come out as zeros
-        # (never an out-of-bounds read; checking on the host would synchronise every call)
-        mask_p = mask_t & (p >= 0) & (p < L)
-        mask_cs = mask_p[:, None] & mask_d[None, :]  # (BLOCK_T, BLOCK_HALF)
-        cos = tl.load(COS + p[:, None] * stride_cos_p + i[None, :] * stride_cos_d, mask=mask_cs, other=0.0)
-        sin = tl.load(SIN + p[:, None] * stride_sin_p + i[None, :] * stride_sin_d, mask=mask_cs, other=0.0)
-        if CONJ:  # the inverse (transposed) rotation: the backward pass
-            sin = -sin
-        cos, sin = cos[:, None, :], sin[:, None, :]  # (BLOCK_T, 1, BLOCK_HALF), broadcast over heads
-        _rotate_heads(
-            Q, Q_OUT, HQ, HALF, stride_q_b, stride_q_s, stride_q_h, stride_q_d,
-            stride_qo_b, stride_qo_s, stride_qo_h, stride_qo_d, b, s, mask_t, cos, sin,
-            INTERLEAVED, BLOCK_T, BLOCK_H, BLOCK_HALF,
-        )  # fmt: skip
-        _rotate_heads(
-            K, K_OUT, HK, HALF, stride_k_b, stride_k_s, stride_k_h, stride_k_d,
-            stride_ko_b, stride_ko_s, stride_ko_h, stride_ko_d, b, s, mask_t, cos, sin,
-            INTERLEAVED, BLOCK_T, BLOCK_H, BLOCK_HALF,
-        )  # fmt: skip
 
 
 @functools.lru_cache(maxsize=512)
@@ -185,11 +105,14 @@ def _launch_rope(q, k, cos, sin, positions, interleaved: bool, conj: bool):
     apply_rope checks shapes first (_check_inputs), once per call; the backward's gradients have the
     forward outputs' shapes by construction.
     """
+    from nanollama.kernels import _rope_triton  # the kernel, defined at the first launch (see its docstring)
+
     if not q.is_cuda:
-        if type(_rope_kernel).__name__ != "InterpretedFunction":  # decorated while TRITON_INTERPRET was off
+        # decorated while TRITON_INTERPRET was off
+        if type(_rope_triton._rope_kernel).__name__ != "InterpretedFunction":
             raise RuntimeError(
                 "the RoPE Triton kernel was defined before TRITON_INTERPRET=1 was set: "
-                "set it before importing nanollama.kernels"
+                "set it before the first Triton call (and before importing triton)"
             )
         # On the CPU the range check is cheap; on a GPU it would synchronise every call.
         _check_positions(positions, cos.shape[0])
@@ -208,6 +131,8 @@ def _launch_rope_here(q, k, cos, sin, positions, interleaved: bool, conj: bool):
     block_t, block_h, block_half = _blocks(B * S, max(Hq, Hk), half, q.is_cuda)
     pos = positions if positions is not None else q  # a dummy pointer, never read when HAS_POS is False
     pos_strides = positions.stride() if positions is not None else (0, 0)
+    from nanollama.kernels._rope_triton import _rope_kernel
+
     _rope_kernel[(-(-(B * S) // block_t),)](
         q, k, q_out, k_out, cos, sin, pos,
         B, S, Hq, Hk, half, cos.shape[0],

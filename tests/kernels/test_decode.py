@@ -24,7 +24,9 @@ def triton_path(monkeypatch):
         from triton.runtime.interpreter import InterpretedFunction
 
         # Fail loudly rather than skip: a skip here would silently drop all Triton coverage on the CPU.
-        assert isinstance(decode_mod._decode_split_kernel, InterpretedFunction), (
+        from nanollama.kernels import _decode_triton
+
+        assert isinstance(_decode_triton._decode_split_kernel, InterpretedFunction), (
             "triton was imported before TRITON_INTERPRET=1 was set: set it in tests/conftest.py"
         )
 
@@ -203,8 +205,10 @@ class _GridSpy:
 
 def test_tuning_edits_reach_the_cached_launch_plan(triton_path, monkeypatch):
     # The split arithmetic is cached; TUNING's values are part of the key, so a sweep's edits apply.
-    spy = _GridSpy(decode_mod._decode_split_kernel)
-    monkeypatch.setattr(decode_mod, "_decode_split_kernel", spy)
+    from nanollama.kernels import _decode_triton
+
+    spy = _GridSpy(_decode_triton._decode_split_kernel)
+    monkeypatch.setattr(_decode_triton, "_decode_split_kernel", spy)
     q, k, v, L = make_inputs(1, 2, 1, 256, 16, [256], torch.float32, seed=4)
     first = decode_attention(q, k, v, L)
     monkeypatch.setitem(decode_mod.TUNING, "min_split", 64)
@@ -271,7 +275,7 @@ _AOT = textwrap.dedent(
         from triton.compiler import ASTSource
     except ImportError:
         raise SystemExit(3)
-    from nanollama.kernels import decode as m
+    from nanollama.kernels import _decode_triton as m
 
     def compile_(fn, types, consts):
         sig, attrs = {}, {}
