@@ -21,10 +21,12 @@ Backends (`BACKENDS`):
 - "auto": the fastest backend that supports the call, measured once per key and remembered
   (policy in dispatch.py); NANOLLAMA_ATTENTION=flex|sdpa|flash|reference overrides it.
 
-Non-finite inputs: a NaN or inf in q, or in a visible key or value, gives NaN in the rows that see it,
-on every backend. A NaN in a value hidden by the mask also reaches the row on sdpa and the reference
-(0 * NaN in the weighted sum) but not on flex, which skips hidden tiles; keep hidden slots finite.
-scale=0 gives the mean of the visible values on every backend.
+Non-finite inputs (tested in test_attention.py): a NaN in q gives NaN in its own row, on every
+backend, and nowhere else. scale=0 gives the mean of the visible values on every backend. Known
+differences: a key that is inf or NaN but hidden from a row by a non-causal mask reaches that row on
+sdpa (SDPA adds the boolean mask to the scores, inf + -inf = NaN), not on the reference or flex; and
+a NaN value hidden from a row may reach it on every backend (the weighted sum multiplies it by 0:
+always on sdpa and the reference, within a partially visible tile on flex). Keep hidden slots finite.
 """
 
 from __future__ import annotations

@@ -126,6 +126,10 @@ def _reference(q, k, v, allowed, has_key, scale) -> torch.Tensor:
 
 def _sdpa(q, k, v, p: PreparedMask, scale) -> torch.Tensor:
     Hq, Hk = q.shape[1], k.shape[1]
+    if scale is not None and float(scale) == 0.0:
+        # SDPA's causal path returns NaN for scale=0 (torch 2.13); zero scores through q give the
+        # reference's answer, the mean of the visible values (and NaN where q holds inf or NaN, as there)
+        q, scale = q * 0.0, 1.0
     if p.allowed is None:  # no mask, or plain causal with Sq == Skv: SDPA's built-in paths
         return F.scaled_dot_product_attention(q, k, v, is_causal=p.mask is not None, scale=scale, enable_gqa=Hq != Hk)
     # the fused kernels take GQA badly with a mask: give them full heads

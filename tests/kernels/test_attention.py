@@ -433,3 +433,48 @@ def test_prepared_mask_is_built_once_and_checked(monkeypatch):
         attention(q, k, v, mask=prepared, backend="sdpa")
     with pytest.raises(ValueError, match="prepare: mask must be a nanollama.kernels.masks.Mask"):
         prepare(prepared, q.shape, k.shape, q.dtype, q.device, False)
+
+
+# -- issue 13: bad inputs, non-finite inputs, scale=0 ---------------------------------------------
+def test_zero_kv_heads_and_integer_tensors_are_value_errors():
+    q = torch.randn(1, 2, 4, 8)
+    empty = torch.randn(1, 0, 4, 8)
+    with pytest.raises(ValueError, match=r"must be a multiple of key/value heads \(0\)"):
+        attention(q, empty, empty)
+    ints = torch.ones(1, 2, 4, 8, dtype=torch.int64)
+    with pytest.raises(ValueError, match="q, k, v must be float16/bfloat16/float32/float64, got torch.int64"):
+        attention(ints, ints, ints)
+
+
+NONFINITE_MASKS = {
+    "none": lambda: None,
+    "causal": masks.causal,
+    "prefix_lm": lambda: masks.prefix_lm(torch.tensor([3, 6])),
+    "padding": lambda: masks.padding(torch.tensor([5, 8])),
+}
+
+
+@pytest.mark.parametrize("mask_name", NONFINITE_MASKS)
+def test_backends_agree_on_nan_queries_and_zero_scale(mask_name):
+    mask = NONFINITE_MASKS[mask_name]()
+    q, k, v = (t.contiguous() for t in _inputs(8, 8, 2, 1, torch.float32))
+    q[1, 0, 2, 1] = float("nan")
+    with torch.no_grad():
+        for backend in ("reference", "sdpa", "flex"):
+            out = attention(q, k, v, mask=mask, backend=backend)
+            nan_rows = out.isnan().any(-1)  # (B, Hq, Sq)
+            assert nan_rows[1, 0, 2] and int(nan_rows.sum()) == 1, backend
+            zero = attention(q.nan_to_num(0.0), k, v, mask=mask, scale=0.0, backend=backend)
+            allowed = torch.ones(B, 8, 8, dtype=torch.bool) if mask is None else mask.dense(B, 8, 8)
+            mean = (allowed[:, None, :, :, None] * v[:, :, None]).sum(3) / allowed.sum(-1)[:, None, :, None]
+            torch.testing.assert_close(zero, mean.expand_as(zero), atol=1e-5, rtol=1e-5, msg=backend)
+
+
+def test_hidden_nonfinite_key_is_ignored_by_reference_and_flex():
+    """The documented sdpa difference, pinned on the two backends that promise it."""
+    mask = masks.padding(torch.tensor([5, 8]))
+    q, k, v = (t.contiguous() for t in _inputs(8, 8, 2, 1, torch.float32))
+    k[0, 0, 6, 1] = float("inf")  # key 6 of sequence 0 is padding
+    with torch.no_grad():
+        for backend in ("reference", "flex"):
+            assert torch.isfinite(attention(q, k, v, mask=mask, backend=backend)).all(), backend
