@@ -12,7 +12,7 @@ Decode is inference-only: there is no backward.
 Host cost. decode_attention checks its inputs once and, on the Triton path, always goes through the
 `nanollama::decode_attention` torch op (one route, eager and traced). The split arithmetic is cached
 per shape. Host time per call with no-op kernels (bench/host_cost.py: B1 Hq32 Hk8 S8K D128, 2
-shared CPU cores, best of 5 runs): ~20 us with the former direct eager launch, FILL_DECODE us through
+shared CPU cores, best of 5 runs): ~20 us with the former direct eager launch, ~58 us through
 the op, against GPU floors of ~8-60 us at the benchmark shapes on an H200. generate() with
 compile=True on CUDA replays the whole step as a CUDA graph, which removes the host cost altogether.
 """

@@ -223,8 +223,8 @@ def apply_rope(
     path checks. float64 inputs always take the reference.
 
     Host time per call with a no-op kernel (bench/host_cost.py: B1 S64 Hq32 Hk8 D128, 2 shared CPU
-    cores, best of 5): forward no-grad 15 us (direct launch) -> ~65 us through _Rope and the op, forward +
-    torch.autograd.grad 129 -> ~220 us (about 80 us of that is autograd's own floor). The GPU
+    cores, best of 5): forward no-grad 15 us (direct launch) -> ~80 us through _Rope and the op, forward +
+    torch.autograd.grad 125 -> ~235 us (about 80 us of that is autograd's own floor). The GPU
     floor at B8 S2048 on an H200 is ~78 us forward, ~156 us forward + backward.
     """
     _check_inputs(q, k, cos, sin, positions)  # the only check on the eager path
