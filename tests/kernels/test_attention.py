@@ -478,3 +478,27 @@ def test_hidden_nonfinite_key_is_ignored_by_reference_and_flex():
     with torch.no_grad():
         for backend in ("reference", "flex"):
             assert torch.isfinite(attention(q, k, v, mask=mask, backend=backend)).all(), backend
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "reference"])
+def test_prepared_mask_into_a_compiled_block_never_recompiles(backend):
+    """parallel.py compiles each block; the model prepares outside and hands in a new PreparedMask per batch."""
+    from torch._dynamo.utils import counters
+
+    S, H = 64, 2
+    grad = backend != "flex"  # no flex backward on the CPU
+    g = torch.Generator().manual_seed(9)
+    torch._dynamo.reset()
+    counters.clear()  # global across tests; reset() leaves it
+    compiled = torch.compile(lambda q, k, v, m: attention(q * 1.0, k, v, mask=m), fullgraph=True, backend="eager")
+    graphs = None
+    for _ in range(3):
+        ids = torch.sort(torch.randint(0, 4, (B, S), generator=g), dim=1).values
+        mask = masks.document(ids) | masks.prefix_lm(torch.randint(0, S, (B,), generator=g))
+        q, k, v = (torch.randn(B, H, S, D, generator=g).requires_grad_(grad) for _ in range(3))
+        with torch.set_grad_enabled(grad):
+            prepared = prepare(mask, q.shape, k.shape, q.dtype, q.device, grad, backend=backend)
+            out = compiled(q, k, v, prepared)
+        torch.testing.assert_close(out.double(), ref64(q, k, v, mask), **TOL[torch.float32])
+        graphs = counters["stats"]["unique_graphs"] if graphs is None else graphs
+    assert counters["stats"]["unique_graphs"] == graphs and not counters["recompiles"], dict(counters["recompiles"])
