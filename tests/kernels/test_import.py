@@ -42,3 +42,43 @@ def test_constant_marker_is_the_one_torch_sets():
         {k for k in vars(marked)} == {k for k in vars(_triton.constant_to_dynamo(probe))} == {"_dynamo_marked_constant"}
     )
     assert dispatch.triton_available._dynamo_marked_constant and dispatch.mode._dynamo_marked_constant
+
+
+def _kernel_imports() -> dict[str, set[str]]:
+    """module -> the nanollama.kernels modules it imports, at any depth of its code (lazy imports included)."""
+    import ast
+
+    root = ROOT / "nanollama" / "kernels"
+    names = {p.stem for p in root.glob("*.py") if p.stem != "__init__"}
+    graph = {}
+    for name in names:
+        deps = set()
+        for node in ast.walk(ast.parse((root / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("nanollama.kernels"):
+                tail = node.module.removeprefix("nanollama.kernels").lstrip(".")
+                deps |= {tail} if tail else {a.name for a in node.names} & names
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.removeprefix("nanollama.kernels.") for a in node.names} & names
+        graph[name] = deps - {name}
+    return graph
+
+
+def test_kernel_imports_run_one_way():
+    """No import circle among the kernel modules, lazy imports counted (DESIGN.md: imports run one way)."""
+    graph = _kernel_imports()
+    assert "masks" in graph["block_masks"] and "block_masks" not in graph["masks"]
+    assert "attention_backends" in graph["dispatch"] and "dispatch" in graph["attention"]
+    done, stack = set(), []
+
+    def visit(name):
+        assert name not in stack, " -> ".join([*stack, name])
+        if name in done:
+            return
+        stack.append(name)
+        for dep in graph[name]:
+            visit(dep)
+        stack.pop()
+        done.add(name)
+
+    for name in graph:
+        visit(name)
