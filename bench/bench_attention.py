@@ -44,9 +44,9 @@ import torch.nn.functional as F
 from harness import DEVICE, measure
 
 from nanollama.kernels import masks
-from nanollama.kernels.attention import attention, attention_ref, flash_available
-from nanollama.kernels.attention_select import time_call
+from nanollama.kernels.attention import attention, attention_ref, flash_available, prepare
 from nanollama.kernels.block_masks import build_block_mask
+from nanollama.kernels.dispatch import time_call
 
 if DEVICE.type == "cuda":
     SEQS = [int(s) for s in os.environ.get("NANOLLAMA_BENCH_ATTN_SEQ", "1024,8192").split(",")]
@@ -88,18 +88,20 @@ def _skip_unsupported(variant: str, mask_name: str, S: int, grad: bool) -> None:
 
 def _op(variant: str, mask: masks.Mask, B: int, S: int):
     """fn(q, k, v) -> out for one variant; mask tensors are built here, outside the timing."""
-    if variant == "flex":
-        mask.block_mask(B, S, S, DEVICE)
-        return lambda q, k, v: attention(q, k, v, mask=mask, backend="flex")
+    shape = (B, HEADS, S, HEAD_DIM)
+    if variant == "flex":  # prepared once, as the model does per forward
+        prepared = prepare(mask, shape, shape, DTYPE, DEVICE, True, backend="flex")
+        return lambda q, k, v: attention(q, k, v, mask=prepared)
     if variant == "sdpa-dense":
         dense = mask.dense(B, S, S, DEVICE)[:, None]  # (B, 1, S, S)
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
     if variant == "sdpa-causal":
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if variant == "flash":
-        # a document mask's varlen plan (one host copy of the ids) is built by the first, untimed
-        # warm-up call and cached on the mask, as in training where every layer shares the batch's mask
-        return lambda q, k, v: attention(q, k, v, mask=mask, backend="flash")
+        # a document mask's varlen plan (one host copy of the ids) is built here, untimed, as the
+        # model builds it once per forward for every layer
+        prepared = prepare(mask, shape, shape, DTYPE, DEVICE, True, backend="flash")
+        return lambda q, k, v: attention(q, k, v, mask=prepared)
     return lambda q, k, v: attention_ref(q, k, v, mask)
 
 
@@ -116,7 +118,7 @@ def _inputs(B: int, S: int, grad: bool):
 
 def _densities(mask: masks.Mask, B: int, S: int) -> tuple[int, float, float]:
     visible = int(mask.dense(B, S, S, DEVICE).sum())
-    bm = mask.block_mask(B, S, S, DEVICE)
+    bm = build_block_mask(mask, B, S, S, DEVICE, 128)
     n_blocks = bm.kv_indices.shape[-2] * bm.kv_indices.shape[-1]
     computed = (bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum()) / bm.kv_num_blocks.shape[0]
     return visible, visible / (B * S * S), float(computed) / n_blocks
@@ -176,10 +178,10 @@ def test_block_mask_build(benchmark, mask_name, S):
     # one layer's attention, the cheapest path that trains: flex on a GPU, SDPA on the CPU
     backend = "flex" if DEVICE.type == "cuda" else "sdpa"
     q, k, v, g = _inputs(B, S, grad=True)
-    mask.block_mask(B, S, S, DEVICE)
+    prepared = prepare(mask, q.shape, k.shape, q.dtype, DEVICE, True, backend=backend)
 
     def step():
-        torch.autograd.grad(attention(q, k, v, mask=mask, backend=backend), (q, k, v), g)
+        torch.autograd.grad(attention(q, k, v, mask=prepared), (q, k, v), g)
 
     layer_s = time_call(step, DEVICE, reps=5)
     frac = extra["median_s"] / layer_s

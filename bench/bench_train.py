@@ -16,7 +16,7 @@ AdamW from `build_optimizer(model, OptimConfig())` (the trainer's settings; fore
 
 FLOPs per step = model.flops_per_token(S) * B * S = (6N + 12 L H Q S) * B * S (nanoGPT / torchtitan:
 N = parameters doing matmuls, the causal mask not discounted). extra_info adds `tokens_per_s`,
-`tflop_per_s`, `mfu` (achieved / the device's peak for the dtype, from nanollama.flops.peak_flops, as the
+`tflop_per_s`, `mfu` (achieved / the device's peak for the dtype, from nanollama.utils.devices.peak_flops, as the
 trainer logs it; null on the CPU or an unknown GPU), `params`, the model shape and `peak_mem_bytes`.
 
 Shapes. GPU (bf16 autocast, vocab 32000, S = 4096):
@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from harness import DEVICE, device_name, measure
 
 from nanollama.distributed import compile_blocks
-from nanollama.kernels.attention_select import cache_file
+from nanollama.kernels.dispatch import cache_file
 from nanollama.models.transformer import Transformer, TransformerConfig
 from nanollama.train.config import OptimConfig
 from nanollama.train.optim import build_optimizer

@@ -19,10 +19,8 @@ What `measure` guarantees (the conventions in bench/README.md):
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
-import platform
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -30,64 +28,25 @@ from typing import Any
 import pytest
 import torch
 
+from nanollama.utils.devices import Peak, peak_for
+from nanollama.utils.devices import device_name as _device_name
+
 __all__ = ["DEVICE", "Peak", "device_name", "measure", "peak_for", "requires_gpu", "tensor_bytes"]
 
 # The device benchmarks run on: the GPU when there is one (the point of the suite), else the CPU.
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@dataclasses.dataclass(frozen=True)
-class Peak:
-    """Datasheet peaks (dense, no sparsity) and, where measured here, the achievable ceilings."""
-
-    hbm_gbs: float  # memory bandwidth, GB/s (1e9 bytes/s)
-    tflops: dict[str, float]  # dtype name -> dense TFLOP/s (bf16/fp16 on tensor cores, fp32 plain)
-    l2_mb: float  # L2 cache, MB: input rotation covers twice this
-    measured_gbs: float | None = None  # device-to-device copy, bytes read + written
-    measured_tflops: dict[str, float] | None = None  # large random matmul
-
-
-# First matching pattern wins: every pattern listed must occur in torch.cuda.get_device_name().
-# Sources: vendor datasheets; measured ceilings from our own H200 runs (bench/README.md).
-_PEAKS: list[tuple[tuple[str, ...], Peak]] = [
-    (("H200", "NVL"), Peak(4800, {"bf16": 835, "fp16": 835, "fp32": 60}, 50)),
-    (
-        ("H200",),
-        Peak(4800, {"bf16": 989, "fp16": 989, "fp32": 67}, 60, measured_gbs=4300, measured_tflops={"bf16": 790}),
-    ),
-    (("H100", "PCIe"), Peak(2000, {"bf16": 756, "fp16": 756, "fp32": 51}, 50)),
-    (("H100",), Peak(3350, {"bf16": 989, "fp16": 989, "fp32": 67}, 50)),  # SXM (HBM3)
-    (("A100", "80GB", "PCIe"), Peak(1935, {"bf16": 312, "fp16": 312, "fp32": 19.5}, 40)),
-    (("A100", "80GB"), Peak(2039, {"bf16": 312, "fp16": 312, "fp32": 19.5}, 40)),
-    (("A100",), Peak(1555, {"bf16": 312, "fp16": 312, "fp32": 19.5}, 40)),  # 40 GB
-    (("L40S",), Peak(864, {"bf16": 362, "fp16": 362, "fp32": 91.6}, 96)),
-    (("B200",), Peak(8000, {"bf16": 2250, "fp16": 2250, "fp32": 80}, 126)),
-]
+# One peak table in the repo: nanollama.utils.devices (Peak, peak_for, device_name are re-exported here
+# for the benchmark files).
 _DEFAULT_L2_MB = 64.0  # unknown GPU: rotate over 128 MB, enough for every current part but B200
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
 
 
 def device_name(device: torch.device | str = DEVICE) -> str:
-    """'NVIDIA H200' on a GPU; 'cpu: <processor> (<n> threads)' on the CPU."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    processor = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            processor = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"cpu: {processor} ({torch.get_num_threads()} threads)"
-
-
-def peak_for(name: str) -> Peak | None:
-    """The peak table entry for a device name, None for the CPU or an unknown GPU."""
-    for patterns, peak in _PEAKS:
-        if all(p.lower() in name.lower() for p in patterns):
-            return peak
-    return None
+    """nanollama.utils.devices.device_name, on the benchmark device by default."""
+    return _device_name(device)
 
 
 def requires_gpu(what: str = "Triton variants") -> None:
@@ -225,7 +184,7 @@ def measure(
     sets = [first]
     if device.type == "cuda":
         set_bytes = max(sum(tensor_bytes(a) for a in first if isinstance(a, torch.Tensor)), 1)
-        cache = 2 * (peak.l2_mb if peak else _DEFAULT_L2_MB) * 1e6
+        cache = 2 * (peak.l2_mb if peak and peak.l2_mb else _DEFAULT_L2_MB) * 1e6
         count = min(math.ceil(cache / set_bytes), 64)
         sets += [tuple(make_inputs()) for _ in range(count - 1)]
     # On a GPU one round launches `calls` back to back and synchronises once, so the ~10 us of a
@@ -265,7 +224,8 @@ def measure(
         gbs = bytes / seconds / 1e9
         extra.update(bytes=bytes, gb_per_s=round(gbs, 3))
         if peak is not None:
-            extra["frac_peak_bw"] = round(gbs / peak.hbm_gbs, 4)
+            if peak.hbm_gbs:
+                extra["frac_peak_bw"] = round(gbs / peak.hbm_gbs, 4)
             if peak.measured_gbs:
                 extra["frac_measured_bw"] = round(gbs / peak.measured_gbs, 4)
     if flops is not None:

@@ -4,11 +4,12 @@ Each op lives in its own module with its eager reference beside it.
 """
 
 from nanollama.kernels import masks
-from nanollama.kernels.attention import attention, attention_ref
+from nanollama.kernels.attention import PreparedMask, attention, attention_ref, prepare
 from nanollama.kernels.decode import decode_attention, decode_attention_ref
 from nanollama.kernels.rope import apply_rope, check_rope_scaling, rope_frequencies, rope_ref
 
 __all__ = [
+    "PreparedMask",
     "apply_rope",
     "attention",
     "attention_ref",
@@ -16,6 +17,7 @@ __all__ = [
     "decode_attention",
     "decode_attention_ref",
     "masks",
+    "prepare",
     "rope_frequencies",
     "rope_ref",
 ]

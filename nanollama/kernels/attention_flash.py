@@ -18,9 +18,9 @@ last unpadded key of each sequence, our masks to position Skv - 1), document & p
 mask with Sq != Skv, prefix_lm, and `|` combinations.
 
 The packing plan (cumulative sequence offsets, gathers) needs the ids or lengths on the host: one
-device-to-host copy (a sync when they live on the GPU), done once per mask object and cached on it,
-so every layer reusing the batch's mask reuses the plan. Under torch.compile tracing there is no host
-copy: document and padding masks are refused there (`auto` picks flex or sdpa while tracing anyway).
+device-to-host copy (a sync when they live on the GPU), made by `flash_prepare` once per forward
+(attention.prepare) and handed to every layer. Under torch.compile tracing there is no host copy:
+document and padding masks are refused there (`auto` picks flex or sdpa while tracing anyway).
 """
 
 from __future__ import annotations
@@ -29,25 +29,25 @@ import dataclasses
 
 import torch
 
-from nanollama.kernels.dispatch import module_found
+from nanollama.kernels._triton import constant_to_dynamo, module_found
 from nanollama.kernels.masks import And, Causal, Document, Mask, Padding, SlidingWindow, to_device
 
 
-@torch.compiler.assume_constant_result  # a constant to Dynamo, which cannot trace find_spec
+@constant_to_dynamo  # Dynamo cannot trace find_spec
 def flash_available() -> bool:
     return module_found("flash_attn")
 
 
-def _hardware_reason(q: torch.Tensor) -> str | None:
-    """Why flash-attn's kernels cannot take these tensors at all (None: they can)."""
+def _hardware_reason(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why flash-attn's kernels cannot take such tensors at all (None: they can)."""
     if not flash_available():
         return "flash-attn is not installed (pip install flash-attn, CUDA only)"
-    if q.device.type != "cuda":
+    if device.type != "cuda":
         return "flash-attn runs on CUDA tensors only"
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"flash-attn takes float16/bfloat16, not {q.dtype}"
-    if q.shape[-1] > 256 or q.shape[-1] % 8:
-        return f"flash-attn takes head_dim <= 256 and a multiple of 8, not {q.shape[-1]}"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"flash-attn takes float16/bfloat16, not {dtype}"
+    if head_dim > 256 or head_dim % 8:
+        return f"flash-attn takes head_dim <= 256 and a multiple of 8, not {head_dim}"
     return None
 
 
@@ -96,7 +96,7 @@ def _spec(mask: Mask | None) -> _Spec | str:
     return _Spec(causal, window, document, padding)
 
 
-# -- packing plans, built on the host once per mask object ----------------------------------------
+# -- packing plans, built on the host once per forward ----------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     """Arguments of one flash_attn_varlen_func call over the flat (B * S, H, D) tokens."""
@@ -152,46 +152,54 @@ def _padding_plan(lengths: torch.Tensor, batch: int, q_len: int, kv_len: int, de
 
 
 def _plan(spec: _Spec, batch: int, q_len: int, kv_len: int, device: torch.device) -> _Plan | None:
-    """The cached plan for a document or padding spec (built on the first call, reused by every layer)."""
+    """The varlen plan of a document or padding spec (one host copy of the ids or lengths)."""
     device = torch.device(device)
-    key = ("flash_varlen", batch, q_len, kv_len, device)
     if spec.document is not None:
-        doc = spec.document
-        return doc.cached(key, lambda: _document_plan(doc.document_ids, device))
-    pad = spec.padding
-    return pad.cached(key, lambda: _padding_plan(pad.lengths, batch, q_len, kv_len, device))
+        return _document_plan(spec.document.document_ids, device)
+    return _padding_plan(spec.padding.lengths, batch, q_len, kv_len, device)
 
 
-def _mask_reason(q: torch.Tensor, k: torch.Tensor, mask: Mask | None) -> str | None:
-    """Why flash-attn cannot express `mask` for this call exactly (None: it can); no device checks, so
-    the tests drive it, and `_run`, on the CPU with a fake flash_attn."""
+@dataclasses.dataclass(frozen=True)
+class FlashPrepared:
+    """What flash needs for one (mask, B, Sq, Skv): the mask as arguments and, for varlen, its plan."""
+
+    spec: _Spec
+    plan: _Plan | None = None
+
+
+def flash_prepare(mask: Mask | None, batch: int, q_len: int, kv_len: int, device) -> FlashPrepared | str:
+    """flash-attn's arguments for `mask` at (B, Sq, Skv), or why it cannot express the mask exactly.
+
+    No device or dtype checks (`_hardware_reason` makes them), so the tests drive it on the CPU."""
     spec = _spec(mask)
     if isinstance(spec, str):
         return spec
-    B, Sq, Skv = q.shape[0], q.shape[2], k.shape[2]
     if spec.document is None and spec.padding is None:
-        if spec.causal and Sq > Skv:
+        if spec.causal and q_len > kv_len:
             return "flash-attn's causal alignment needs Sq <= Skv"
-        return None
+        return FlashPrepared(spec)
     if torch.compiler.is_compiling():
         return f"flash-attn needs the '{mask.kind}' mask's values on the host, which a torch.compile trace cannot read"
-    if spec.document is not None:
-        if Sq != Skv:
-            return f"flash-attn takes a document mask for self-attention only (Sq == Skv), not Sq={Sq}, Skv={Skv}"
-        if spec.window is not None and _plan(spec, B, Sq, Skv, q.device).q_rows is not None:
-            return (
-                "flash-attn cannot apply a sliding window to documents whose id recurs after another "
-                "document in a row (e.g. ids [0, 0, 1, 0])"
-            )
-        return None
-    if _plan(spec, B, Sq, Skv, q.device) is None:
+    if spec.document is not None and q_len != kv_len:
+        return f"flash-attn takes a document mask for self-attention only (Sq == Skv), not Sq={q_len}, Skv={kv_len}"
+    plan = _plan(spec, batch, q_len, kv_len, device)
+    if spec.document is not None and spec.window is not None and plan.q_rows is not None:
+        return (
+            "flash-attn cannot apply a sliding window to documents whose id recurs after another "
+            "document in a row (e.g. ids [0, 0, 1, 0])"
+        )
+    if plan is None:
         return "flash-attn has nothing to attend to: every padding length is 0"
-    return None
+    return FlashPrepared(spec, plan)
 
 
 def flash_supports(q: torch.Tensor, k: torch.Tensor, mask: Mask | None) -> str | None:
     """None when flash-attn can run this call exactly, else the reason it cannot."""
-    return _hardware_reason(q) or _mask_reason(q, k, mask)
+    reason = _hardware_reason(q.device, q.dtype, q.shape[-1])
+    if reason:
+        return reason
+    prepared = flash_prepare(mask, q.shape[0], q.shape[2], k.shape[2], q.device)
+    return prepared if isinstance(prepared, str) else None
 
 
 # -- the calls ------------------------------------------------------------------------------------
@@ -201,13 +209,12 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(B * S, H, D)
 
 
-def _run(q, k, v, mask: Mask | None, scale: float | None) -> torch.Tensor:
-    """The flash-attn calls for a mask `_mask_reason` accepted (no device checks: tests run it on the CPU)."""
-    import flash_attn
+def _run(q, k, v, prepared: FlashPrepared, scale: float | None) -> torch.Tensor:
+    """The flash-attn calls for a prepared mask (no device checks: tests run it on the CPU)."""
+    import flash_attn  # an optional extra, found by flash_available: imported only when it runs
 
-    spec = _spec(mask)
+    spec = prepared.spec
     B, Hq, Sq, D = q.shape
-    Skv = k.shape[2]
     softmax_scale = D**-0.5 if scale is None else float(scale)
     if spec.document is None and spec.padding is None:
         # flash-attn wants (B, S, H, D); a transposed view has a contiguous last dim, which it accepts
@@ -220,7 +227,7 @@ def _run(q, k, v, mask: Mask | None, scale: float | None) -> torch.Tensor:
             window_size=spec.window_size,
         )
         return out.transpose(1, 2)  # (B, Hq, Sq, D)
-    plan = _plan(spec, B, Sq, Skv, q.device)
+    plan = prepared.plan
     q_flat, k_flat, v_flat = _flat(q), _flat(k), _flat(v)  # (B * S, H, D)
     if plan.q_rows is not None:
         q_flat = q_flat.index_select(0, plan.q_rows)
@@ -244,9 +251,9 @@ def _run(q, k, v, mask: Mask | None, scale: float | None) -> torch.Tensor:
     return packed.reshape(B, Sq, Hq, D).transpose(1, 2)  # (B, Hq, Sq, D)
 
 
-def attention_flash(q, k, v, mask: Mask | None = None, scale: float | None = None) -> torch.Tensor:
-    """flash-attn for the masks it expresses exactly (see the module docstring); a RuntimeError says why not."""
-    reason = flash_supports(q, k, mask)
+def attention_flash(q, k, v, prepared: FlashPrepared, scale: float | None = None) -> torch.Tensor:
+    """flash-attn on a mask `flash_prepare` accepted; a RuntimeError says why these tensors cannot run."""
+    reason = _hardware_reason(q.device, q.dtype, q.shape[-1])
     if reason:
         raise RuntimeError(f"attention backend 'flash': {reason}")
-    return _run(q, k, v, mask, scale)
+    return _run(q, k, v, prepared, scale)

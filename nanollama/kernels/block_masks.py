@@ -92,18 +92,7 @@ class _Tiles:
 
     @classmethod
     def of(cls, q_len: int, kv_len: int, block: int, device) -> _Tiles:
-        """The geometry, cached per shape: the same for every batch (on a GPU, a dozen launches saved per build)."""
-        key = (q_len, kv_len, block, torch.device(device))
-        if torch.compiler.is_compiling():  # traced: no module state, the ops become part of the graph
-            return cls._build(*key)
-        if key not in _TILES:
-            _TILES[key] = cls._build(*key)
-            while len(_TILES) > _TILES_ENTRIES:
-                _TILES.pop(next(iter(_TILES)))
-        return _TILES[key]
-
-    @classmethod
-    def _build(cls, q_len: int, kv_len: int, block: int, device) -> _Tiles:
+        """The geometry, a dozen small tensors: built per block-mask build (once per forward)."""
         n_q, n_kv = -(-q_len // block), -(-kv_len // block)
         q0 = torch.arange(n_q, device=device)[:, None] * block  # (n_q, 1) first row
         k0 = torch.arange(n_kv, device=device)[None, :] * block  # (1, n_kv)
@@ -129,10 +118,6 @@ class _Tiles:
             values = torch.cat((values, values[:, -1:].expand(-1, pad)), dim=1)
         lo, hi = torch.aminmax(values.reshape(values.shape[0], n, self.block), dim=-1)  # (B, n) each
         return (lo[:, :, None], hi[:, :, None]) if queries else (lo[:, None, :], hi[:, None, :])
-
-
-_TILES: dict = {}  # (Sq, Skv, block, device) -> _Tiles, oldest first
-_TILES_ENTRIES = 16
 
 
 # Each rule: (mask, its tensors on the device, tiles) -> (some, every), bool, broadcastable to (B|1, n_q, n_kv).
@@ -206,10 +191,12 @@ def _bounds(mask, tensors, t: _Tiles):
     return None if rule is None else rule(mask, tensors, t)
 
 
-def tile_classes(mask, batch: int, q_len: int, kv_len: int, device, block_size: int):
-    """Closed-form (partial, full), each bool (B or 1, 1, n_q, n_kv); None when `mask` has no closed form."""
+def tile_classes(mask, batch: int, q_len: int, kv_len: int, device, block_size: int, tensors=None):
+    """Closed-form (partial, full), each bool (B or 1, 1, n_q, n_kv); None when `mask` has no closed form.
+
+    tensors: the mask's tensors already on `device` (None: copied here)."""
     t = _Tiles.of(q_len, kv_len, block_size, device)
-    bounds = _bounds(mask, mask.tensors_on(device), t)
+    bounds = _bounds(mask, mask.tensors_on(device) if tensors is None else tensors, t)
     if bounds is None:
         return None
     rows_b = batch if mask.per_batch else 1
@@ -227,8 +214,10 @@ def build_block_mask(mask, batch: int, q_len: int, kv_len: int, device, block_si
     """
     from torch.nn.attention.flex_attention import BlockMask
 
+    device = torch.device(device)
+    tensors = mask.tensors_on(device)  # one host -> device copy for the tiles and the mask_mod
     with torch.no_grad():
-        classes = None if exact else tile_classes(mask, batch, q_len, kv_len, device, block_size)
+        classes = None if exact else tile_classes(mask, batch, q_len, kv_len, device, block_size, tensors)
         partial, full = classes if classes is not None else block_counts(mask, batch, q_len, kv_len, device, block_size)
         # the backward walks the transposed lists (key block -> query blocks); sorting them here from
         # the tiles we hold is what from_kv_blocks does, minus rebuilding the tiles from the lists.
@@ -239,7 +228,7 @@ def build_block_mask(mask, batch: int, q_len: int, kv_len: int, device, block_si
             kv_num, kv_idx, q_num, q_idx = num[:2], idx[:2], num[2:], idx[2:]
         else:
             (kv_num, kv_idx), (q_num, q_idx) = _ordered(torch.stack(by_kv)), _ordered(torch.stack(by_q))
-    mask_mod = mask.mask_mod_for(q_len, kv_len, device)
+    mask_mod = mask.mask_mod_for(q_len, kv_len, tensors=tensors)
     try:
         return BlockMask(
             seq_lengths=(q_len, kv_len),

@@ -9,12 +9,12 @@ partials of each (sequence, query head) with their log-sum-exps.
 
 Decode is inference-only: there is no backward.
 
-Host cost. Eagerly decode_attention checks its inputs once and launches directly; only under
-torch.compile does it go through the `nanollama::decode_attention` torch op, whose dispatch alone
-costs ~20 us. The split arithmetic is cached per shape. Host time per call with no-op kernels
-(B1 Hq32 Hk8 S8K D128, 2 shared CPU cores, best of 5 runs) went from 66 to 21 us, against GPU
-floors of ~8-60 us at the benchmark shapes on an H200. generate() with compile=True on CUDA replays
-the whole step as a CUDA graph, which removes the host cost altogether.
+Host cost. decode_attention checks its inputs once and, on the Triton path, always goes through the
+`nanollama::decode_attention` torch op (one route, eager and traced). The split arithmetic is cached
+per shape. Host time per call with no-op kernels (bench/host_cost.py: B1 Hq32 Hk8 S8K D128, 2
+shared CPU cores, best of 5 runs): ~20 us with the former direct eager launch, ~58 us through
+the op, against GPU floors of ~8-60 us at the benchmark shapes on an H200. generate() with
+compile=True on CUDA replays the whole step as a CUDA graph, which removes the host cost altogether.
 """
 
 from __future__ import annotations
@@ -24,192 +24,30 @@ import math
 
 import torch
 
-from nanollama.kernels.dispatch import triton_available, use_triton
-
-if triton_available():
-    import triton
-    import triton.language as tl
-else:  # pragma: no cover - the reference path needs no triton
-    triton = None
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-# ----------------------------------------------------------------------------------------------
-# Triton kernels (private)
-# ----------------------------------------------------------------------------------------------
-
-if triton is not None:
-
-    @triton.jit
-    def _decode_split_kernel(
-        Q,
-        K,
-        V,
-        SEQLENS,
-        OPART,
-        LSE,
-        stride_q_b,
-        stride_q_h,
-        stride_q_d,
-        stride_k_b,
-        stride_k_h,
-        stride_k_s,
-        stride_k_d,
-        stride_v_b,
-        stride_v_h,
-        stride_v_s,
-        stride_v_d,
-        stride_seqlens_b,
-        stride_opart_b,
-        stride_opart_h,
-        stride_opart_split,
-        stride_opart_d,
-        stride_lse_b,
-        stride_lse_h,
-        stride_lse_split,
-        qk_scale_log2,  # scale * log2(e): the softmax runs in base 2
-        S_MAX,
-        SPLIT_SIZE,
-        HK: tl.constexpr,
-        GROUP: tl.constexpr,
-        HEAD_DIM: tl.constexpr,
-        BLOCK_G: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
-    ):
-        pid_bh = tl.program_id(0)
-        pid_split = tl.program_id(1)
-        b = (pid_bh // HK).to(tl.int64)  # int64: b * stride_k_b overflows int32 on large caches
-        hk = (pid_bh % HK).to(tl.int64)
-
-        seqlen = tl.load(SEQLENS + b * stride_seqlens_b).to(tl.int32)
-        seqlen = tl.minimum(seqlen, S_MAX)  # never read past the allocation, whatever the caller passes
-        start = pid_split * SPLIT_SIZE
-        # Splits at or beyond this sequence's length do nothing: the ragged saving.
-        if start < seqlen:
-            end = tl.minimum(start + SPLIT_SIZE, seqlen)
-            offs_g = tl.arange(0, BLOCK_G)  # query heads of the group, padded to a tl.dot-able size
-            offs_d = tl.arange(0, BLOCK_D)
-            mask_g = offs_g < GROUP
-            mask_d = offs_d < HEAD_DIM
-            heads = hk * GROUP + offs_g  # (BLOCK_G,) query head indices
-
-            q_ptrs = Q + b * stride_q_b + heads[:, None] * stride_q_h + offs_d[None, :] * stride_q_d
-            q = tl.load(q_ptrs, mask=mask_g[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_G, BLOCK_D)
-
-            k_base = K + b * stride_k_b + hk * stride_k_h
-            v_base = V + b * stride_v_b + hk * stride_v_h
-            m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-            l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-            acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-            for n0 in range(start, end, BLOCK_N):
-                offs_n = n0 + tl.arange(0, BLOCK_N)
-                mask_n = offs_n < end
-                # Masked lanes are never loaded: slots at/after seqlen may hold NaN.
-                kv_mask = mask_n[:, None] & mask_d[None, :]
-                k = tl.load(
-                    k_base + offs_n[:, None] * stride_k_s + offs_d[None, :] * stride_k_d, mask=kv_mask, other=0.0
-                )  # (BLOCK_N, BLOCK_D)
-                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2  # (BLOCK_G, BLOCK_N)
-                s = tl.where(mask_n[None, :], s, float("-inf"))
-                # Every block holds at least one valid key (n0 < end), so m_new is finite.
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                v = tl.load(
-                    v_base + offs_n[:, None] * stride_v_s + offs_d[None, :] * stride_v_d, mask=kv_mask, other=0.0
-                )  # (BLOCK_N, BLOCK_D)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-                m_i = m_new
-
-            out = acc / l_i[:, None]
-            o_ptrs = (
-                OPART
-                + b * stride_opart_b
-                + heads[:, None] * stride_opart_h
-                + pid_split * stride_opart_split
-                + offs_d[None, :] * stride_opart_d
-            )
-            tl.store(o_ptrs, out, mask=mask_g[:, None] & mask_d[None, :])
-            lse_ptrs = LSE + b * stride_lse_b + heads * stride_lse_h + pid_split * stride_lse_split
-            tl.store(lse_ptrs, m_i + tl.log2(l_i), mask=mask_g)
-
-    @triton.jit
-    def _decode_reduce_kernel(
-        OPART,
-        LSE,
-        SEQLENS,
-        OUT,
-        stride_opart_b,
-        stride_opart_h,
-        stride_opart_split,
-        stride_opart_d,
-        stride_lse_b,
-        stride_lse_h,
-        stride_lse_split,
-        stride_seqlens_b,
-        stride_out_b,
-        stride_out_h,
-        stride_out_d,
-        S_MAX,
-        SPLIT_SIZE,
-        HQ: tl.constexpr,
-        HEAD_DIM: tl.constexpr,
-        BLOCK_S: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-    ):
-        pid = tl.program_id(0)
-        b = (pid // HQ).to(tl.int64)
-        h = (pid % HQ).to(tl.int64)
-        seqlen = tl.minimum(tl.load(SEQLENS + b * stride_seqlens_b).to(tl.int32), S_MAX)
-        n_splits = tl.cdiv(seqlen, SPLIT_SIZE)  # only the splits the split kernel wrote
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_d = offs_d < HEAD_DIM
-
-        lse_base = LSE + b * stride_lse_b + h * stride_lse_h
-        o_base = OPART + b * stride_opart_b + h * stride_opart_h
-        m = float("-inf")
-        denom = 0.0
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        # Online merge over chunks of splits, so long caches with many splits need no big register tile.
-        for s0 in range(0, n_splits, BLOCK_S):
-            offs_s = s0 + tl.arange(0, BLOCK_S)
-            mask_s = offs_s < n_splits
-            lse = tl.load(lse_base + offs_s * stride_lse_split, mask=mask_s, other=float("-inf"))  # (BLOCK_S,)
-            m_new = tl.maximum(m, tl.max(lse, axis=0))  # finite: each chunk has a written split
-            alpha = tl.exp2(m - m_new)
-            w = tl.exp2(lse - m_new)  # (BLOCK_S,), zero on masked splits
-            o = tl.load(
-                o_base + offs_s[:, None] * stride_opart_split + offs_d[None, :] * stride_opart_d,
-                mask=mask_s[:, None] & mask_d[None, :],
-                other=0.0,
-            )  # (BLOCK_S, BLOCK_D)
-            acc = acc * alpha + tl.sum(w[:, None] * o, axis=0)
-            denom = denom * alpha + tl.sum(w, axis=0)
-            m = m_new
-        # An empty sequence (seqlen 0) attends to nothing: its output is zeros, as in the reference.
-        denom = tl.where(denom > 0.0, denom, 1.0)
-        out = acc / denom
-        tl.store(OUT + b * stride_out_b + h * stride_out_h + offs_d * stride_out_d, out, mask=mask_d)
-
+from nanollama.kernels._triton import cdiv as _cdiv
+from nanollama.kernels._triton import launch_device
+from nanollama.kernels._triton import pow2_at_least as _next_pow2
+from nanollama.kernels.dispatch import use_triton
 
 # ----------------------------------------------------------------------------------------------
 # Input checks, shared by the launcher and the public function
 # ----------------------------------------------------------------------------------------------
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float64: the reference only
 
 
-def _check_inputs(q, k_cache, v_cache, cache_seqlens, split_size=None, dtypes=_DTYPES) -> None:
+def _check_lengths(cache_seqlens: torch.Tensor, s_max: int) -> None:
+    """A ValueError for lengths outside [0, S_max] (a host sync: the reference path only; not while tracing)."""
+    if torch.compiler.is_compiling() or not cache_seqlens.numel():
+        return
+    low, high = torch.aminmax(cache_seqlens)
+    if low < 0 or high > s_max:
+        raise ValueError(
+            f"decode_attention: cache_seqlens must lie in [0, S_max = {s_max}], got values in [{int(low)}, {int(high)}]"
+        )
+
+
+def _check_inputs(q, k_cache, v_cache, cache_seqlens, split_size=None) -> None:
     """Raise a one-line ValueError naming the argument when shapes, dtypes or devices disagree."""
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("cache_seqlens", cache_seqlens)):
         if not isinstance(t, torch.Tensor):
@@ -234,8 +72,8 @@ def _check_inputs(q, k_cache, v_cache, cache_seqlens, split_size=None, dtypes=_D
         raise ValueError(f"decode_attention: cache_seqlens must have shape ({B},), got {tuple(cache_seqlens.shape)}")
     if cache_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"decode_attention: cache_seqlens must be int32 or int64, got {cache_seqlens.dtype}")
-    if q.dtype not in dtypes:
-        raise ValueError(f"decode_attention: q dtype must be one of {dtypes}, got {q.dtype}")
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"decode_attention: q dtype must be one of {_DTYPES}, got {q.dtype}")
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         raise ValueError(
             f"decode_attention: k_cache/v_cache dtype ({k_cache.dtype}, {v_cache.dtype}) must equal q dtype {q.dtype}"
@@ -324,13 +162,9 @@ def decode_attention_launch(
     """
     if check:
         _check_inputs(q, k_cache, v_cache, cache_seqlens, split_size)
-    if q.is_cuda:
-        index = q.get_device()
-        if index != torch.cuda.current_device():  # Triton launches on the current device: make it q's
-            with torch.cuda.device(index):
-                return _launch(q, k_cache, v_cache, cache_seqlens, scale, split_size, _sm_count(index))
-        return _launch(q, k_cache, v_cache, cache_seqlens, scale, split_size, _sm_count(index))
-    return _launch(q, k_cache, v_cache, cache_seqlens, scale, split_size, 8)  # the interpreter: any SM count
+    sms = _sm_count(q.get_device()) if q.is_cuda else 8  # the interpreter: any SM count
+    with launch_device(q):
+        return _launch(q, k_cache, v_cache, cache_seqlens, scale, split_size, sms)
 
 
 def _launch(q, k_cache, v_cache, cache_seqlens, scale: float, split_size: int | None, sms: int) -> torch.Tensor:
@@ -349,6 +183,8 @@ def _launch(q, k_cache, v_cache, cache_seqlens, scale: float, split_size: int | 
     lse = torch.empty((B, Hq, n_splits), device=q.device, dtype=torch.float32)
     # fp32 inputs get a true fp32 dot (no TF32) so they meet fp32 tolerances.
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
+
+    from nanollama.kernels._decode_triton import _decode_reduce_kernel, _decode_split_kernel  # see its docstring
 
     _decode_split_kernel[(B * Hk, n_splits)](
         q, k_cache, v_cache, cache_seqlens, o_part, lse,
@@ -381,7 +217,8 @@ def _decode_attention_op(
     scale: float,
     split_size: int,
 ) -> torch.Tensor:
-    return decode_attention_launch(q, k_cache, v_cache, cache_seqlens, scale, split_size or None)
+    # decode_attention has checked the inputs: the op is its one route, not a public entry
+    return decode_attention_launch(q, k_cache, v_cache, cache_seqlens, scale, split_size or None, False)
 
 
 @_decode_attention_op.register_fake
@@ -398,10 +235,13 @@ def decode_attention_ref(
 ) -> torch.Tensor:
     """Eager decode attention, math in float32 (float64 for float64 inputs); same contract as decode_attention.
 
-    Masks by value, so slots at or after a sequence's length may hold NaN; a length of 0 gives zeros.
+    Masks by value, so slots at or after a sequence's length may hold NaN; a length of 0 gives zeros,
+    a NaN in q or in a visible slot gives NaN. Lengths outside [0, S_max] are a ValueError (one host
+    sync on a GPU; not checked under torch.compile).
     Costs B x S_max whatever the lengths: it is the baseline, not the fast path.
     """
-    _check_inputs(q, k_cache, v_cache, cache_seqlens, dtypes=(*_DTYPES, torch.float64))
+    _check_inputs(q, k_cache, v_cache, cache_seqlens)
+    _check_lengths(cache_seqlens, k_cache.shape[2])
     B, Hq, D = q.shape
     Hk, S_max = k_cache.shape[1], k_cache.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -412,7 +252,8 @@ def decode_attention_ref(
     qg = q.to(compute).reshape(B, Hk, Hq // Hk, D)  # (B, Hk, G, D): GQA by grouping, no K/V copy
     scores = torch.einsum("bhgd,bhsd->bhgs", qg, k) * scale  # (B, Hk, G, S_max)
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an empty sequence's row is all NaN -> zeros
+    probs = torch.softmax(scores, dim=-1)  # (B, Hk, G, S_max); an empty sequence's row is all NaN
+    probs = probs.masked_fill((cache_seqlens <= 0)[:, None, None, None], 0.0)  # -> zeros; other NaNs stay
     out = torch.einsum("bhgs,bhsd->bhgd", probs, v)  # (B, Hk, G, D)
     return out.reshape(B, Hq, D).to(q.dtype)
 
@@ -432,14 +273,15 @@ def decode_attention(
     cache_seqlens (B,) int32 or int64: sequence b sees cache positions [0, cache_seqlens[b]); slots at
     or after that are never read (they may hold NaN). Returns (B, Hq, D) in q's dtype. scale defaults
     to 1/sqrt(D). split_size (keys per program, multiple of 16) is a tuning knob; None picks it.
-    Dispatch: Triton on CUDA tensors (or NANOLLAMA_KERNELS=triton), else decode_attention_ref.
+    A length of 0 gives zeros; a NaN in q or in a visible slot gives NaN, as on every backend.
+    Lengths outside [0, S_max]: a ValueError on the reference path; the Triton path does not check
+    (that would synchronise the host every step) and clamps them, so a length past S_max reads the
+    whole cache and a negative one gives zeros.
+    Dispatch: Triton on CUDA tensors (or NANOLLAMA_KERNELS=triton), else decode_attention_ref; float64
+    always takes the reference.
     """
-    _check_inputs(q, k_cache, v_cache, cache_seqlens, split_size)  # the only check on the eager path
+    _check_inputs(q, k_cache, v_cache, cache_seqlens, split_size)  # the one check of the call
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if use_triton(q, k_cache, v_cache, cache_seqlens):
-        if torch.compiler.is_compiling():  # traced: the op, which the graph can hold
-            return _decode_attention_op(q, k_cache, v_cache, cache_seqlens, scale, split_size or 0)
-        # Eager: launch directly. The op's dispatch alone costs ~20 us of host time per call, more
-        # than the whole GPU time of a B1-8K decode step on an H200 (see the module docstring).
-        return decode_attention_launch(q, k_cache, v_cache, cache_seqlens, scale, split_size, False)
+        return _decode_attention_op(q, k_cache, v_cache, cache_seqlens, scale, split_size or 0)
     return decode_attention_ref(q, k_cache, v_cache, cache_seqlens, scale)

@@ -5,13 +5,11 @@ A mask says which keys each query may see. Each mask is written once as a mask_m
 
 - `mask.dense(B, Sq, Skv, device)`: boolean (B, Sq, Skv) for SDPA and the reference, made by
   evaluating the mask_mod on broadcast index grids (so flex and dense can never disagree);
-- `mask.block_mask(B, Sq, Skv, device)`: FlexAttention's BlockMask, built eagerly by `block_masks.py`
-  (tiles classified in closed form for the built-in masks and their combinations, O(tiles + S);
-  other masks evaluated pair by pair), no torch.compile, so a new batch never recompiles anything.
+- FlexAttention's BlockMask: `block_masks.build_block_mask(mask, ...)` (tiles classified in closed
+  form for the built-in masks and their combinations), which imports this module, never the reverse.
 
-Both are cached: on the mask object for masks that hold per-sequence tensors (build the mask
-once per batch and pass the same object to every layer), and in a small module-level cache for
-tensor-free masks (`causal()`, `sliding_window(w)`), so even a fresh `causal()` per layer is free.
+Nothing is cached here: `nanollama.kernels.attention.prepare` builds what a backend needs once per
+forward, and the model hands that to every layer.
 
 Per-sequence values (prefix lengths, document ids, lengths) are tensors captured by the mask_mod,
 so new values never recompile a compiled flex_attention: only shapes are guarded.
@@ -23,7 +21,6 @@ sits at absolute position i + (Skv - Sq).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -31,17 +28,6 @@ import torch
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 DEFAULT_BLOCK_SIZE = 128  # FlexAttention's sparse block size
-_STATIC_CACHE: OrderedDict = OrderedDict()  # (static key, what, shape, device) -> built tensor or BlockMask
-_STATIC_CACHE_ENTRIES = 64
-_STATIC_CACHE_BYTES = 1 << 30  # dense masks are Sq x Skv booleans: 64 MiB at 8K, so bound the bytes too
-
-
-def _nbytes(value) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.untyped_storage().nbytes()  # an expanded view costs only its storage
-    if isinstance(value, tuple):
-        return sum(_nbytes(v) for v in value)
-    return 0  # BlockMasks: a few int32 per tile, negligible
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -59,10 +45,6 @@ class Mask(ABC):
 
     kind: str = "mask"
 
-    def __init__(self) -> None:
-        self._built: dict = {}  # per-object cache for masks holding per-sequence tensors
-        self._on_device: dict = {}  # device -> tuple of this mask's tensors moved there
-
     # -- what subclasses provide ------------------------------------------------------------
     def _tensors(self) -> tuple[torch.Tensor, ...]:
         return ()
@@ -70,11 +52,6 @@ class Mask(ABC):
     @abstractmethod
     def _mod(self, q_len: int, kv_len: int, tensors: tuple[torch.Tensor, ...]) -> MaskMod:
         """The FlexAttention mask_mod (b, h, q_idx, kv_idx) -> bool, closing over `tensors`."""
-
-    @property
-    def static_key(self) -> tuple | None:
-        """A hashable key for masks without tensors (shared cache); None when the mask holds tensors."""
-        return None
 
     def check(self, batch: int, q_len: int, kv_len: int) -> None:  # noqa: B027 (optional: most masks fit any call)
         """Raise a one-line ValueError when this mask cannot describe a (batch, Sq, Skv) call."""
@@ -87,44 +64,24 @@ class Mask(ABC):
 
     @property
     def per_batch(self) -> bool:
-        """True when the mask differs between sequences of the batch."""
-        return self.static_key is None
+        """True when the mask differs between sequences of the batch (it holds per-sequence tensors)."""
+        return bool(self._tensors())
 
-    def tensors_on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+    def tensors_on(self, device) -> tuple[torch.Tensor, ...]:
+        """This mask's tensors on `device` (copied on every call: prepare once per forward)."""
         device = torch.device(device)
-        if device not in self._on_device:
-            self._on_device[device] = tuple(to_device(t, device) for t in self._tensors())
-        return self._on_device[device]
+        return tuple(to_device(t, device) for t in self._tensors())
 
-    def mask_mod_for(self, q_len: int, kv_len: int, device=None) -> MaskMod:
-        """The FlexAttention mask_mod for a (Sq, Skv) call, its tensors on `device`."""
-        tensors = self._tensors() if device is None else self.tensors_on(device)
+    def mask_mod_for(self, q_len: int, kv_len: int, device=None, tensors=None) -> MaskMod:
+        """The FlexAttention mask_mod for a (Sq, Skv) call, over `tensors` (default: ours, on `device`)."""
+        if tensors is None:
+            tensors = self._tensors() if device is None else self.tensors_on(device)
         return self._mod(q_len, kv_len, tensors)
 
     @property
     def mask_mod(self) -> MaskMod:
         """The mask_mod for Sq == Skv (the usual training case)."""
         return self._mod(0, 0, self._tensors())
-
-    def cached(self, what: tuple, build: Callable[[], object]):
-        """Memoise `build()` under `what` (on the object, or module-wide for tensor-free masks)."""
-        key = self.static_key
-        if key is None:
-            if what not in self._built:
-                self._built[what] = build()
-            return self._built[what]
-        full = (key, *what)
-        if full in _STATIC_CACHE:
-            _STATIC_CACHE.move_to_end(full)
-            return _STATIC_CACHE[full]
-        value = _STATIC_CACHE[full] = build()
-        # least recently used first; the newest entry always stays
-        while len(_STATIC_CACHE) > 1 and (
-            len(_STATIC_CACHE) > _STATIC_CACHE_ENTRIES
-            or sum(_nbytes(v) for v in _STATIC_CACHE.values()) > _STATIC_CACHE_BYTES
-        ):
-            _STATIC_CACHE.popitem(last=False)
-        return value
 
     def evaluate(
         self, batch: int, q_len: int, kv_len: int, device, q_start: int = 0, q_stop: int | None = None, kv_stop=None
@@ -148,24 +105,10 @@ class Mask(ABC):
         return allowed.expand(b.shape[0], q_stop - q_start, kv_stop)
 
     def dense(self, batch: int, q_len: int, kv_len: int, device=None) -> torch.Tensor:
-        """Boolean (B, Sq, Skv), True where query i may attend to key j (cached; do not modify)."""
+        """Boolean (B, Sq, Skv), True where query i may attend to key j (an expanded view for B-free masks)."""
         self.check(batch, q_len, kv_len)
         device = torch.device(device if device is not None else "cpu")
-
-        def build():
-            return self.evaluate(batch, q_len, kv_len, device)
-
-        rows = self.cached(("dense", batch if self.per_batch else 1, q_len, kv_len, device), build)
-        return rows.expand(batch, q_len, kv_len)
-
-    def block_mask(self, batch: int, q_len: int, kv_len: int, device=None, block_size: int = DEFAULT_BLOCK_SIZE):
-        """FlexAttention BlockMask for (B, Sq, Skv), built once and reused by every layer."""
-        from nanollama.kernels.block_masks import build_block_mask
-
-        self.check(batch, q_len, kv_len)
-        device = torch.device(device if device is not None else "cpu")
-        what = ("block", batch if self.per_batch else 1, q_len, kv_len, device, block_size)
-        return self.cached(what, lambda: build_block_mask(self, batch, q_len, kv_len, device, block_size))
+        return self.evaluate(batch, q_len, kv_len, device).expand(batch, q_len, kv_len)
 
     def density(self, batch: int, q_len: int, kv_len: int) -> float:
         """Fraction of (query, key) pairs that are visible."""
@@ -193,10 +136,6 @@ class Causal(Mask):
     kind = "causal"
 
     @property
-    def static_key(self):
-        return ("causal",)
-
-    @property
     def is_causal(self) -> bool:
         return True
 
@@ -213,14 +152,9 @@ class SlidingWindow(Mask):
     kind = "sliding_window"
 
     def __init__(self, window: int) -> None:
-        super().__init__()
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"sliding_window: window must be a positive int, got {window!r}")
         self.window = window
-
-    @property
-    def static_key(self):
-        return ("sliding_window", self.window)
 
     def _mod(self, q_len, kv_len, tensors):
         window = self.window
@@ -255,7 +189,6 @@ class PrefixLM(Mask):
     kind = "prefix_lm"
 
     def __init__(self, prefix_lengths: torch.Tensor) -> None:
-        super().__init__()
         self.prefix_lengths = _check_vector("prefix_lm", prefix_lengths, "prefix_lengths")
 
     def _tensors(self):
@@ -279,7 +212,6 @@ class Document(Mask):
     kind = "document"
 
     def __init__(self, document_ids: torch.Tensor) -> None:
-        super().__init__()
         t = document_ids
         if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.dtype.is_floating_point or t.dtype == torch.bool:
             raise ValueError(f"document: document_ids must be a 2-D integer tensor (B, S), got {_describe(t)}")
@@ -315,7 +247,6 @@ class Padding(Mask):
     kind = "padding"
 
     def __init__(self, lengths: torch.Tensor) -> None:
-        super().__init__()
         self.lengths = _check_vector("padding", lengths, "lengths")
 
     def _tensors(self):
@@ -337,7 +268,6 @@ class _Combined(Mask):
     op = "?"
 
     def __init__(self, *parts: Mask) -> None:
-        super().__init__()
         flat: list[Mask] = []
         for p in parts:
             if not isinstance(p, Mask):
@@ -345,11 +275,6 @@ class _Combined(Mask):
             flat.extend(p.parts if type(p) is type(self) else (p,))  # (a & b) & c -> and(a, b, c)
         self.parts = tuple(flat)
         self.kind = "(" + self.op.join(p.kind for p in self.parts) + ")"
-
-    @property
-    def static_key(self):
-        keys = tuple(p.static_key for p in self.parts)
-        return None if any(k is None for k in keys) else (self.op, *keys)
 
     def check(self, batch, q_len, kv_len):
         for p in self.parts:

@@ -29,7 +29,7 @@ from nanollama import config
 from nanollama.config import ConfigError, check, read_yaml
 
 # The run-config schema of the scripts we know; other scripts get their `run` section unchecked.
-SCRIPT_CONFIGS = {"nanollama.train": "nanollama.run_config:TrainConfig"}
+SCRIPT_CONFIGS = {"nanollama.train": "nanollama.train.config:TrainConfig"}
 
 
 @dataclass

@@ -11,7 +11,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from nanollama.kernels import rope
+from nanollama.kernels import _rope_triton
 
 POINTERS = {"Q": "*bf16", "K": "*bf16", "Q_OUT": "*bf16", "K_OUT": "*bf16", "COS": "*fp32", "SIN": "*fp32"}
 POINTERS["POS"] = "*i64"
@@ -19,7 +19,7 @@ FLAGS = ("HAS_POS", "INTERLEAVED", "CONJ", "BLOCK_T", "BLOCK_H", "BLOCK_HALF")
 
 
 def compile_variant(has_pos: bool, interleaved: bool, conj: bool) -> dict:
-    kernel = rope._rope_kernel
+    kernel = _rope_triton._rope_kernel
     signature, constexprs, attrs = {}, {}, {}
     constexprs.update(HAS_POS=has_pos, INTERLEAVED=interleaved, CONJ=conj, BLOCK_T=1, BLOCK_H=32, BLOCK_HALF=64)
     for index, name in enumerate(kernel.arg_names):

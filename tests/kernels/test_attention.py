@@ -3,7 +3,6 @@ fully masked rows; zero recompiles of compiled flex across batches; the measured
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import math
@@ -11,8 +10,8 @@ import math
 import pytest
 import torch
 
-from nanollama.kernels import attention_select, masks
-from nanollama.kernels.attention import attention, attention_ref, flash_available
+from nanollama.kernels import attention_backends, dispatch, masks
+from nanollama.kernels.attention import PreparedMask, attention, attention_ref, flash_available, prepare
 
 B, D = 2, 16
 TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
@@ -145,7 +144,7 @@ def test_scale_and_reference_function():
         (lambda q, k, v: attention(q, k, v[:, :, :3]), "k .* and v .* must have the same shape"),
         (lambda q, k, v: attention(q[:, :3], k, v), "multiple of key/value heads"),
         (lambda q, k, v: attention(q, k, v, backend="fast"), "backend must be one of auto, flex, sdpa"),
-        (lambda q, k, v: attention(q, k, v, mask="causal"), "mask must be a nanollama.kernels.masks.Mask"),
+        (lambda q, k, v: attention(q, k, v, mask="causal"), "mask must be a Mask, a PreparedMask or None"),
         (lambda q, k, v: attention(q, k, v, mask=masks.padding(torch.tensor([1]))), "padding: holds 1 sequences"),
     ],
 )
@@ -166,16 +165,28 @@ def test_unsupported_backends_say_why(monkeypatch):
         attention(q, k, v, backend="flex")
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_compiled_flex_never_recompiles(monkeypatch, device):
-    """New prefix lengths and document boundaries each batch (new mask objects): zero recompiles.
+@pytest.mark.parametrize(
+    "device,compiler",
+    [
+        ("cpu", "eager"),
+        pytest.param("cpu", "inductor", marks=pytest.mark.slow),
+        pytest.param("cuda", "inductor", marks=pytest.mark.gpu),
+    ],
+)
+def test_compiled_flex_never_recompiles(monkeypatch, device, compiler):
+    """New prefix lengths and document boundaries each batch (new prepared masks): zero recompiles.
 
-    One compilation (~30 s on 2 CPU cores) covers both kinds of per-sequence tensor: the mask combines
-    them. Forward only on the CPU (no flex backward there), forward and backward on CUDA.
+    Recompiles are Dynamo guard failures, the same whatever backend compiles the graph, so Dynamo's
+    eager backend checks them in ~2 s; inductor (~30 s on 2 CPU cores) is the slow variant. One
+    compilation covers both kinds of per-sequence tensor: the mask combines them. Forward only on
+    the CPU (no flex backward there), forward and backward on CUDA.
     """
+    import torch._dynamo
     from torch._dynamo.utils import counters
 
     monkeypatch.setenv("NANOLLAMA_FLEX_COMPILE", "1")
+    monkeypatch.setattr(attention_backends, "_FLEX_BACKEND", compiler)
+    monkeypatch.setattr(attention_backends, "_COMPILED_FLEX", None)
     S, H = 256, 2
     grad = device == "cuda"
     g = torch.Generator().manual_seed(3)
@@ -187,18 +198,20 @@ def test_compiled_flex_never_recompiles(monkeypatch, device):
         return q, k, v, mask
 
     def step(q, k, v, mask):
-        out = attention(q, k, v, mask=mask, backend="flex")
+        out = attention(q, k, v, mask=mask)
         if grad:
             out.sum().backward()
         return out
 
     with torch.set_grad_enabled(grad):
-        step(*batch())  # warm-up: the one compilation
+        q, k, v, mask = batch()
+        step(q, k, v, prepare(mask, q.shape, k.shape, q.dtype, q.device, grad, backend="flex"))  # the one compilation
         frames, graphs = counters["frames"]["total"], counters["stats"]["unique_graphs"]
         for _ in range(3):
             q, k, v, mask = batch()
-            for _layer in range(2):  # layers share the batch's mask
-                out = step(q, k, v, mask)
+            prepared = prepare(mask, q.shape, k.shape, q.dtype, q.device, grad, backend="flex")
+            for _layer in range(2):  # layers share the forward's prepared mask
+                out = step(q, k, v, prepared)
             torch.testing.assert_close(out.double(), ref64(q, k, v, mask), **TOL[torch.float32])
     assert counters["stats"]["unique_graphs"] == graphs, "a new batch compiled a new graph"
     assert counters["frames"]["total"] == frames, "a new batch re-entered dynamo compilation"
@@ -234,10 +247,15 @@ def test_traces_in_one_graph_under_torch_compile():
 def fresh_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOLLAMA_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("NANOLLAMA_ATTENTION", raising=False)
-    attention_select.clear_memory_cache()
-    attention_select.STATS.clear()
+    dispatch.clear_memory_cache()
+    dispatch.STATS.clear()
     yield tmp_path
-    attention_select.clear_memory_cache()
+    dispatch.clear_memory_cache()
+
+
+def _choose(q, k, mask):
+    grad = torch.is_grad_enabled() and q.requires_grad
+    return dispatch.choose_backend(mask, q.shape, k.shape, q.dtype, q.device, grad)
 
 
 def _grad_inputs():
@@ -250,7 +268,7 @@ def test_auto_measures_once_then_uses_memory_then_disk(fresh_cache, caplog):
     with caplog.at_level(logging.INFO, logger="nanollama.kernels.attention"):
         out = attention(q, k, v, mask=mask)
     torch.testing.assert_close(out.double(), ref64(q, k, v, mask), **TOL[torch.float32])
-    assert attention_select.STATS["measured"] == 1
+    assert dispatch.STATS["measured"] == 1
     assert "attention auto: document|q128|kv128|d16|g2|float32|fwd+bwd ->" in caplog.text
     files = list(fresh_cache.glob("attention-*.json"))
     assert len(files) == 1 and "torch" in files[0].name
@@ -263,55 +281,55 @@ def test_auto_measures_once_then_uses_memory_then_disk(fresh_cache, caplog):
     attention(q, k, v, mask=mask)  # same key (another layer): memory
     q2, k2, v2 = [t.detach()[:, :, :65].requires_grad_() for t in _grad_inputs()]  # same bucket
     attention(q2, k2, v2, mask=masks.document(torch.zeros(B, 65, dtype=torch.long)))
-    assert attention_select.STATS["measured"] == 1 and attention_select.STATS["memory_hits"] == 2
+    assert dispatch.STATS["measured"] == 1 and dispatch.STATS["memory_hits"] == 2
 
-    attention_select.clear_memory_cache()  # a new process: the file answers
+    dispatch.clear_memory_cache()  # a new process: the file answers
     attention(q, k, v, mask=mask)
-    assert attention_select.STATS["measured"] == 1 and attention_select.STATS["disk_hits"] == 1
+    assert dispatch.STATS["measured"] == 1 and dispatch.STATS["disk_hits"] == 1
 
     with torch.no_grad():  # forward-only is another key
         attention(q, k, v, mask=mask)
-    assert attention_select.STATS["measured"] == 2
+    assert dispatch.STATS["measured"] == 2
     assert len(json.loads(files[0].read_text())["choices"]) == 2
 
 
 def test_auto_follows_the_cached_choice(fresh_cache, monkeypatch):
     q, k, v = _grad_inputs()
     mask = masks.causal()
-    key = attention_select.selection_key(q, k, mask, grad=True)
-    path = attention_select.cache_file(q.device)
+    key = dispatch.selection_key(mask, q.shape, k.shape, q.dtype, grad=True)
+    path = dispatch.cache_file(q.device)
     path.write_text(json.dumps({"choices": {key: {"backend": "reference", "ms": {}}}}))
-    assert attention_select.choose_backend(q, k, v, mask, None) == "reference"
-    assert attention_select.STATS["measured"] == 0
+    assert _choose(q, k, mask) == "reference"
+    assert dispatch.STATS["measured"] == 0
     # an entry naming a backend that cannot run here is ignored and measured again
-    attention_select.clear_memory_cache()
+    dispatch.clear_memory_cache()
     path.write_text(json.dumps({"choices": {key: {"backend": "flex", "ms": {}}}}))
-    assert attention_select.choose_backend(q, k, v, mask, None) in ("sdpa", "reference")
-    assert attention_select.STATS["measured"] == 1
+    assert _choose(q, k, mask) in ("sdpa", "reference")
+    assert dispatch.STATS["measured"] == 1
     # a corrupt file is measured over, never a crash
-    attention_select.clear_memory_cache()
+    dispatch.clear_memory_cache()
     path.write_text("{not json")
-    assert attention_select.choose_backend(q, k, v, mask, None) in ("sdpa", "reference")
+    assert _choose(q, k, mask) in ("sdpa", "reference")
     assert json.loads(path.read_text())["choices"][key]["backend"] in ("sdpa", "reference")
 
 
 def test_override_and_cache_dir(fresh_cache, monkeypatch):
     q, k, v = _grad_inputs()
     monkeypatch.setenv("NANOLLAMA_ATTENTION", "reference")
-    assert attention_select.choose_backend(q, k, v, masks.causal(), None) == "reference"
+    assert _choose(q, k, masks.causal()) == "reference"
     monkeypatch.setenv("NANOLLAMA_ATTENTION", "flex")
     with pytest.raises(RuntimeError, match="NANOLLAMA_ATTENTION=flex cannot run this call: flex has no backward"):
         attention(q, k, v, mask=masks.causal())
     with torch.no_grad():  # forward-only flex on the CPU is allowed when forced
-        assert attention_select.choose_backend(q, k, v, masks.causal(), None) == "flex"
+        assert _choose(q, k, masks.causal()) == "flex"
     monkeypatch.setenv("NANOLLAMA_ATTENTION", "fastest")
     with pytest.raises(ValueError, match="NANOLLAMA_ATTENTION must be one of auto, flex"):
         attention(q, k, v)
-    assert attention_select.STATS["measured"] == 0 and not list(fresh_cache.iterdir())
+    assert dispatch.STATS["measured"] == 0 and not list(fresh_cache.iterdir())
 
     monkeypatch.delenv("NANOLLAMA_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(fresh_cache / "xdg"))
-    assert attention_select.cache_dir() == fresh_cache / "xdg" / "nanollama"
+    assert dispatch.cache_dir() == fresh_cache / "xdg" / "nanollama"
 
 
 # -- GPU: compiled flex forward and backward in bf16, flash, auto ---------------------------------
@@ -342,7 +360,7 @@ def test_gpu_auto_picks_and_caches(fresh_cache):
     mask = masks.prefix_lm(torch.tensor([256, 700], device="cuda"))
     out = attention(q, k, v, mask=mask)
     out.float().sum().backward()
-    assert attention_select.STATS["measured"] == 1 and torch.isfinite(q.grad).all()
+    assert dispatch.STATS["measured"] == 1 and torch.isfinite(q.grad).all()
     entry = next(iter(json.loads(next(fresh_cache.glob("*.json")).read_text())["choices"].values()))
     assert "flex" in entry["ms"] and "sdpa" in entry["ms"]
 
@@ -357,7 +375,7 @@ def test_auto_measures_correctly_inside_an_activation_checkpointed_block(fresh_c
 
     out = torch.utils.checkpoint.checkpoint(block, q, k, v, use_reentrant=False)
     out.sum().backward()
-    assert attention_select.STATS["measured"] == 1
+    assert dispatch.STATS["measured"] == 1
     q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
     ref64(q2, k2, v2, mask).sin().sum().backward()
     for got, want in zip((q.grad, k.grad, v.grad), (q2.grad, k2.grad, v2.grad)):
@@ -371,10 +389,9 @@ def test_compiled_flex_keeps_compiling_past_dynamo_default_limit(monkeypatch):
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    attention_mod = importlib.import_module("nanollama.kernels.attention")  # the module, not the function
     monkeypatch.setenv("NANOLLAMA_FLEX_COMPILE", "1")
-    monkeypatch.setattr(attention_mod, "_FLEX_BACKEND", "eager")
-    attention_mod._flex_fn.cache_clear()
+    monkeypatch.setattr(attention_backends, "_FLEX_BACKEND", "eager")
+    monkeypatch.setattr(attention_backends, "_COMPILED_FLEX", None)
     torch._dynamo.reset()
     try:
         compiled = counters["frames"]["ok"]
@@ -393,5 +410,95 @@ def test_compiled_flex_keeps_compiling_past_dynamo_default_limit(monkeypatch):
         # one successful Dynamo compilation per case; past the limit a case is not compiled but falls back
         assert counters["frames"]["ok"] - compiled == len(cases), "a case ran uncompiled (Dynamo's recompile limit)"
     finally:
-        attention_mod._flex_fn.cache_clear()
         torch._dynamo.reset()
+
+
+# -- prepare: once per forward, reused by every layer ---------------------------------------------
+def test_prepared_mask_is_built_once_and_checked(monkeypatch):
+    calls = []
+    real = attention_backends.block_masks.build_block_mask
+    monkeypatch.setattr(attention_backends.block_masks, "build_block_mask", lambda *a: calls.append(1) or real(*a))
+    q, k, v = _inputs(70, 70, 4, 2, torch.float32)
+    mask = masks.document(torch.sort(torch.randint(0, 3, (B, 70)), dim=1).values)
+    prepared = prepare(mask, q.shape, k.shape, q.dtype, q.device, False, backend="flex")
+    assert isinstance(prepared, PreparedMask) and prepared.backend == "flex" and len(calls) == 1
+    with torch.no_grad():
+        for _layer in range(3):
+            out = attention(q, k, v, mask=prepared)
+            torch.testing.assert_close(out.double(), ref64(q, k, v, mask), **TOL[torch.float32])
+    assert len(calls) == 1  # the layers reused the BlockMask
+    with pytest.raises(ValueError, match=r"mask was prepared for \(B, Sq, Skv\) = \(2, 70, 70\)"):
+        attention(q[:, :, :65], k[:, :, :65], v[:, :, :65], mask=prepared)
+    with pytest.raises(ValueError, match="backend 'sdpa' differs from the prepared mask's 'flex'"):
+        attention(q, k, v, mask=prepared, backend="sdpa")
+    with pytest.raises(ValueError, match="prepare: mask must be a nanollama.kernels.masks.Mask"):
+        prepare(prepared, q.shape, k.shape, q.dtype, q.device, False)
+
+
+# -- issue 13: bad inputs, non-finite inputs, scale=0 ---------------------------------------------
+def test_zero_kv_heads_and_integer_tensors_are_value_errors():
+    q = torch.randn(1, 2, 4, 8)
+    empty = torch.randn(1, 0, 4, 8)
+    with pytest.raises(ValueError, match=r"must be a multiple of key/value heads \(0\)"):
+        attention(q, empty, empty)
+    ints = torch.ones(1, 2, 4, 8, dtype=torch.int64)
+    with pytest.raises(ValueError, match="q, k, v must be float16/bfloat16/float32/float64, got torch.int64"):
+        attention(ints, ints, ints)
+
+
+NONFINITE_MASKS = {
+    "none": lambda: None,
+    "causal": masks.causal,
+    "prefix_lm": lambda: masks.prefix_lm(torch.tensor([3, 6])),
+    "padding": lambda: masks.padding(torch.tensor([5, 8])),
+}
+
+
+@pytest.mark.parametrize("mask_name", NONFINITE_MASKS)
+def test_backends_agree_on_nan_queries_and_zero_scale(mask_name):
+    mask = NONFINITE_MASKS[mask_name]()
+    q, k, v = (t.contiguous() for t in _inputs(8, 8, 2, 1, torch.float32))
+    q[1, 0, 2, 1] = float("nan")
+    with torch.no_grad():
+        for backend in ("reference", "sdpa", "flex"):
+            out = attention(q, k, v, mask=mask, backend=backend)
+            nan_rows = out.isnan().any(-1)  # (B, Hq, Sq)
+            assert nan_rows[1, 0, 2] and int(nan_rows.sum()) == 1, backend
+            zero = attention(q.nan_to_num(0.0), k, v, mask=mask, scale=0.0, backend=backend)
+            allowed = torch.ones(B, 8, 8, dtype=torch.bool) if mask is None else mask.dense(B, 8, 8)
+            mean = (allowed[:, None, :, :, None] * v[:, :, None]).sum(3) / allowed.sum(-1)[:, None, :, None]
+            torch.testing.assert_close(zero, mean.expand_as(zero), atol=1e-5, rtol=1e-5, msg=backend)
+
+
+def test_hidden_nonfinite_key_is_ignored_by_reference_and_flex():
+    """The documented sdpa difference, pinned on the two backends that promise it."""
+    mask = masks.padding(torch.tensor([5, 8]))
+    q, k, v = (t.contiguous() for t in _inputs(8, 8, 2, 1, torch.float32))
+    k[0, 0, 6, 1] = float("inf")  # key 6 of sequence 0 is padding
+    with torch.no_grad():
+        for backend in ("reference", "flex"):
+            assert torch.isfinite(attention(q, k, v, mask=mask, backend=backend)).all(), backend
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "reference"])
+def test_prepared_mask_into_a_compiled_block_never_recompiles(backend):
+    """parallel.py compiles each block; the model prepares outside and hands in a new PreparedMask per batch."""
+    from torch._dynamo.utils import counters
+
+    S, H = 64, 2
+    grad = backend != "flex"  # no flex backward on the CPU
+    g = torch.Generator().manual_seed(9)
+    torch._dynamo.reset()
+    counters.clear()  # global across tests; reset() leaves it
+    compiled = torch.compile(lambda q, k, v, m: attention(q * 1.0, k, v, mask=m), fullgraph=True, backend="eager")
+    graphs = None
+    for _ in range(3):
+        ids = torch.sort(torch.randint(0, 4, (B, S), generator=g), dim=1).values
+        mask = masks.document(ids) | masks.prefix_lm(torch.randint(0, S, (B,), generator=g))
+        q, k, v = (torch.randn(B, H, S, D, generator=g).requires_grad_(grad) for _ in range(3))
+        with torch.set_grad_enabled(grad):
+            prepared = prepare(mask, q.shape, k.shape, q.dtype, q.device, grad, backend=backend)
+            out = compiled(q, k, v, prepared)
+        torch.testing.assert_close(out.double(), ref64(q, k, v, mask), **TOL[torch.float32])
+        graphs = counters["stats"]["unique_graphs"] if graphs is None else graphs
+    assert counters["stats"]["unique_graphs"] == graphs and not counters["recompiles"], dict(counters["recompiles"])

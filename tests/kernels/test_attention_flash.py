@@ -19,8 +19,8 @@ import types
 import pytest
 import torch
 
-from nanollama.kernels import attention_flash, attention_select, masks
-from nanollama.kernels.attention import attention, attention_ref, flash_available, flash_supports
+from nanollama.kernels import attention_backends, attention_flash, dispatch, masks
+from nanollama.kernels.attention import attention, attention_ref, flash_available, flash_supports, prepare
 from nanollama.kernels.dispatch import module_found
 
 B, D = 2, 16
@@ -113,7 +113,7 @@ def fake_flash(monkeypatch):
     module.flash_attn_func = fake.flash_attn_func
     module.flash_attn_varlen_func = fake.flash_attn_varlen_func
     monkeypatch.setitem(sys.modules, "flash_attn", module)
-    monkeypatch.setattr(attention_flash, "_hardware_reason", lambda q: None)
+    monkeypatch.setattr(attention_flash, "_hardware_reason", lambda *a: None)
     module_found.cache_clear()
     yield fake
     module_found.cache_clear()
@@ -269,21 +269,21 @@ def test_padding_plan_rows(fake_flash):
     assert attention_flash._padding_plan(torch.tensor([0, -2]), 2, 2, 4, torch.device("cpu")) is None
 
 
-def test_plan_built_once_per_mask(fake_flash, monkeypatch):
+def test_plan_built_once_per_prepare(fake_flash, monkeypatch):
     builds = []
     real = attention_flash._document_plan
     monkeypatch.setattr(attention_flash, "_document_plan", lambda *a: builds.append(1) or real(*a))
     q, k, v = _inputs(70, 70, 4, 2)
     ids = _recurring_ids(70, 3)
-    mask = masks.document(ids) & masks.sliding_window(40)  # recurring ids: refused, after one build
-    for _layer in range(3):
-        assert "recurs" in flash_supports(q, k, mask)
-    mask = masks.document(ids)
-    for _layer in range(3):  # every layer, and auto's support check, reuse the batch's plan
-        assert flash_supports(q, k, mask) is None
-        attention(q, k, v, mask=mask, backend="flash")
+    assert "recurs" in flash_supports(q, k, masks.document(ids) & masks.sliding_window(40))  # after one build
+    assert len(builds) == 1
+    prepared = prepare(masks.document(ids), q.shape, k.shape, q.dtype, q.device, False, backend="flash")
     assert len(builds) == 2
-    attention(q, k, v, mask=masks.document(ids), backend="flash")  # a new batch: a new plan
+    want = attention_ref(q, k, v, masks.document(ids))
+    for _layer in range(3):  # every layer reuses the forward's plan
+        torch.testing.assert_close(attention(q, k, v, mask=prepared), want, atol=1e-5, rtol=1e-5)
+    assert len(builds) == 2
+    attention(q, k, v, mask=masks.document(ids), backend="flash")  # a Mask: prepared inline, a new plan
     assert len(builds) == 3
 
 
@@ -312,21 +312,21 @@ def test_refused_masks_say_why(fake_flash, tmp_path, monkeypatch, mask, Sq, Skv,
     assert flash_supports(q, k, mask) is not None
     with pytest.raises(RuntimeError, match=f"attention backend 'flash': .*{reason}"):
         attention(q, k, v, mask=mask, backend="flash")
-    assert re.search(reason, attention_select.unsupported("flash", q, k, mask, grad=True))
-    assert "flash" not in attention_select.candidates(q, k, mask, grad=True)
+    assert re.search(reason, attention_backends.unsupported("flash", mask, q.shape, k.shape, q.dtype, q.device, True))
+    assert "flash" not in dispatch.candidates(mask, q.shape, k.shape, q.dtype, q.device, True)
     # auto takes another backend, and gets the reference's answer
     monkeypatch.setenv("NANOLLAMA_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("NANOLLAMA_ATTENTION", raising=False)
-    attention_select.clear_memory_cache()
+    dispatch.clear_memory_cache()
     with torch.no_grad():
         torch.testing.assert_close(attention(q, k, v, mask=mask), attention_ref(q, k, v, mask))
-    attention_select.clear_memory_cache()
+    dispatch.clear_memory_cache()
     assert not fake_flash.calls
 
 
 def test_auto_considers_flash_for_documents(fake_flash):
     q, k, v = _inputs(70, 70, 4, 2)
-    assert "flash" in attention_select.candidates(q, k, masks.document(_ragged_ids(70, 0)), grad=True)
+    assert "flash" in dispatch.candidates(masks.document(_ragged_ids(70, 0)), q.shape, k.shape, q.dtype, q.device, True)
 
 
 def test_refused_while_tracing(fake_flash, monkeypatch):

@@ -179,7 +179,7 @@ def test_unknown_masks_take_the_exact_builder():
     assert block_masks.tile_classes(_Shifted(), 1, S, S, "cpu", 128) is None
     ids = torch.zeros(2, S, dtype=torch.long)
     assert block_masks.tile_classes(masks.document(ids) & _Shifted(), 2, S, S, "cpu", 128) is None
-    built = (masks.document(ids) & _Shifted()).block_mask(2, S, S)
+    built = block_masks.build_block_mask(masks.document(ids) & _Shifted(), 2, S, S, "cpu", 128)
     oracle = block_masks.build_block_mask(masks.document(ids) & _Shifted(), 2, S, S, "cpu", 128, exact=True)
     assert torch.equal(built.to_dense(), oracle.to_dense())
     assert torch.equal(built.full_kv_num_blocks, oracle.full_kv_num_blocks)
@@ -215,7 +215,7 @@ def test_builder_traces_in_one_graph_without_recompiles():
     S = 200
 
     def summary(x, mask):
-        bm = mask.block_mask(2, S, S)
+        bm = block_masks.build_block_mask(mask, 2, S, S, "cpu", 128)
         return x + bm.kv_num_blocks.sum() + 10 * bm.full_kv_num_blocks.sum() + 100 * bm.full_q_num_blocks.sum()
 
     compiled = torch.compile(summary, fullgraph=True)

@@ -24,7 +24,9 @@ def triton_path(monkeypatch):
         from triton.runtime.interpreter import InterpretedFunction
 
         # Fail loudly rather than skip: a skip here would silently drop all Triton coverage on the CPU.
-        assert isinstance(decode_mod._decode_split_kernel, InterpretedFunction), (
+        from nanollama.kernels import _decode_triton
+
+        assert isinstance(_decode_triton._decode_split_kernel, InterpretedFunction), (
             "triton was imported before TRITON_INTERPRET=1 was set: set it in tests/conftest.py"
         )
 
@@ -117,13 +119,35 @@ def test_triton_strided_views(triton_path):
     check(decode_attention(q, k, v, L), q, k, v, L)
 
 
-@pytest.mark.parametrize("mode", ["triton", "reference"])
-def test_lengths_past_s_max_are_clamped(monkeypatch, mode):
-    # Checking values would sync the host, so the contract clamps: both paths read at most S_max slots.
-    monkeypatch.setenv("NANOLLAMA_KERNELS", mode)
-    q, k, v, L = make_inputs(2, 4, 2, 37, 16, [37, 37], torch.float32)
-    out = decode_attention(q, k, v, torch.tensor([37 + 5, 1000], dtype=torch.int32))
+def test_triton_clamps_lengths_past_s_max_and_below_zero(triton_path):
+    # Checking values would sync the host, so the Triton path's documented contract clamps.
+    q, k, v, L = make_inputs(3, 4, 2, 37, 16, [37, 37, 0], torch.float32)
+    out = decode_attention(q, k, v, torch.tensor([37 + 5, 1000, -3], dtype=torch.int32))
     check(out, q, k, v, L)
+    assert (out[2] == 0).all()
+
+
+@pytest.mark.parametrize("bad", [38, -1], ids=["past-s-max", "negative"])
+def test_reference_refuses_lengths_outside_the_cache(monkeypatch, bad):
+    monkeypatch.setenv("NANOLLAMA_KERNELS", "reference")
+    q, k, v, _ = make_inputs(2, 4, 2, 37, 16, [37, 37], torch.float32)
+    with pytest.raises(ValueError, match=r"cache_seqlens must lie in \[0, S_max = 37\]"):
+        decode_attention(q, k, v, torch.tensor([5, bad]))
+
+
+@pytest.mark.parametrize("mode", ["triton", "reference"])
+def test_nan_in_q_or_a_visible_slot_propagates(monkeypatch, mode):
+    """As in every other backend: NaN in, NaN out (only rows with no visible key give zeros)."""
+    if mode == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("NANOLLAMA_KERNELS", mode)
+    q, k, v, L = make_inputs(3, 4, 2, 40, 16, [30, 40, 0], torch.float32)
+    q[0, 0, 3] = float("nan")  # sequence 0, query head 0
+    k[1, 1, 7, 2] = float("nan")  # sequence 1, kv head 1 (query heads 2, 3), a visible slot
+    k[0, 0, 35, 0] = float("nan")  # past sequence 0's length: never read
+    out = decode_attention(q, k, v, L)
+    assert out[0, 0].isnan().all() and out[1, 2:].isnan().all()
+    assert torch.isfinite(out[0, 1:]).all() and torch.isfinite(out[1, :2]).all() and (out[2] == 0).all()
 
 
 def test_triton_empty_sequence_gives_zeros(triton_path):
@@ -152,16 +176,15 @@ def test_triton_under_torch_compile(triton_path):
     check(compiled(q, k, v, L), q, k, v, L)
 
 
-def test_eager_launches_directly_and_equals_the_traced_op(triton_path, monkeypatch):
-    # Eagerly decode_attention launches without the torch op (its dispatch costs ~20 us of host time);
-    # under torch.compile it goes through the op. Same kernels, so the same bits.
+def test_one_route_through_the_op_eager_and_traced(triton_path, monkeypatch):
+    # decode_attention's Triton path always goes through the torch op, eager and traced alike.
     q, k, v, L = make_inputs(3, 8, 2, 37, 16, [1, 37, 20], torch.float32, seed=3)
     with monkeypatch.context() as m:
         op_calls = []
         real_op = decode_mod._decode_attention_op
         m.setattr(decode_mod, "_decode_attention_op", lambda *a: op_calls.append(1) or real_op(*a))
         eager = decode_attention(q, k, v, L, split_size=16)
-        assert op_calls == []
+        assert op_calls == [1]
     torch._dynamo.reset()
     traced = torch.compile(decode_attention, fullgraph=True, backend="aot_eager")(q, k, v, L, split_size=16)
     assert torch.equal(eager, traced)
@@ -182,8 +205,10 @@ class _GridSpy:
 
 def test_tuning_edits_reach_the_cached_launch_plan(triton_path, monkeypatch):
     # The split arithmetic is cached; TUNING's values are part of the key, so a sweep's edits apply.
-    spy = _GridSpy(decode_mod._decode_split_kernel)
-    monkeypatch.setattr(decode_mod, "_decode_split_kernel", spy)
+    from nanollama.kernels import _decode_triton
+
+    spy = _GridSpy(_decode_triton._decode_split_kernel)
+    monkeypatch.setattr(_decode_triton, "_decode_split_kernel", spy)
     q, k, v, L = make_inputs(1, 2, 1, 256, 16, [256], torch.float32, seed=4)
     first = decode_attention(q, k, v, L)
     monkeypatch.setitem(decode_mod.TUNING, "min_split", 64)
@@ -250,7 +275,7 @@ _AOT = textwrap.dedent(
         from triton.compiler import ASTSource
     except ImportError:
         raise SystemExit(3)
-    from nanollama.kernels import decode as m
+    from nanollama.kernels import _decode_triton as m
 
     def compile_(fn, types, consts):
         sig, attrs = {}, {}

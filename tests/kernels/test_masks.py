@@ -9,6 +9,7 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask, create_mask
 
 from nanollama.kernels import block_masks, masks
+from nanollama.kernels.attention import prepare
 
 B = 3
 SHAPES = [(70, 70), (129, 129), (70, 129), (129, 70)]  # (Sq, Skv): odd, Sq < Skv (decode), Sq > Skv
@@ -100,37 +101,20 @@ def _full_tiles(bm) -> torch.Tensor:
 
 def test_block_mask_is_sparse_where_it_should_be():
     S = 1024
-    causal = masks.causal().block_mask(1, S, S)
+    causal = block_masks.build_block_mask(masks.causal(), 1, S, S, "cpu", 128)
     # 8x8 tiles: 8 diagonal partial tiles, 28 full tiles below, none above
     assert int(causal.kv_num_blocks.sum()) == 8 and int(causal.full_kv_num_blocks.sum()) == 28
-    window = masks.sliding_window(128).block_mask(1, S, S)
+    window = block_masks.build_block_mask(masks.sliding_window(128), 1, S, S, "cpu", 128)
     assert int(window.kv_num_blocks.sum() + window.full_kv_num_blocks.sum()) == 8 + 7  # diagonal + one below
 
 
-def test_built_once_and_shared(monkeypatch):
-    calls = []
-    real = block_masks.build_block_mask
-    monkeypatch.setattr(block_masks, "build_block_mask", lambda *a: calls.append(a) or real(*a))
+def test_masks_hold_no_caches():
+    """Nothing is memoised on a mask or module-wide: prepare() builds once per forward instead."""
     mask = masks.document(torch.zeros(2, 200, dtype=torch.long))
-    first = mask.block_mask(2, 200, 200)
-    for _ in range(5):  # every layer of the model asks again
-        assert mask.block_mask(2, 200, 200) is first
-    assert mask.dense(2, 200, 200).data_ptr() == mask.dense(2, 200, 200).data_ptr()
-    assert len(calls) == 1
-    # tensor-free masks share a module-wide cache: a fresh causal() per layer costs nothing
-    shape = (1, 333, 333)
-    assert masks.causal().block_mask(*shape) is masks.causal().block_mask(*shape)
-    assert masks.sliding_window(5).block_mask(*shape) is not masks.sliding_window(6).block_mask(*shape)
-    assert len(calls) == 4  # the document mask, causal, and the two windows
-
-
-def test_shared_cache_is_bounded(monkeypatch):
-    monkeypatch.setattr(masks, "_STATIC_CACHE_BYTES", 3 * 100 * 100)  # three 100 x 100 dense masks
-    for n in range(100, 106):
-        masks.causal().dense(1, n, n)
-    dense_keys = [key for key in masks._STATIC_CACHE if key[1] == "dense"]
-    assert len(dense_keys) <= 3 and dense_keys[-1][3] == 105  # the newest stays
-    assert masks._nbytes(masks.causal().dense(4, 100, 100)) == 100 * 100  # expanded over B: stored once
+    first = mask.dense(2, 200, 200)
+    assert first.data_ptr() != mask.dense(2, 200, 200).data_ptr()  # built anew on each call
+    assert not hasattr(masks, "_STATIC_CACHE") and not hasattr(mask, "_built")
+    assert masks.causal().dense(4, 100, 100).untyped_storage().nbytes() == 100 * 100  # expanded over B
 
 
 def test_kinds_and_flags():
@@ -166,7 +150,10 @@ def test_mask_mod_works_inside_flex_vmap():
             lambda: masks.document(torch.zeros(2, 5, dtype=torch.long)).dense(2, 4, 4),
             "document: document_ids has length 5",
         ),
-        (lambda: masks.padding(torch.tensor([1])).block_mask(2, 4, 4), "padding: holds 1 sequences"),
+        (
+            lambda: prepare(masks.padding(torch.tensor([1])), (2, 1, 4, 8), (2, 1, 4, 8), torch.float32, "cpu", False),
+            "padding: holds 1 sequences",
+        ),
     ],
 )
 def test_errors_name_the_argument(make, message):

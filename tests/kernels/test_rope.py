@@ -14,6 +14,7 @@ import torch
 
 from nanollama.kernels import dispatch
 from nanollama.kernels import rope as rope_mod
+from nanollama.kernels._triton import pow2_at_least
 from nanollama.kernels.rope import apply_rope, check_rope_scaling, rope_frequencies, rope_ref
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as in tests/kernels/conftest.py
@@ -164,9 +165,9 @@ def test_rotation_preserves_norm_and_relative_angle():
 
 
 def test_opcheck(triton_kernels):
-    """Schema, fake tensor, autograd registration and AOT dispatch of the torch op."""
+    """Schema, fake tensor and AOT dispatch of the torch op (its autograd is _Rope, outside the op)."""
     torch.manual_seed(5)
-    q, k = _qk(1, 5, 2, 1, 8, "fused", torch.float32)
+    q, k = _qk(1, 5, 2, 1, 8, "fused", torch.float32, requires_grad=False)
     cos, sin = rope_frequencies(8, 8, device=DEVICE)
     positions = torch.randint(0, 8, (1, 5), device=DEVICE)
     torch.library.opcheck(torch.ops.nanollama.rope.default, (q, k, cos, sin, positions, True, False))
@@ -200,10 +201,10 @@ def test_compile_has_no_graph_break(monkeypatch, path):
     torch.testing.assert_close(dk, rdk)
 
 
-# ----------------------------------------------------------------------------- eager path vs traced path
+# ----------------------------------------------------------------------------- one route
 #
-# Eagerly apply_rope launches through _RopeFunction (or the launcher alone when no gradient is
-# wanted); under torch.compile through the nanollama::rope op. Same kernel, so the same bits.
+# apply_rope's Triton path is one route, eager and traced: _Rope.apply -> the nanollama::rope op,
+# forward and backward (the backward is the op with conj flipped).
 
 
 def _rope_loss_grads(fn, q, k, gq, gk):
@@ -214,25 +215,25 @@ def _rope_loss_grads(fn, q, k, gq, gk):
 
 @pytest.mark.parametrize("interleaved", [False, True], ids=["halves", "interleaved"])
 @pytest.mark.parametrize("pos_kind", [None, "random"], ids=["pos-none", "pos-random"])
-def test_eager_path_equals_op_path(triton_kernels, pos_kind, interleaved):
-    """apply_rope's eager route gives the op's results bit for bit, forward and backward."""
+def test_one_route_through_the_op(triton_kernels, monkeypatch, pos_kind, interleaved):
+    """Forward and backward each launch through the op once (conj False, then True); no-grad too."""
     torch.manual_seed(10)
     q, k = _qk(2, 9, 4, 2, 16, "fused", torch.float32)
     positions, table = _positions(pos_kind, 2, 9)
     cos, sin = rope_frequencies(table, 16, device=DEVICE)
     gq, gk = torch.randn(q.shape, device=DEVICE), torch.randn(k.shape, device=DEVICE)
-
-    eager = _rope_loss_grads(lambda q, k: apply_rope(q, k, cos, sin, positions, interleaved), q, k, gq, gk)
-    assert type(eager[0].grad_fn).__name__ == "_RopeFunctionBackward"  # not the op's generated backward
-    op = _rope_loss_grads(
-        lambda q, k: torch.ops.nanollama.rope(q, k, cos, sin, positions, interleaved, False), q, k, gq, gk
+    calls = []
+    monkeypatch.setattr(rope_mod, "_launch_rope", lambda *a: calls.append(a[-1]) or rope_mod._launch_rope_here(*a))
+    q_out, k_out, dq, dk = _rope_loss_grads(
+        lambda q, k: apply_rope(q, k, cos, sin, positions, interleaved), q, k, gq, gk
     )
-    assert "nanollama_rope" in type(op[0].grad_fn).__name__
-    for name, a, b in zip(["q_out", "k_out", "dq", "dk"], eager, op):
-        assert torch.equal(a, b), name
-    with torch.no_grad():  # the launcher alone: no autograd node, same values
-        q_out, k_out = apply_rope(q, k, cos, sin, positions, interleaved)
-    assert q_out.grad_fn is None and torch.equal(q_out, eager[0]) and torch.equal(k_out, eager[1])
+    assert type(q_out.grad_fn).__name__ == "_RopeBackward" and calls == [False, True]
+    c64, s64 = cos.double(), sin.double()
+    want = rope_ref(gq.double(), c64, -s64, positions, interleaved)  # R^T g
+    torch.testing.assert_close(dq.double(), want, **TOL[torch.float32])
+    with torch.no_grad():
+        again = apply_rope(q, k, cos, sin, positions, interleaved)
+    assert torch.equal(again[0], q_out) and torch.equal(again[1], k_out) and calls == [False, True, False]
 
 
 def test_eager_path_equals_compiled_path(triton_kernels):
@@ -254,7 +255,7 @@ def test_eager_path_equals_compiled_path(triton_kernels):
 
 
 def test_eager_gradients_gradcheck(triton_kernels):
-    """Finite differences against _RopeFunction's backward (and, through create_graph, its double
+    """Finite differences against _Rope's backward (and, through create_graph, its double
     backward). The op is linear in q and k, so float32 differences with a large step are exact up
     to rounding; a wrong backward (e.g. the forward rotation again) is off by O(1)."""
     torch.manual_seed(12)
@@ -306,7 +307,7 @@ def test_eager_gradient_for_k_only(triton_kernels):
 def test_block_sizes_use_plain_int_powers_of_two():
     """The host-side power-of-two helper agrees with Triton's on every size the launcher sees."""
     triton = pytest.importorskip("triton")
-    assert [rope_mod._pow2_at_least(n) for n in range(1, 2049)] == [triton.next_power_of_2(n) for n in range(1, 2049)]
+    assert [pow2_at_least(n) for n in range(1, 2049)] == [triton.next_power_of_2(n) for n in range(1, 2049)]
     assert rope_mod._blocks(64, 32, 64, True) == (1, 32, 64)  # a Llama token: all 32 heads x 64 pairs
 
 
@@ -409,11 +410,8 @@ def _inv_freq_formula(i: int, D: int, theta: float, scaling: dict | None) -> flo
     turns_dim = lambda n: D * math.log(L / (n * 2 * math.pi)) / (2 * math.log(theta))  # noqa: E731
     lo = max(math.floor(turns_dim(scaling.get("beta_fast", 32.0))), 0)
     hi = min(math.ceil(turns_dim(scaling.get("beta_slow", 1.0))), D - 1)
-    if i <= lo:
-        return base
-    if i >= hi:
-        return base / s
-    ramp = (i - lo) / (hi - lo)
+    hi = hi + 0.001 if hi == lo else hi  # as YaRN's reference and Hugging Face: only when equal
+    ramp = min(max((i - lo) / (hi - lo), 0.0), 1.0)  # hi < lo: a reversed ramp, clamped
     return (1 - ramp) * base + ramp * base / s
 
 
@@ -423,6 +421,7 @@ SCALINGS = [
     {"type": "ntk", "factor": 8.0},
     {"type": "yarn", "factor": 4.0, "original_max_seq_len": 4096},
     {"type": "yarn", "factor": 16.0, "original_max_seq_len": 512, "beta_fast": 16.0, "beta_slow": 2.0},
+    {"type": "yarn", "factor": 4.0, "original_max_seq_len": 10**40},  # ramp ends cross: high < low
     {"type": "llama3", "factor": 8.0, "original_max_seq_len": 8192},
     {"type": "llama3", "factor": 4.0, "original_max_seq_len": 2048, "low_freq_factor": 2.0, "high_freq_factor": 8.0},
 ]
@@ -558,3 +557,43 @@ def test_cuda_tensors_on_a_device_that_is_not_current(monkeypatch):
     cos, sin = rope_frequencies(33, 64, device="cuda:1")
     with torch.cuda.device(0):
         _check_against_float64(q, k, cos, sin, None, interleaved=False)
+
+
+# ----------------------------------------------------------------------------- issue 13: edges
+@pytest.mark.parametrize("bad", [-1, 16], ids=["minus-one", "table-length"])
+@pytest.mark.parametrize("path", ["reference", "triton"])
+def test_out_of_range_positions_are_one_value_error(monkeypatch, path, bad):
+    if path == "triton":
+        pytest.importorskip("triton")
+        if not dispatch.interpreter_on():
+            pytest.skip("needs TRITON_INTERPRET=1")
+    monkeypatch.setenv("NANOLLAMA_KERNELS", path)
+    q, k = _qk(1, 4, 2, 1, 8, "contiguous", torch.float32)
+    cos, sin = rope_frequencies(16, 8, device=DEVICE)
+    positions = torch.tensor([[0, 3, bad, 5]], device=DEVICE)
+    with pytest.raises(ValueError, match=r"positions must lie in \[0, 16\)"):
+        apply_rope(q, k, cos, sin, positions)
+
+
+def test_float64_takes_the_reference_on_every_mode(monkeypatch):
+    for mode in ("auto", "triton", "reference"):
+        monkeypatch.setenv("NANOLLAMA_KERNELS", mode)
+        q, k = _qk(2, 5, 4, 2, 8, "fused", torch.float64)
+        cos, sin = rope_frequencies(8, 8, device=DEVICE)
+        q_out, k_out = apply_rope(q, k, cos, sin)
+        assert q_out.dtype == torch.float64
+        torch.testing.assert_close(q_out, rope_ref(q, cos.double(), sin.double()), rtol=1e-12, atol=1e-12)
+        (dq,) = torch.autograd.grad(q_out, q, torch.ones_like(q_out))
+        assert dq.dtype == torch.float64 and torch.isfinite(dq).all()
+
+
+def test_yarn_ramp_with_crossed_ends_matches_hugging_face():
+    """D=8, theta=1e4, L=1e12: low = floor(9.7) = 9 > high = min(ceil(12.0), 7) = 7. Hugging Face's
+    linear_ramp_factor (and YaRN's reference) add 0.001 only when low == high, so here the ramp is
+    (i - 9) / (7 - 9) >= 1 for every i < 4 after clamping: every dimension is interpolated (we used to
+    set high = low + 0.001, which kept every dimension instead)."""
+    D, s = 8, 4.0
+    cos, sin = rope_frequencies(2, D, scaling={"type": "yarn", "factor": s, "original_max_seq_len": 10**12})
+    base = 10000.0 ** (-2 * torch.arange(D // 2, dtype=torch.float64) / D)
+    angle = torch.atan2(sin[1].double(), cos[1].double())
+    torch.testing.assert_close(angle, base / s, rtol=1e-6, atol=0)

@@ -14,7 +14,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanollama.kernels import apply_rope, attention, check_rope_scaling, decode_attention, masks, rope_frequencies
+from nanollama.kernels import (
+    apply_rope,
+    attention,
+    check_rope_scaling,
+    decode_attention,
+    masks,
+    prepare,
+    rope_frequencies,
+)
 from nanollama.models.registry import seeded_normal
 from nanollama.models.transformer.cache import KVCache, LayerKVCache
 from nanollama.utils.checks import check
@@ -196,13 +204,25 @@ class Transformer(nn.Module):
             positions = step.positions
         elif S > self.config.max_seq_len and positions is None:
             raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.config.max_seq_len}")
-        mask = masks.causal() if mask is None else mask
         h = self.tok_embeddings(tokens)  # (B, S, dim)
+        if step is None or not step.decoding:  # decode steps attend through decode_attention, without a mask
+            mask = self._prepare_mask(masks.causal() if mask is None else mask, h)  # once for every layer
         for i, layer in enumerate(self.layers):
             h = layer(h, self.rope_cos, self.rope_sin, mask, positions, None if step is None else step.layer(i))
         if cache is not None:
             h = cache.end(step, h)  # a prefill may keep only each prompt's last token
         return self.output(self.norm(h)).float()  # logits in float32 for a stable cross-entropy
+
+    def _prepare_mask(self, mask, h: torch.Tensor):
+        """The mask made ready for attention (backend chosen, BlockMask or dense mask built) at h's shapes."""
+        cfg = self.config
+        B, S = h.shape[:2]
+        device = h.device
+        # q's dtype is the projection's output: autocast's dtype when autocast is on, else h's
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else h.dtype
+        grad = torch.is_grad_enabled() and self.layers[0].attention.wqkv.weight.requires_grad
+        q_shape, k_shape = (B, cfg.n_heads, S, cfg.head_dim), (B, cfg.n_kv_heads, S, cfg.head_dim)
+        return prepare(mask, q_shape, k_shape, dtype, device, grad)
 
     def num_params(self, embeddings: bool = True) -> int:
         """Parameter count (tied weights once); embeddings=False leaves out the token embedding table."""
