@@ -4,7 +4,7 @@ import json
 
 import yaml
 
-from nanollama.launcher import launch, spec, status
+from nanollama.launcher import launch, layout, spec, status
 
 
 def test_status_reads_each_tasks_state_and_metrics(fake_pkg, tmp_path, capsys):
@@ -12,6 +12,7 @@ def test_status_reads_each_tasks_state_and_metrics(fake_pkg, tmp_path, capsys):
     run.write_text(yaml.safe_dump({"steps": 50, "sleep": 0.0, "value": 0}))
     args = ["script=fakepkg.work", f"config={run}", "launcher=bash", f"log_dir={tmp_path / 'logs'}"]
     p = launch.prepare(spec.parse([*args, "grid.value=[1,2,3,4]"]), dry_run=True)
+    layout.mark_submitted(p.log_dir, "slurm job 9")  # as after sbatch: task 3, without output, is pending
     out = p.log_dir / "stdout"
     (out / "0.out").write_text("[launcher] task 0: attempt 1\nhello\n[launcher] task 0: exit code 0 at now\n")
     (out / "1.out").write_text(
