@@ -23,6 +23,9 @@ from nanollama.observe.metrics import read_records
 from nanollama.utils.exit_codes import NAMES
 
 _EXIT = re.compile(r"^\[launcher\] task \d+: exit code (\d+)")
+# A new attempt (a requeue, or run.sh run again): Slurm's "job 9_1 (id 10), attempt 2, host", bash's "attempt at".
+# Not "requeueing ...; the next attempt resumes": that task is still preempted until it starts again.
+_ATTEMPT = re.compile(r"^\[launcher\] task \d+: (job \S+ \(id \S+\), attempt \d+|attempt )")
 NOT_SUBMITTED = "not submitted"
 
 
@@ -37,7 +40,7 @@ def task_state(stdout: Path, submitted: bool = True) -> str:
         if match:
             code = int(match.group(1))
             state = NAMES.get(code, f"failed ({code})")
-        elif "attempt" in line:
+        elif _ATTEMPT.match(line):
             state = "running"  # a new attempt (a requeue, or run.sh run again) after an exit
     return state
 
