@@ -4,53 +4,52 @@ import os
 import subprocess
 
 import pytest
-from launcher_helpers import DEBUG, launcher_cli
+from launcher_helpers import DEBUG
 
 from nanollama.launcher import launch, layout, spec, status
 from nanollama.launcher.__main__ import main
 
 
-def _fake_sbatch(tmp_path, script: str) -> dict:
-    """PATH with an sbatch that runs `script` (bash), so the launcher takes the Slurm path without Slurm."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+def _fake_sbatch(where, monkeypatch, script: str) -> None:
+    """An sbatch that runs `script` (bash) first on PATH, so the launcher takes the Slurm path without Slurm."""
+    bin_dir = where / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
     sbatch = bin_dir / "sbatch"
     sbatch.write_text("#!/bin/bash\n" + script)
     sbatch.chmod(0o755)
-    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
 
 
-def test_a_launch_sbatch_refuses_leaves_no_log_directory(tmp_path):
-    env = _fake_sbatch(tmp_path, 'echo "sbatch: error: invalid partition specified: nope" >&2\nexit 1\n')
+def test_a_launch_sbatch_refuses_leaves_no_log_directory(tmp_path, monkeypatch, capsys):
+    _fake_sbatch(
+        tmp_path / "refuse", monkeypatch, 'echo "sbatch: error: invalid partition specified: nope" >&2\nexit 1\n'
+    )
     log_dir = tmp_path / "logs" / "x"  # logs/ does not exist yet: it must not be left behind either
-    res = launcher_cli(f"config={DEBUG}", f"log_dir={log_dir}", "partition=nope", env=env)
-    assert res.returncode == 2, res.stdout + res.stderr
-    assert res.stderr == (
+    assert main([f"config={DEBUG}", f"log_dir={log_dir}", "partition=nope"]) == 2
+    assert capsys.readouterr().err == (
         "error: launcher.slurm: sbatch refused the job (sbatch: error: invalid partition specified: nope);"
         " nothing was written\n"
     )
     assert not (tmp_path / "logs").exists()
     # The retry needs no overwrite=true, and goes through.
-    (tmp_path / "ok").mkdir()
-    env = _fake_sbatch(tmp_path / "ok", "echo 123\n")
-    res = launcher_cli(f"config={DEBUG}", f"log_dir={log_dir}", env=env)
-    assert res.returncode == 0 and "submitted job 123:" in res.stdout, res.stdout + res.stderr
+    _fake_sbatch(tmp_path / "ok", monkeypatch, "echo 123\n")
+    assert main([f"config={DEBUG}", f"log_dir={log_dir}"]) == 0
+    assert "submitted job 123:" in capsys.readouterr().out
     assert (log_dir / layout.SUBMITTED).read_text() == "slurm job 123\n"
     assert [r["state"] for r in status.rows(log_dir)] == ["pending"]
 
 
-def test_a_refused_overwrite_puts_the_old_directory_back(tmp_path):
+def test_a_refused_overwrite_puts_the_old_directory_back(tmp_path, monkeypatch, capsys):
     log_dir = tmp_path / "logs"
-    ok = _fake_sbatch(tmp_path, "echo 7\n")
-    assert launcher_cli(f"config={DEBUG}", f"log_dir={log_dir}", env=ok).returncode == 0
+    _fake_sbatch(tmp_path / "ok", monkeypatch, "echo 7\n")
+    assert main([f"config={DEBUG}", f"log_dir={log_dir}"]) == 0
     (log_dir / "stdout" / "0.out").write_text("the first launch's output\n")
-    (tmp_path / "r").mkdir()
-    refuse = _fake_sbatch(tmp_path / "r", "exit 1\n")
-    res = launcher_cli(f"config={DEBUG}", f"log_dir={log_dir}", "overwrite=true", "steps=3", env=refuse)
-    assert res.returncode == 2 and "sbatch refused the job (exit code 1)" in res.stderr
+    _fake_sbatch(tmp_path / "refuse", monkeypatch, "exit 1\n")
+    assert main([f"config={DEBUG}", f"log_dir={log_dir}", "overwrite=true", "steps=3"]) == 2
+    assert "sbatch refused the job (exit code 1)" in capsys.readouterr().err
     assert (log_dir / "stdout" / "0.out").read_text() == "the first launch's output\n"  # not lost
     assert "steps: 3" not in (log_dir / "tasks" / "0.yaml").read_text()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "logs", "r"]  # nothing set aside remains
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "ok", "refuse"]  # nothing set aside remains
 
 
 def test_dry_run_tasks_are_not_submitted_until_run_sh_runs(fake_pkg, tmp_path):
