@@ -125,8 +125,10 @@ send() {{
 }}"""
     else:  # the task itself; under Slurm that is srun, which relays the signal to every process of the step
         send = 'send() { kill "-$1" "$child" 2>/dev/null; }'
-    # Under torchrun a TERM goes on as USR1 too: torchrun must see neither.
-    term = "resend=1" if cfg.torchrun else 'sendterm=1; [ -n "$child" ] && send TERM && sendterm=0'
+    if cfg.torchrun:  # a TERM goes on as USR1 too: torchrun must see neither
+        act = "resend=1"
+    else:  # USR1 is re-sent (see above); a TERM is sent once: it kills a trainer whose handler is gone
+        act = 'if [ "$1" = USR1 ]; then resend=1; else sendterm=1; [ -n "$child" ] && send TERM && sendterm=0; fi'
     return f"""stop=0  # the exit code a signal asks for: {PREEMPTED} (TERM, USR1) or {INTERRUPTED} (INT, bash)
 resend=0  # 1: USR1 goes to the training processes every second until they have exited
 sendterm=0  # 1: a TERM came before the task started: send it once the task is there
@@ -135,7 +137,7 @@ child=
 on_stop() {{  # $1: TERM | USR1
     stop={PREEMPTED}
     echo "[launcher] task $TASK: $1 at $(date '+%F %T'): asking the task to checkpoint and stop"
-    if [ "$1" = USR1 ]; then resend=1; else {term}; fi
+    {act}
 }}
 # Until the task has exited, re-sending USR1 while a stop is asked for; its exit code in rc.
 wait_task() {{
