@@ -17,7 +17,7 @@ import yaml
 from launcher_helpers import DEBUG, TINY, launcher_cli
 
 from nanollama.launcher import status
-from nanollama.monitor import MetricsFile
+from nanollama.observe.metrics import read_records
 
 pytestmark = pytest.mark.slow  # about a minute on 2 idle cores: several short trainings
 
@@ -49,7 +49,7 @@ def _wait_done(slurm, job: str, timeout: float = TIMEOUT) -> dict[str, str]:
 
 
 def _final_loss(run_dir: Path) -> tuple[list[int], float]:
-    train = [r for r in MetricsFile(run_dir / "metrics.jsonl").read() if "loss" in r]
+    train = [r for r in read_records(run_dir / "metrics.jsonl") if "loss" in r]
     return [r["step"] for r in train], train[-1]["loss"]
 
 
