@@ -20,10 +20,14 @@ class Prepared:
     script: Path  # run.sh
     tasks: list[grid.Task]
     command: list[str]  # what submits (slurm) or runs (bash) run.sh
+    staged: layout.Staged  # kept once submitted; undone if sbatch refuses
 
 
 def prepare(launch: Launch, dry_run: bool = False, python: str = sys.executable) -> Prepared:
-    """Everything up to submission. Checks come first, so a refused launch writes nothing."""
+    """Everything up to submission. Checks come first, so a refused launch writes nothing.
+
+    A dry run is final here; a real one is final once `submit_slurm` or `run_bash` went through.
+    """
     cfg = launch.cfg
     if cfg.launcher == "slurm" and not dry_run and shutil.which("sbatch") is None:
         raise ConfigError(
@@ -33,11 +37,17 @@ def prepare(launch: Launch, dry_run: bool = False, python: str = sys.executable)
     log_dir = Path(cfg.log_dir).expanduser().resolve()
     cfg.log_dir = str(log_dir)  # launcher.yaml records where it really went
     tasks = grid.resolve(launch.run, cfg.grid, launch.run_class, log_dir)
-    layout.prepare(log_dir, cfg.overwrite, dry_run)
-    text = scripts.render(cfg, len(tasks), log_dir, python)
-    script = layout.write(launch, tasks, log_dir, text)
+    staged = layout.prepare(log_dir, cfg.overwrite, dry_run)
+    try:
+        text = scripts.render(cfg, len(tasks), log_dir, python)
+        script = layout.write(launch, tasks, log_dir, text)
+    except BaseException:  # a snapshot that fails (or Ctrl-C) half-way leaves nothing either
+        staged.undo()
+        raise
+    if dry_run:
+        staged.keep()
     command = ["sbatch", "--parsable", str(script)] if cfg.launcher == "slurm" else ["bash", str(script)]
-    return Prepared(log_dir=log_dir, script=script, tasks=tasks, command=command)
+    return Prepared(log_dir=log_dir, script=script, tasks=tasks, command=command, staged=staged)
 
 
 def summary(p: Prepared) -> str:
@@ -50,16 +60,29 @@ def summary(p: Prepared) -> str:
 
 
 def submit_slurm(p: Prepared) -> str:
-    """sbatch run.sh; returns the job id."""
-    res = subprocess.run(p.command, capture_output=True, text=True)
+    """sbatch run.sh; returns the job id. A refusal removes the log directory (and restores the one it replaced)."""
+    try:
+        res = subprocess.run(p.command, capture_output=True, text=True)
+    except BaseException:
+        p.staged.undo()
+        raise
     if res.returncode != 0:
+        p.staged.undo()
         message = (res.stderr or res.stdout).strip().splitlines()
-        raise ConfigError("launcher.slurm", f"sbatch refused the job: {message[-1] if message else res.returncode}")
-    return res.stdout.strip().split(";")[0]
+        reason = message[-1] if message else f"exit code {res.returncode}"
+        raise ConfigError("launcher.slurm", f"sbatch refused the job ({reason}); nothing was written")
+    job = res.stdout.strip().split(";")[0]
+    p.staged.keep()
+    layout.mark_submitted(p.log_dir, f"slurm job {job}")
+    return job
 
 
 def run_bash(p: Prepared) -> None:
-    """Become `bash run.sh` (exec), so Ctrl-C and signals reach it and its task as if typed by hand."""
+    """Become `bash run.sh` (exec), so Ctrl-C and signals reach it and its task as if typed by hand.
+
+    run.sh marks the directory submitted itself (it may also be run by hand, after a dry run).
+    """
+    p.staged.keep()
     sys.stdout.flush()
     sys.stderr.flush()
     os.execvp(p.command[0], p.command)

@@ -74,6 +74,7 @@ class LauncherConfig:
     nodes: int = 1
     gpus_per_node: int = 1  # processes per node under torchrun (0: CPU, one process per node)
     overwrite: bool = False  # replace an existing log directory
+    progress_every: int = 30  # bash: seconds between a running task's progress lines (step, loss); 0: none
     grid: dict[str, Any] = field(default_factory=dict)  # dotted run-config key -> list of values
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
@@ -87,6 +88,7 @@ class LauncherConfig:
         )
         check(self.nodes >= 1, "nodes", f"must be >= 1, got {self.nodes}")
         check(self.gpus_per_node >= 0, "gpus_per_node", f"must be >= 0, got {self.gpus_per_node}")
+        check(self.progress_every >= 0, "progress_every", f"must be >= 0 seconds, got {self.progress_every}")
         check(
             self.launcher == "slurm" or self.nodes == 1,
             "nodes",
@@ -141,6 +143,31 @@ USAGE = (
 )
 _LAUNCHER_KEYS = {f.name for f in dataclasses.fields(LauncherConfig)}
 _SLURM_KEYS = {f.name for f in dataclasses.fields(SlurmConfig)}
+
+
+def launcher_typo(key: str, shown: str, run_keys=()) -> ConfigError | None:
+    """An unknown key that is closest to a launcher or Slurm key (both routed from the bare name): say which.
+
+    `shown` is the prefix the suggestion is written with ("" for a bare key, "launcher." inside the
+    launcher section, where a Slurm key lives under slurm.). None when nothing is close, or when a
+    run-config key (`run_keys`) is closer: the run config's own error names it.
+    """
+    head = key.split(".")[0]
+    hint = config._suggest(head, [*_LAUNCHER_KEYS, *_SLURM_KEYS, *run_keys], "")
+    close = hint.split("'")[1] if hint.startswith(" (did you mean") else None
+    if close is None or close in run_keys:
+        return None
+    routed = close if close in _LAUNCHER_KEYS or not shown else f"slurm.{close}"
+    return ConfigError(f"{shown}{key}", f"unknown key (did you mean '{shown}{routed}'?)")
+
+
+def _check_launcher_keys(data: dict) -> None:
+    """Typos in the launcher section of a launch file, with the Slurm keys among the suggestions."""
+    for key in data:
+        if str(key) not in _LAUNCHER_KEYS:
+            error = launcher_typo(str(key), "launcher.")
+            if error is not None:
+                raise error
 
 
 def run_class_for(script: str) -> type | None:
@@ -207,9 +234,11 @@ def parse(argv: list[str]) -> Launch:
                 raise ConfigError("launcher.grid", f"expected a mapping, got {grid!r}")
             grid[dotted.removeprefix("grid.")] = yaml.safe_load(value)
         elif section == "launcher":
+            if key.startswith("launcher.") and dotted.split(".")[0] not in _LAUNCHER_KEYS:
+                _check_launcher_keys({dotted.split(".")[0]: None})
             config.apply_override(data, f"launcher.{dotted}", value, _LaunchFile)
         else:
-            run_overrides.append((dotted, value))
+            run_overrides.append((dotted, value, key.startswith("run.")))
 
     run_source = "inline"
     if data["run"] is None:
@@ -220,19 +249,26 @@ def parse(argv: list[str]) -> Launch:
     if not isinstance(data["run"], dict):
         raise ConfigError("run", f"expected a mapping or a path to a YAML file, got {data['run']!r}")
     launcher_data = data["launcher"]
+    _check_launcher_keys(launcher_data)
     if "name" not in launcher_data and run_source != "inline":
         launcher_data["name"] = Path(run_source).stem
     cfg = config.build(LauncherConfig, launcher_data, "launcher")
 
     run_class = run_class_for(cfg.script)
     run = copy.deepcopy(data["run"])
-    for dotted, value in run_overrides:
+    for dotted, value, explicit in run_overrides:
         try:
             if run_class is not None:
                 config.apply_override(run, dotted, value, run_class)
             else:
                 set_plain(run, dotted, yaml.safe_load(value))
         except ConfigError as e:
+            if "unknown key" in e.reason and not explicit and "." not in e.field:
+                # A bare key known to neither config: perhaps a mistyped launcher key (partiton=...).
+                run_keys = [f.name for f in dataclasses.fields(run_class)] if run_class is not None else []
+                error = launcher_typo(dotted, "", run_keys)
+                if error is not None:
+                    raise error from None
             raise e.under("run") from None
     return Launch(cfg=cfg, run=run, run_class=run_class, run_source=run_source)
 

@@ -1,8 +1,10 @@
 """`python -m nanollama.launcher.status LOG_DIR`: one line per task of a launch, from its files alone.
 
 State comes from the last `[launcher]` line of stdout/{id}.out (written by run.sh): no output yet is
-`pending`, a started attempt without an exit line `running`, then `done` (exit 0), `preempted`
-(75: checkpointed, requeued or to be relaunched), `interrupted` (130) or `failed (N)`. Progress
+`pending` once the launch was submitted (log_dir/SUBMITTED) and `not submitted` before that (a dry
+run, or a launch that never reached sbatch or run.sh), a started attempt without an exit line
+`running`, then `done` (exit 0), `preempted` (75: checkpointed, requeued or to be relaunched),
+`interrupted` (130) or `failed (N)`. Progress
 and losses come from runs/{id}/metrics.jsonl. Works for Slurm and bash launches alike, and needs
 no Slurm command (use `watch -n 30 python -m nanollama.launcher.status LOG_DIR` to follow one).
 """
@@ -16,13 +18,20 @@ from pathlib import Path
 
 import yaml
 
+from nanollama.launcher.layout import SUBMITTED
+from nanollama.observe.metrics import read_records
+from nanollama.utils.exit_codes import NAMES
+
 _EXIT = re.compile(r"^\[launcher\] task \d+: exit code (\d+)")
-_NAMES = {0: "done", 75: "preempted", 130: "interrupted"}
+# A new attempt (a requeue, or run.sh run again): Slurm's "job 9_1 (id 10), attempt 2, host", bash's "attempt at".
+# Not "requeueing ...; the next attempt resumes": that task is still preempted until it starts again.
+_ATTEMPT = re.compile(r"^\[launcher\] task \d+: (job \S+ \(id \S+\), attempt \d+|attempt )")
+NOT_SUBMITTED = "not submitted"
 
 
-def task_state(stdout: Path) -> str:
+def task_state(stdout: Path, submitted: bool = True) -> str:
     if not stdout.exists():
-        return "pending"
+        return "pending" if submitted else NOT_SUBMITTED
     state = "running"
     for line in stdout.read_text(errors="replace").splitlines():
         if not line.startswith("[launcher] task "):
@@ -30,23 +39,10 @@ def task_state(stdout: Path) -> str:
         match = _EXIT.match(line)
         if match:
             code = int(match.group(1))
-            state = _NAMES.get(code, f"failed ({code})")
-        elif "attempt" in line:
+            state = NAMES.get(code, f"failed ({code})")
+        elif _ATTEMPT.match(line):
             state = "running"  # a new attempt (a requeue, or run.sh run again) after an exit
     return state
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl; a line still being written is skipped."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 def rows(log_dir: Path) -> list[dict]:
@@ -54,19 +50,20 @@ def rows(log_dir: Path) -> list[dict]:
     index = log_dir / "tasks.jsonl"
     if not index.exists():
         raise FileNotFoundError(f"{log_dir} is not a launcher log directory (no tasks.jsonl)")
+    submitted = (log_dir / SUBMITTED).exists()
     out = []
     for line in index.read_text().splitlines():
         task = json.loads(line)
         run_dir = Path(task["run_dir"])
         config = yaml.safe_load((log_dir / "tasks" / f"{task['id']}.yaml").read_text()) or {}
-        records = read_metrics(run_dir / "metrics.jsonl")
+        records = read_records(run_dir / "metrics.jsonl")
         train = [r for r in records if "loss" in r]
         evals = [r for r in records if "eval_loss" in r]
         out.append(
             {
                 "id": task["id"],
                 "grid": task["grid"],
-                "state": task_state(log_dir / "stdout" / f"{task['id']}.out"),
+                "state": task_state(log_dir / "stdout" / f"{task['id']}.out", submitted),
                 "step": train[-1]["step"] if train else 0,
                 "steps": config.get("steps"),
                 "loss": train[-1]["loss"] if train else None,
@@ -87,17 +84,17 @@ def table(log_dir: Path) -> str:
     grids = [" ".join(f"{k}={v}" for k, v in r["grid"].items()) or "-" for r in data]
     width = max([4, *map(len, grids)])
     lines = [
-        f"{'task':>4}  {'grid':<{width}}  {'state':<12} {'step':>13}  {'loss':>8}  {'eval_loss':>9}  {'excess':>8}"
+        f"{'task':>4}  {'grid':<{width}}  {'state':<13} {'step':>13}  {'loss':>8}  {'eval_loss':>9}  {'excess':>8}"
     ]
     for r, grid in zip(data, grids):
         step = f"{r['step']}/{r['steps'] if r['steps'] is not None else '?'}"
         lines.append(
-            f"{r['id']:>4}  {grid:<{width}}  {r['state']:<12} {step:>13}  {_fmt(r['loss']):>8}  "
+            f"{r['id']:>4}  {grid:<{width}}  {r['state']:<13} {step:>13}  {_fmt(r['loss']):>8}  "
             f"{_fmt(r['eval_loss']):>9}  {_fmt(r['excess_loss']):>8}"
         )
     counts: dict[str, int] = {}
     for r in data:
-        key = r["state"].split(" ")[0]
+        key = r["state"].split(" (")[0]  # "failed (3)" and "failed (1)" count together
         counts[key] = counts.get(key, 0) + 1
     lines.append(
         ", ".join(f"{n} {state}" for state, n in counts.items()) + f"  (metrics: {log_dir}/runs/ID/metrics.jsonl)"

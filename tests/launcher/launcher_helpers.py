@@ -17,9 +17,10 @@ DEBUG = ROOT / "configs" / "gssm" / "debug.yaml"
 TINY = tiny({"checkpoint.every": 1000})
 
 # A stand-in task for tests of the scripts themselves: counts steps in run_dir/step, prints its
-# VERSION, exits 75 after a step once SIGUSR1 or SIGTERM arrived (like nanollama.train), and resumes.
+# VERSION, logs loss 1/step to run_dir/metrics.jsonl, exits 75 after a step once SIGUSR1 or SIGTERM arrived (like
+# nanollama.train), and resumes.
 FAKE_TASK = """
-import os, pathlib, signal, sys, time
+import json, os, pathlib, signal, sys, time
 import yaml
 
 VERSION = {version!r}
@@ -37,6 +38,8 @@ while step < cfg["steps"]:
     time.sleep(cfg["sleep"])
     step += 1
     state.write_text(str(step))
+    with open(run_dir / "metrics.jsonl", "a") as f:  # as the trainer logs it: what bash's progress lines read
+        f.write(json.dumps(dict(step=step, loss=1.0 / step)) + "\\n")
     if stop:
         print("stopped by", stop[0], "at", step, flush=True)
         sys.exit(75)

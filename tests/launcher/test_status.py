@@ -4,7 +4,7 @@ import json
 
 import yaml
 
-from nanollama.launcher import launch, spec, status
+from nanollama.launcher import launch, layout, spec, status
 
 
 def test_status_reads_each_tasks_state_and_metrics(fake_pkg, tmp_path, capsys):
@@ -12,6 +12,7 @@ def test_status_reads_each_tasks_state_and_metrics(fake_pkg, tmp_path, capsys):
     run.write_text(yaml.safe_dump({"steps": 50, "sleep": 0.0, "value": 0}))
     args = ["script=fakepkg.work", f"config={run}", "launcher=bash", f"log_dir={tmp_path / 'logs'}"]
     p = launch.prepare(spec.parse([*args, "grid.value=[1,2,3,4]"]), dry_run=True)
+    layout.mark_submitted(p.log_dir, "slurm job 9")  # as after sbatch: task 3, without output, is pending
     out = p.log_dir / "stdout"
     (out / "0.out").write_text("[launcher] task 0: attempt 1\nhello\n[launcher] task 0: exit code 0 at now\n")
     (out / "1.out").write_text(
@@ -45,3 +46,16 @@ def test_status_reads_each_tasks_state_and_metrics(fake_pkg, tmp_path, capsys):
     assert "value=1" in text and "20/50" in text and "2.2500" in text and "0.4000" in text
     assert "1 done, 1 running, 1 failed, 1 pending" in text
     assert status.main([str(tmp_path)]) == 2 and "not a launcher log directory" in capsys.readouterr().err
+
+
+def test_a_requeued_task_is_preempted_until_its_next_attempt_starts(tmp_path):
+    out = tmp_path / "0.out"
+    out.write_text(
+        "[launcher] task 0: job 9_0 (id 10), attempt 1, vm\n[launcher] task 0: exit code 75 at t\n"
+        "[launcher] task 0: requeueing 9_0; the next attempt resumes from the checkpoint\n"
+    )
+    assert status.task_state(out) == "preempted"  # the word "attempt" in the requeue line is no new attempt
+    out.write_text(out.read_text() + "[launcher] task 0: job 9_0 (id 10), attempt 2, vm\n")
+    assert status.task_state(out) == "running"
+    out.write_text("[launcher] task 0: attempt at 2026-01-01 on vm\n")  # bash
+    assert status.task_state(out) == "running"
