@@ -89,3 +89,9 @@ def test_data_from_another_graph_is_refused(trained, tmp_path, capsys):
     )
     assert main([str(run_dir), "--latest", "--data", str(other)]) == 2
     assert "written from another GSSM" in capsys.readouterr().err
+
+
+def test_an_empty_config_yaml_is_not_read_as_the_defaults(tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text("")
+    assert main([str(tmp_path), "--latest"]) == 2
+    assert "config.yaml is empty; relaunching the training command restores it" in capsys.readouterr().err

@@ -381,3 +381,13 @@ def test_eval_every_marks_every_nth_checkpoint(tmp_path):
     # checkpoints at steps 2, 4, ..., 12: the 2nd, 4th and 6th are marked (not every even step), kept until evaluated
     assert [checkpoint.info(p)["step"] for p in checkpoint.pending_evaluation(ckpts)] == [4, 8, 12]
     assert checkpoint.complete_steps(ckpts) == [4, 8, 12]
+
+
+def test_a_run_from_before_the_config_history_keeps_its_first_config(tmp_path):
+    import yaml
+
+    run(tmp_path, "steps=2")
+    shutil.rmtree(tmp_path / "run" / "configs")  # as a run directory written before the history existed
+    run(tmp_path, "steps=3", "optim.lr=5e-4")
+    configs = tmp_path / "run" / "configs"
+    assert [yaml.safe_load((configs / f"config.{n}.yaml").read_text())["optim"]["lr"] for n in (1, 2)] == [3e-3, 5e-4]

@@ -147,6 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.run_dir / "config.yaml").is_file():
         print(f"error: {args.run_dir} is not a run directory (no config.yaml)", file=sys.stderr)
         return exit_codes.BAD_INPUT
+    if not (args.run_dir / "config.yaml").read_bytes().strip():  # would read as the defaults: another model
+        print(
+            f"error: {args.run_dir / 'config.yaml'} is empty; relaunching the training command restores it "
+            "from the latest checkpoint's copy",
+            file=sys.stderr,
+        )
+        return exit_codes.BAD_INPUT
     if args.batch_size < 1:
         print(f"error: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
         return exit_codes.BAD_INPUT

@@ -135,6 +135,9 @@ def save_config(cfg: TrainConfig, run_dir: Path) -> list[str]:
     history = run_dir / "configs"
     history.mkdir(exist_ok=True)
     numbers = sorted(int(m.group(1)) for p in history.iterdir() if (m := _HISTORY.match(p.name)))
+    if not numbers and saved is not None:  # a run from before the history was kept: its config comes first
+        write_atomic(history / "config.1.yaml", (run_dir / "config.yaml").read_text(encoding="utf-8"))
+        numbers = [1]
     previous = saved
     if previous is None and numbers:  # config.yaml lost: compare with the last one kept
         previous, _ = read_saved(history / f"config.{numbers[-1]}.yaml")
