@@ -298,8 +298,6 @@ class Trainer:
 
     def info(self, message: str) -> None:
         if self.dist.is_main:
-            if self.progress is not None:
-                self.progress.clear()
             log.info(message)
 
     def log_train(self, r: dict, tokens_per_s: float) -> None:
@@ -322,7 +320,7 @@ class Trainer:
         r["eta_s"] = eta
         self.metrics.write(r)
         mfu = f" | mfu {r['mfu']:.1%}" if r["mfu"] is not None else ""
-        self.info(
+        log.info(
             f"step {r['step']:>6}/{self.cfg.steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
             f"grad_norm {r['grad_norm']:.3f} | tok/s {r['tokens_per_s']:,.0f}{mfu} | eta {format_eta(eta)}"
         )
@@ -331,7 +329,7 @@ class Trainer:
         if not self.dist.is_main:
             return
         self.metrics.write({"step": self.step, **r, "host": hostname()})
-        self.info(f"eval {self.step:>6}/{self.cfg.steps} | " + format_eval(r))
+        log.info(f"eval {self.step:>6}/{self.cfg.steps} | " + format_eval(r))
 
 
 def _seed_everything(seed: int) -> None:
