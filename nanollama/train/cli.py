@@ -12,6 +12,7 @@ import sys
 from nanollama import config, data, models
 from nanollama.data.source import DataError
 from nanollama.train.config import TrainConfig
+from nanollama.train.help import describe
 from nanollama.train.trainer import Trainer
 from nanollama.utils import exit_codes
 
@@ -48,12 +49,12 @@ def parse(argv: list[str]) -> TrainConfig:
 
 
 def help_text(argv: list[str] = ()) -> str:
-    """Every key with its default and meaning, generated from the config dataclasses (see config.describe).
+    """Every key with its default and meaning, generated from the config dataclasses (see help.describe).
 
     `model.arch=NAME` / `data.source=NAME` among `argv` show that variant's keys instead of the default's.
     """
     picks = dict(a.partition("=")[::2] for a in argv if a.startswith(("model.arch=", "data.source=")))
-    rows = config.describe(TrainConfig)
+    rows = describe(TrainConfig)
     for section, key, lookup in (("model", "arch", models.config_class), ("data", "source", data.config_class)):
         name = picks.get(f"{section}.{key}")
         if name is None:
@@ -62,7 +63,7 @@ def help_text(argv: list[str] = ()) -> str:
             cls = lookup(name)
         except ValueError as e:
             raise config.ConfigError(f"{section}.{key}", str(e)) from None
-        inner = [r for r in config.describe(cls, section) if r[0] != f"{section}.{key}"]
+        inner = [r for r in describe(cls, section) if r[0] != f"{section}.{key}"]
         start = next(i for i, r in enumerate(rows) if r[0] == section)
         end = start + 1
         while end < len(rows) and rows[end][0].startswith(section + "."):
