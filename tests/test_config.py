@@ -209,3 +209,18 @@ def test_help_lists_every_key_with_its_default_and_meaning(capsys):
     assert "data.path" in lines and "--help model.arch=NAME data.source=NAME" in out
     assert main(["--help", "data.source=nope"]) == 2
     assert "data.source: unknown data source 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([f"config={DEBUG}", "optim.lr=[1"], "error: optim.lr: cannot parse '[1' as a YAML value: line 1, column 3: "),
+        ([f"config={DEBUG}", "seed=9223372036854775808"], "error: seed: must be < 2**63 (a 64-bit seed)"),
+        ([str(DEBUG), "optim.lr=1e39"], "error: optim.lr: must be a finite number within float32's range"),
+    ],
+)
+@pytest.mark.slow
+def test_cli_reliability_errors_are_one_line_with_exit_code_2(args, message):
+    proc = subprocess.run([sys.executable, "-m", "nanollama.train", *args], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith(message) and proc.stderr.count("\n") == 1
+    assert "Traceback" not in proc.stderr + proc.stdout
