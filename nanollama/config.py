@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -24,6 +25,49 @@ from nanollama.utils.checks import ConfigError, check
 __all__ = ["ConfigError", "build", "check", "dump", "load", "to_dict"]
 
 T = TypeVar("T")
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+# ----------------------------------------------------------------------------- YAML
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: construct_mapping reports it
+                break
+            line = key_node.start_mark.line + 1
+            if first is not None:
+                raise DuplicateKey(key, first, line)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, first: int, second: int):
+        self.key, self.first, self.second = key, first, second
+        super().__init__(f"key {key!r} is given twice, on lines {first} and {second}")
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text as plain data (safe types only); a duplicate key is a yaml.YAMLError."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
+def yaml_error(e: yaml.YAMLError) -> str:
+    """One line for a YAML error, with the line and column where the parser stopped."""
+    if isinstance(e, DuplicateKey):
+        return str(e)
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
 
 
 # ----------------------------------------------------------------------------- building
@@ -101,7 +145,7 @@ def convert(value: Any, tp: Any, path: str) -> Any:
         return build(tp, value, path)
     if origin in (list, tuple):
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _parse_value(value, path)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(path, f"expected a list, got {value!r}")
         if origin is tuple and args and args[-1] is not Ellipsis:
@@ -113,7 +157,7 @@ def convert(value: Any, tp: Any, path: str) -> Any:
         return tuple(items) if origin is tuple else items
     if origin is dict or tp is dict:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _parse_value(value, path)
         if not isinstance(value, dict):
             raise ConfigError(path, f"expected a mapping, got {value!r}")
         return dict(value)
@@ -143,14 +187,24 @@ def _scalar(value: Any, tp: Any, path: str) -> Any:
                 return int(number)
         raise ConfigError(path, f"expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
+            except OverflowError:  # an integer beyond any float
+                raise ConfigError(path, f"{value!r} is too large for a float") from None
+        elif isinstance(value, str):
+            try:
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(path, f"expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(path, f"expected a number, got {value!r}")
+        # Parameters, learning rates and epsilons become float32 tensors: a value beyond float32's range
+        # would silently turn into inf (e.g. optim.lr=1e39), and inf or nan is never a meaningful setting.
+        if not math.isfinite(number) or abs(number) > FLOAT32_MAX:
+            raise ConfigError(path, f"must be a finite number within float32's range (|x| <= 3.4e38), got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -181,6 +235,8 @@ def apply_override(data: dict, dotted: str, raw: str, cls: type) -> None:
     keys = dotted.split(".")
     node: Any = data
     schema: Any = cls
+    if not all(keys):
+        raise ConfigError(dotted, "empty key in the dotted path")
     for depth, key in enumerate(keys):
         here = ".".join(keys[: depth + 1])
         last = depth == len(keys) - 1
@@ -191,27 +247,43 @@ def apply_override(data: dict, dotted: str, raw: str, cls: type) -> None:
                 raise ConfigError(here, "unknown key" + _suggest(key, fields, ".".join(keys[:depth])))
             hint = typing.get_type_hints(schema)[key]
             if last:
-                node[key] = yaml.safe_load(raw) if raw.strip() else raw
+                node[key] = _parse_value(raw, dotted) if raw.strip() else raw
                 return
             if node.get(key) is None:
                 node[key] = _default_as_data(fields[key])
+            if dataclasses.is_dataclass(_unwrap_optional(hint)) or "variant" in fields[key].metadata:
+                if not isinstance(node[key], dict):  # e.g. `model: 5` in the file, then model.dim=...
+                    raise ConfigError(here, f"expected a mapping (a section), got {node[key]!r}")
             node, schema = node[key], field_type(fields[key], hint, node[key], here)
         elif typing.get_origin(schema) in (list, tuple):
             if not key.isdigit() or not isinstance(node, list) or int(key) >= len(node):
                 size = len(node) if isinstance(node, list) else 0
                 raise ConfigError(here, f"no list item {key} (the list has {size} items)")
             if last:
-                node[int(key)] = yaml.safe_load(raw)
+                node[int(key)] = _parse_value(raw, dotted)
                 return
             node, schema = node[int(key)], typing.get_args(schema)[0]
         elif typing.get_origin(schema) is dict or schema is dict:
             if last:
-                node[key] = yaml.safe_load(raw)
+                node[key] = _parse_value(raw, dotted)
                 return
             node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(here, f"expected a mapping, got {node!r}")
             schema = Any
         else:
             raise ConfigError(".".join(keys[:depth]), f"is a value, not a section (cannot set {dotted})")
+
+
+def _parse_value(raw: str, dotted: str) -> Any:
+    """An override's value as YAML; a one-line ConfigError naming the key when it does not parse."""
+    try:
+        return parse_yaml(raw)
+    except yaml.YAMLError as e:
+        hint = ""
+        if raw.lstrip()[:1] in "[{" or raw.rstrip()[-1:] in ":,":
+            hint = " (quote the whole key=value for the shell, e.g. 'model.rope_scaling={type: linear, factor: 2}')"
+        raise ConfigError(dotted, f"cannot parse {raw!r} as a YAML value: {yaml_error(e)}{hint}") from None
 
 
 def _unwrap_optional(tp: Any) -> Any:
@@ -239,9 +311,17 @@ def read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError("", f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = e.object[: e.start].count(b"\n") + 1
+        raise ConfigError("", f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} on line {line})") from None
+    except OSError as e:
+        raise ConfigError("", f"cannot read {path}: {e.strerror}") from None
+    try:
+        data = parse_yaml(text)
     except yaml.YAMLError as e:
-        raise ConfigError("", f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError("", f"{path} is not valid YAML: {yaml_error(e)}") from None
+    data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError("", f"{path} must hold a mapping at the top level")
     return data

@@ -109,3 +109,118 @@ def test_shipped_configs_load(name):
     cfg = parse([str(DEBUG.parent / f"{name}.yaml")])
     assert cfg.run_dir == f"runs/{name}"
     assert cfg.model.vocab_size == cfg.data.gssm.vocab_size
+
+
+# ----------------------------------------------------------------------------- reliability: one line per bad value
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("optim.lr=[1", "optim.lr: cannot parse '[1' as a YAML value: line 1, column 3:"),
+        ("model.rope_scaling={type:", "model.rope_scaling: cannot parse '{type:' as a YAML value"),
+        ("seed=9223372036854775808", "seed: must be < 2**63 (a 64-bit seed), got 9223372036854775808"),
+        ("data.graph_seed=9223372036854775808", "data.graph_seed: must be < 2**63"),
+        ("optim.lr=1e39", "optim.lr: must be a finite number within float32's range (|x| <= 3.4e38), got '1e39'"),
+        ("optim.lr=inf", "optim.lr: must be a finite number within float32's range"),
+        ("optim.lr=.nan", "optim.lr: must be a finite number within float32's range"),
+        ("model.norm_eps=inf", "model.norm_eps: must be a finite number"),
+        ("optim.betas=[0.9, .inf]", "optim.betas.1: must be a finite number"),
+        ("threads=0", "threads: must be >= 1 (or null), got 0"),
+    ],
+)
+def test_overrides_that_used_to_traceback_or_overflow_name_the_field(override, expected):
+    assert expected in error_of([str(DEBUG), override])
+
+
+def test_an_unquoted_mapping_split_by_the_shell_is_a_one_line_error():
+    # the shell turns model.rope_scaling={type: linear} into two arguments
+    message = error_of([str(DEBUG), "model.rope_scaling={type:", "linear}"])
+    assert message.startswith("model.rope_scaling: cannot parse '{type:'") and "quote the whole key=value" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("model: 5\n", "model: expected a mapping for TransformerConfig, got int 5"),
+        ("optim: [1, 2]\n", "optim: expected a mapping for OptimConfig, got list [1, 2]"),
+        ("steps: 3\noptim:\n  lr: 0.1\n  lr: 0.2\n", "key 'lr' is given twice, on lines 3 and 4"),
+        ("steps: 3\nsteps: 4\n", "key 'steps' is given twice, on lines 1 and 2"),
+        ("optim:\n  lr: [1\n", "is not valid YAML: line 3, column 1:"),
+    ],
+)
+def test_bad_yaml_files_name_the_field_or_the_line(tmp_path, text, expected):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(config.ConfigError) as info:
+        config.load(TrainConfig, path)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_section_given_as_a_scalar_then_overridden_is_a_one_line_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: 5\n")
+    with pytest.raises(config.ConfigError, match=r"^model: expected a mapping \(a section\), got 5$"):
+        config.load(TrainConfig, path, ["model.dim=8"])
+
+
+def test_non_utf8_yaml_is_a_one_line_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"steps: 3\nrun_dir: caf\xe9\n")
+    with pytest.raises(config.ConfigError, match=r"c.yaml is not UTF-8 text \(byte 0xe9 on line 2\)$"):
+        config.load(TrainConfig, path)
+
+
+def test_config_equals_path_anywhere_like_the_original():
+    cfg = parse([f"config={DEBUG}", "steps=50", "optim.lr=3e-3"])
+    assert cfg.steps == 50 and cfg.optim.lr == 3e-3 and cfg.run_dir == "runs/debug"
+    cfg = parse(["steps=7", f"config={DEBUG}"])
+    assert cfg.steps == 7
+    assert "config: given twice" in error_of([str(DEBUG), f"config={DEBUG}"])
+    assert "config: given 2 times" in error_of([f"config={DEBUG}", f"config={DEBUG}"])
+
+
+def test_help_lists_every_key_with_its_default_and_meaning(capsys):
+    from nanollama.train.cli import main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    # generated from the dataclasses: every leaf key of the resolved default config appears
+    leaves = set()
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            key = f"{prefix}.{k}" if prefix else k
+            if isinstance(v, dict):
+                walk(v, key)
+            elif isinstance(v, list) and v and isinstance(v[0], dict):
+                for i, item in enumerate(v):
+                    walk(item, f"{key}.{i}")
+            else:
+                leaves.add(key)
+
+    walk(config.to_dict(TrainConfig()), "")
+    assert leaves <= set(lines), leaves - set(lines)
+    assert lines["optim.warmup"].split()[1] == "100" and "linear warm-up" in lines["optim.warmup"]
+    assert lines["model.vocab_size"].split()[1] == "null"  # the field's default, not one derived from the data
+    assert lines["threads"].split()[1] == "null"
+    assert "data.path" in lines and "--help model.arch=NAME data.source=NAME" in out
+    assert main(["--help", "data.source=nope"]) == 2
+    assert "data.source: unknown data source 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([f"config={DEBUG}", "optim.lr=[1"], "error: optim.lr: cannot parse '[1' as a YAML value: line 1, column 3: "),
+        ([f"config={DEBUG}", "seed=9223372036854775808"], "error: seed: must be < 2**63 (a 64-bit seed)"),
+        ([str(DEBUG), "optim.lr=1e39"], "error: optim.lr: must be a finite number within float32's range"),
+    ],
+)
+@pytest.mark.slow
+def test_cli_reliability_errors_are_one_line_with_exit_code_2(args, message):
+    proc = subprocess.run([sys.executable, "-m", "nanollama.train", *args], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith(message) and proc.stderr.count("\n") == 1
+    assert "Traceback" not in proc.stderr + proc.stdout

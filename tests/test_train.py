@@ -235,3 +235,160 @@ def test_a_metrics_line_cut_by_a_crash_does_not_stop_the_resume(tmp_path):
         f.write('{"step": 5, "lo')
     code, records = run(tmp_path, "steps=6", "checkpoint.every=2")
     assert code == 0 and sorted(losses(records)) == list(range(1, 7))
+
+
+# ----------------------------------------------------------------------------- relaunch, resources, progress
+
+
+def test_a_changed_graph_names_the_first_differing_field_in_one_line(tmp_path, capsys):
+    run(tmp_path, "steps=2")
+    code, _ = run(tmp_path, "steps=3", "data.gssm.nodes.0.state_dim=5")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: data.gssm.nodes.0.state_dim: is 5 but the run in ") and "trained with 4;" in err
+    assert err.count("\n") == 1 and "clock" not in err  # not both whole node lists
+
+
+def test_a_relaunch_logs_what_changed_and_keeps_every_config(tmp_path):
+    import yaml
+
+    run(tmp_path, "steps=2")
+    code, _ = run(tmp_path, "steps=3", "optim.lr=5e-4")
+    assert code == 0
+    run_dir = tmp_path / "run"
+    log = (run_dir / "train.log").read_text()
+    assert "changed at this relaunch: steps: 2 -> 3" in log
+    assert "changed at this relaunch: optim.lr: 0.003 -> 0.0005" in log
+    history = sorted(p.name for p in (run_dir / "configs").iterdir())
+    assert history == ["config.1.yaml", "config.2.yaml"]
+    assert yaml.safe_load((run_dir / "configs" / "config.1.yaml").read_text())["optim"]["lr"] == 0.003
+    assert yaml.safe_load((run_dir / "configs" / "config.2.yaml").read_text())["optim"]["lr"] == 0.0005
+    run(tmp_path, "steps=3", "optim.lr=5e-4")  # the same config again: nothing new to keep
+    assert len(list((run_dir / "configs").iterdir())) == 2
+
+
+def test_warmup_longer_than_the_run_warns(tmp_path):
+    run(tmp_path, "steps=3", "optim.warmup=5")
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "warning: optim.warmup=5 >= steps=3: the learning rate rises for the whole run" in log
+    run(tmp_path, "steps=4", "optim.warmup=2", name="short")
+    assert "warning" not in (tmp_path / "short" / "train.log").read_text()
+
+
+@pytest.mark.parametrize("damage", ["missing", "empty", "unreadable"])
+def test_a_lost_config_yaml_is_checked_against_the_checkpoint_and_restored(tmp_path, capsys, damage):
+    run(tmp_path, "steps=2")
+    path = tmp_path / "run" / "config.yaml"
+    original = path.read_text()
+    if damage == "missing":
+        path.unlink()
+    else:
+        path.write_text("" if damage == "empty" else "model: [")
+    code, _ = run(tmp_path, "steps=3", "model.dim=64")
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: model.dim: is 64 but the run in ") and f"config.yaml is {damage}" in err
+    assert "relaunch with it to restore config.yaml" in err
+    left = {"missing": None, "empty": "", "unreadable": "model: ["}[damage]
+    assert (path.read_text() if path.exists() else None) == left  # the refused launch wrote nothing
+    code, records = run(tmp_path, "steps=3")  # the original command still works, and restores config.yaml
+    assert code == 0 and sorted(losses(records)) == [1, 2, 3]
+    assert path.read_text() == original.replace("steps: 2", "steps: 3")
+    assert f"config.yaml was {damage}" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_a_lost_config_yaml_without_a_copy_in_the_checkpoint_is_refused(tmp_path, capsys):
+    run(tmp_path, "steps=2")
+    ckpt = checkpoint.latest(tmp_path / "run" / "checkpoints")
+    state = torch.load(ckpt / "train_state_rank0.pt", weights_only=False)
+    del state["config"]  # a checkpoint written before checkpoints carried the config
+    torch.save(state, ckpt / "train_state_rank0.pt")
+    (tmp_path / "run" / "config.yaml").unlink()
+    code, _ = run(tmp_path, "steps=3")
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: run_dir: ") and "config.yaml is missing" in err
+    assert "holds no copy of the config" in err and not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_thread_count_is_chosen_from_available_cores_and_local_ranks(monkeypatch):
+    from nanollama.train import resources
+
+    assert 1 <= resources.available_cores() <= len(os.sched_getaffinity(0))
+    monkeypatch.setattr(resources, "available_cores", lambda: 6)
+    assert resources.choose_threads(3, {"OMP_NUM_THREADS": "5"}) == (3, "threads")
+    assert resources.choose_threads(None, {"OMP_NUM_THREADS": "5"}) == (5, "OMP_NUM_THREADS")
+    assert resources.choose_threads(None, {"LOCAL_WORLD_SIZE": "2"}) == (3, "6 available cores / 2 local ranks")
+    assert resources.choose_threads(None, {"LOCAL_WORLD_SIZE": "8"})[0] == 1
+    assert resources.choose_threads(None, {})[0] == 6
+
+
+def test_the_trainer_sets_and_logs_its_threads(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        code, _ = run(tmp_path, "steps=1", "threads=2")
+        assert code == 0 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert "threads: 2 torch intra-op threads per process (threads)" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_a_model_that_cannot_fit_in_memory_is_refused_before_allocating(tmp_path, capsys):
+    from nanollama import models
+    from nanollama.train import resources
+
+    cfg = parse([str(DEBUG), *TINY, "model.dim=65536", "model.n_layers=64"])
+    params, need = resources.model_bytes(models.get("transformer"), cfg.model)
+    assert params > 3e12 and need >= 16 * params  # counted on the meta device: nothing allocated
+    code, _ = run(tmp_path, "model.dim=65536", "model.n_layers=64")
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: model: ") and "GiB is available" in err and err.count("\n") == 1
+
+
+def test_progress_eta_and_the_live_line_only_on_a_terminal():
+    import io
+
+    from nanollama.train.progress import Progress, format_eta
+
+    assert [format_eta(s) for s in (None, 42.4, 185, 3725)] == ["?", "42s", "3m05s", "1h02m"]
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen, pipe = Terminal(), io.StringIO()
+    live, quiet = Progress(0, 10, stream=screen), Progress(0, 10, stream=pipe)
+    assert live.live and not quiet.live and live.eta() is None
+    for p in (live, quiet):
+        p.begin -= 4.0  # 4 s for the first 2 steps: 8 steps left take 16 s
+        p.update(2, 1234.0)
+    assert 15.5 < live.eta() < 17 and pipe.getvalue() == ""
+    assert screen.getvalue().startswith("\rstep      2/10 | tok/s 1,234 | eta 16s")
+    live.clear()
+    assert screen.getvalue().endswith("\r") and not live._shown
+
+
+def test_log_lines_carry_an_eta_and_files_get_no_live_line(tmp_path):
+    run(tmp_path, "steps=3")
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "step      3/3 |" in log and "| eta 0s" in log and "\r" not in log
+    records = [r for r in MetricsFile(tmp_path / "run" / "metrics.jsonl").read() if "loss" in r]
+    assert records[-1]["eta_s"] == 0.0 and records[0]["eta_s"] > 0
+
+
+def test_eval_every_marks_every_nth_checkpoint(tmp_path):
+    code, _ = run(tmp_path, "steps=12", "checkpoint.every=2", "checkpoint.eval_every=2", "checkpoint.keep=1")
+    assert code == 0
+    ckpts = tmp_path / "run" / "checkpoints"
+    # checkpoints at steps 2, 4, ..., 12: the 2nd, 4th and 6th are marked (not every even step), kept until evaluated
+    assert [checkpoint.info(p)["step"] for p in checkpoint.pending_evaluation(ckpts)] == [4, 8, 12]
+    assert checkpoint.complete_steps(ckpts) == [4, 8, 12]
+
+
+def test_a_run_from_before_the_config_history_keeps_its_first_config(tmp_path):
+    import yaml
+
+    run(tmp_path, "steps=2")
+    shutil.rmtree(tmp_path / "run" / "configs")  # as a run directory written before the history existed
+    run(tmp_path, "steps=3", "optim.lr=5e-4")
+    configs = tmp_path / "run" / "configs"
+    assert [yaml.safe_load((configs / f"config.{n}.yaml").read_text())["optim"]["lr"] for n in (1, 2)] == [3e-3, 5e-4]

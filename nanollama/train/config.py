@@ -16,15 +16,15 @@ from nanollama.config import ConfigError, check, variant
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
+    lr: float = 1e-3  # peak learning rate (AdamW), reached after `warmup` steps
+    weight_decay: float = 0.1  # AdamW decoupled weight decay (matrices only)
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW moment decay rates
+    eps: float = 1e-8  # AdamW denominator epsilon
     warmup: int = 100  # steps of linear warm-up from 0
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warm-up, down to lr * min_lr_ratio
     min_lr_ratio: float = 0.1  # the decayed schedules end at lr * min_lr_ratio
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping (the norm is still logged)
-    accum_steps: int = 1
+    accum_steps: int = 1  # micro-batches per optimizer step (gradient accumulation)
 
     def __post_init__(self):
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
@@ -41,7 +41,7 @@ class OptimConfig:
 class CheckpointConfig:
     every: int = 100  # steps between checkpoints (one is always written at the end)
     keep: int = 2  # the last `keep` checkpoints survive (besides those pending evaluation)
-    eval_every: int = 0  # checkpoints at multiples of this are kept until `python -m nanollama.evaluate` reads them
+    eval_every: int = 0  # every N-th checkpoint (step N*every, 2N*every, ...) is kept until nanollama.evaluate reads it
     async_save: bool = False  # write in the background; committed before the next save
 
     def __post_init__(self):
@@ -54,7 +54,7 @@ class CheckpointConfig:
 class ParallelConfig:
     """How the model runs under torchrun (FSDP2) and what trades memory for compute."""
 
-    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"  # recompute block activations in backward
     compile: bool = False  # torch.compile each block
     reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # gradient reduction dtype under bf16 FSDP
     defer_grad_sync: bool = True  # with accumulation, reduce gradients on the last micro-step only (more memory)
@@ -66,7 +66,7 @@ class ParallelConfig:
 
 @dataclass
 class LogConfig:
-    every: int = 10
+    every: int = 10  # steps between log lines (and metrics.jsonl records)
 
     def __post_init__(self):
         check(self.every >= 1, "every", f"must be >= 1, got {self.every}")
@@ -84,22 +84,26 @@ class EvalConfig:
 
 @dataclass
 class TrainConfig:
-    run_dir: str = "runs/default"
-    seed: int = 0
-    steps: int = 1000
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    model: Any = variant(models.default_config, "arch", models.config_class)
-    data: Any = variant(data.default_config, "source", data.config_class)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    run_dir: str = "runs/default"  # checkpoints, metrics, logs; relaunching with the same run_dir resumes
+    seed: int = 0  # model init, data order and layouts (the graph has its own: data.graph_seed)
+    steps: int = 1000  # optimizer steps in all (raise it at a relaunch to train on)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # compute dtype; parameters stay fp32
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
+    threads: int | None = None  # torch CPU threads per process; null: OMP_NUM_THREADS, else cores / local ranks
+    model: Any = variant(models.default_config, "arch", models.config_class)  # chosen by model.arch
+    data: Any = variant(data.default_config, "source", data.config_class)  # chosen by data.source
+    optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW and the learning-rate schedule
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # saving, keeping, marking for eval
+    log: LogConfig = field(default_factory=LogConfig)  # log lines
+    eval: EvalConfig = field(default_factory=EvalConfig)  # held-out evaluation during training
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # FSDP2, activation checkpointing, compile
 
     def __post_init__(self):
         check(self.steps >= 0, "steps", f"must be >= 0, got {self.steps}")
+        # torch.manual_seed takes a 64-bit signed integer; the numpy and layout seeds derive from it
         check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        check(self.seed < 2**63, "seed", f"must be < 2**63 (a 64-bit seed), got {self.seed}")
+        check(self.threads is None or self.threads >= 1, "threads", f"must be >= 1 (or null), got {self.threads}")
         check(bool(self.run_dir), "run_dir", "must not be empty")
         if self.data.vocab_size is not None:  # known from the config alone; else once the source is built
             set_vocab_size(self, self.data.token_vocab_size)

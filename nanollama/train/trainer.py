@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
 import signal
 import sys
@@ -35,11 +36,12 @@ from nanollama.train.checkpoint import step_dir
 from nanollama.train.config import TrainConfig, set_vocab_size
 from nanollama.train.loss import lm_loss
 from nanollama.train.optim import build_optimizer, lr_at
-from nanollama.train.relaunch import check_relaunch
+from nanollama.train.progress import Progress, format_eta
+from nanollama.train.relaunch import check_relaunch, save_config
+from nanollama.train.resources import check_memory, set_threads
 from nanollama.train.signals import StopRequest
 from nanollama.utils import exit_codes
 from nanollama.utils.devices import gpu_name
-from nanollama.utils.fileio import write_atomic
 
 log = logging.getLogger("nanollama")
 
@@ -52,6 +54,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
+        self.threads_line = set_threads(cfg.threads)  # before any torch work spawns its thread pool
+        self.progress: Progress | None = None
         self.dist = distributed.init(cfg.device, cfg.parallel.timeout_s)
         self.device = self.dist.device
         self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
@@ -68,6 +72,8 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
         )
         self.spec = models.get(cfg.model.arch)
+        sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.device.type == "cpu" else 1
+        check_memory(self.spec, cfg.model, self.device, self.dist.world_size, sharing)  # before allocating
         self.model = self.build_model()
         self.optimizer = build_optimizer(self.model, cfg.optim)
         use_scaler = cfg.precision == "fp16" and not self.dist.distributed
@@ -76,7 +82,8 @@ class Trainer:
             self.run_dir / "checkpoints",
             self.dist,
             keep=cfg.checkpoint.keep,
-            eval_every=cfg.checkpoint.eval_every,
+            # eval_every counts checkpoints (README): the N-th scheduled one is at step N * checkpoint.every
+            eval_every=cfg.checkpoint.eval_every * cfg.checkpoint.every,
             async_save=cfg.checkpoint.async_save,
         )
         self.step = 0
@@ -171,6 +178,7 @@ class Trainer:
     def save(self) -> Path:
         state = {
             "step": self.step,
+            "config": config.dump(self.cfg),  # config.yaml can be restored from the checkpoint it describes
             "data": self.stream.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": {
@@ -221,10 +229,14 @@ class Trainer:
 
     def _fit(self) -> int:
         cfg = self.cfg
+        changed = []
         if self.dist.is_main:
-            write_atomic(self.run_dir / "config.yaml", config.dump(cfg))
+            changed = save_config(cfg, self.run_dir)  # config.yaml, and configs/config.<n>.yaml per change
             _setup_logging(self.run_dir / "train.log")
         self.dist.barrier()
+        for line in changed:
+            self.info(line)
+        self.info(self.threads_line)
         self.checkpointer.clean_stale()
         world = self.dist.world_size
         self.info(
@@ -244,10 +256,20 @@ class Trainer:
             self.info(f"Bayes-optimal loss on the eval batches: {self.held_out.bayes_loss:.4f}")
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.optim.accum_steps * world
         self.info(f"tokens per step: {tokens_per_step} (batch_size x seq_len x accum_steps x world_size)")
+        if cfg.optim.warmup >= cfg.steps:
+            self.info(
+                f"warning: optim.warmup={cfg.optim.warmup} >= steps={cfg.steps}: the learning rate rises for the "
+                f"whole run and never reaches optim.lr{'' if cfg.optim.schedule == 'constant' else ' nor decays'} "
+                f"(lower optim.warmup, e.g. optim.warmup={max(cfg.steps // 10, 1)})"
+            )
         self.model.train()
+        self.progress = Progress(self.step, cfg.steps, live=None if self.dist.is_main else False)
+        for handler in log.handlers:  # any log line (other modules' too) first erases the live line
+            handler.addFilter(lambda record: self.progress.clear() or True)
         with StopRequest() as stop:
             clock, steps_timed = time.perf_counter(), 0
             while self.step < cfg.steps:
+                step_clock = time.perf_counter()
                 try:
                     record = self.train_step()
                 except NonFiniteLoss as e:
@@ -255,6 +277,7 @@ class Trainer:
                     self.info(f"{e}; stopping. Last good checkpoint: {last or 'none'} (try a lower optim.lr)")
                     return exit_codes.NONFINITE
                 steps_timed += 1
+                self.progress.update(self.step, tokens_per_step / max(time.perf_counter() - step_clock, 1e-9))
                 if self.step % cfg.log.every == 0 or self.step == cfg.steps:
                     elapsed = time.perf_counter() - clock
                     self.log_train(record, tokens_per_step * steps_timed / elapsed)
@@ -293,11 +316,13 @@ class Trainer:
         }
         if not self.dist.is_main:
             return
+        eta = self.progress.eta() if self.progress is not None else None
+        r["eta_s"] = eta
         self.metrics.write(r)
         mfu = f" | mfu {r['mfu']:.1%}" if r["mfu"] is not None else ""
         log.info(
             f"step {r['step']:>6}/{self.cfg.steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
-            f"grad_norm {r['grad_norm']:.3f} | tok/s {r['tokens_per_s']:,.0f}{mfu}"
+            f"grad_norm {r['grad_norm']:.3f} | tok/s {r['tokens_per_s']:,.0f}{mfu} | eta {format_eta(eta)}"
         )
 
     def log_eval(self, r: dict) -> None:

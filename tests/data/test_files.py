@@ -364,3 +364,56 @@ def test_file_stream_exact_resume(data_dir, stop_at, workers):
     assert (state["epoch"], state["batch"]) == ((stop_at - 1) // 9, (stop_at - 1) % 9 + 1)
     with pytest.raises(ValueError, match="needs the directory"):
         build_train_stream("files", batch_size=16, seq_len=T, seed=2)
+
+
+# ----------------------------------------------------------------------------- token ids within the vocabulary
+
+
+def _poke(path, row, col, value):
+    array = np.load(path, mmap_mode="r+")
+    array[row, col] = value
+    array.flush()
+
+
+def test_the_writer_records_each_splits_token_range(data_dir, gssm):
+    m = load_manifest(data_dir)
+    for split in ("train", "test"):
+        tokens = np.load(data_dir / f"{split}_tokens.npy")
+        spec = m["splits"][split]["tokens"]
+        assert (spec["min"], spec["max"]) == (int(tokens.min()), int(tokens.max()))
+        assert 0 <= spec["min"] <= spec["max"] < gssm.vocab_size == 11
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_at_open(tmp_path, data_dir):
+    d = copy_of(data_dir, tmp_path)
+    _poke(d / "train_tokens.npy", 3, 5, 200)  # a uint8 file may hold ids up to 255, the vocabulary has 11
+    _edit_manifest(d, lambda m: m["splits"]["train"]["tokens"].update(max=200))
+    with pytest.raises(
+        DataError, match=r"train_tokens.npy: token ids \d+..200 \(from manifest.json's .*\) fall outside"
+    ):
+        TokenFileDataset(d)
+
+
+def test_an_old_manifest_without_the_range_is_scanned_once(tmp_path, data_dir, monkeypatch):
+    from nanollama.data.gssm import reader
+
+    d = copy_of(data_dir, tmp_path)
+    _edit_manifest(d, lambda m: [m["splits"][s]["tokens"].pop(k) for s in ("train", "test") for k in ("min", "max")])
+    scans = []
+    real = reader.token_range
+    monkeypatch.setattr(reader, "token_range", lambda path, **kw: scans.append(path.name) or real(path, **kw))
+    assert len(TokenFileDataset(d)) == N_TRAIN  # in range: accepted
+    assert scans == ["train_tokens.npy", "test_tokens.npy"]
+    _poke(d / "test_tokens.npy", 0, 0, 11)
+    with pytest.raises(DataError, match=r"test_tokens.npy: token ids 0..11 \(from a scan of the file\) fall outside"):
+        TokenFileDataset(d)
+    assert reader.token_range(d / "test_tokens.npy", chunk_rows=7) == (0, 11)  # chunked reads agree
+
+
+def test_files_of_another_vocabulary_are_refused(tmp_path, data_dir, gssm):
+    from nanollama.data.gssm.stream import check_same_graph
+
+    d = copy_of(data_dir, tmp_path)
+    _edit_manifest(d, lambda m: m.update(vocab_size=12))
+    with pytest.raises(DataError, match="vocab_size 12 in its manifest, the run's graph has 11"):
+        check_same_graph(json.loads((d / "manifest.json").read_text()), gssm, d)

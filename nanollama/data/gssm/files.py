@@ -71,12 +71,15 @@ def _write_split(tmp: Path, gssm: Any, split: str, n: int, seq_len: int, seed: i
         states = np.lib.format.open_memmap(tmp / hidden_file, mode="w+", dtype=hdtype, shape=(n, row, len(dims)))
         entry["hidden"] = {"file": hidden_file, "shape": [n, row, len(dims)], "dtype": str(hdtype)}
     nll_sum, nll_count = 0.0, 0
+    lo_id, hi_id = None, None  # the split's smallest and largest token id, for the reader's range check
     for chunk, lo in enumerate(range(0, n, CHUNK)):
         b = min(CHUNK, n - lo)
         chunk_seed = seeds.derive_seed(seed, TAGS[split], chunk)
         out = gssm.sample(b, row, seed=chunk_seed, return_hidden=hidden)
         toks = out[0] if hidden else out
         tokens[lo : lo + b] = toks.numpy().astype(dtype)
+        low, high = int(toks.min()), int(toks.max())
+        lo_id, hi_id = (low, high) if lo_id is None else (min(lo_id, low), max(hi_id, high))
         if hidden:
             states[lo : lo + b] = out[1].numpy().astype(states.dtype)
         if split == "test":
@@ -89,6 +92,7 @@ def _write_split(tmp: Path, gssm: Any, split: str, n: int, seq_len: int, seed: i
         if array is not None:
             array.flush()
             fsync_path(tmp / name)
+    entry["tokens"]["min"], entry["tokens"]["max"] = lo_id, hi_id
     if split == "test":
         entry["bayes_nll"] = nll_sum / nll_count
     return entry

@@ -4,7 +4,8 @@ A data directory holds manifest.json and, per split, `<split>_tokens.npy` (N, se
 optionally `<split>_hidden.npy` (N, seq_len + 1, n_hidden): standard .npy files, memory-mapped on
 read. The manifest is written last and the directory renamed into place, so a directory with a
 manifest is complete; `load_manifest` still checks every file against it (present, shape, dtype,
-size) so a damaged or mixed-up directory fails with a line naming the file and what is wrong.
+size, token ids within the vocabulary) so a damaged or mixed-up directory fails with a line naming
+the file and what is wrong.
 """
 
 from __future__ import annotations
@@ -75,6 +76,37 @@ def check_array(root: Path, spec: dict, where: str) -> None:
         raise DataError(f"{path}: {size} bytes, expected {want} for shape {shape} {dtype} (truncated or padded)")
 
 
+def token_range(path: Path, chunk_rows: int = 1 << 16) -> tuple[int, int]:
+    """(smallest, largest) token id in a tokens .npy file, read through a memory map in chunks."""
+    array = np.load(path, mmap_mode="r")
+    if array.size == 0:
+        return 0, 0
+    lo, hi = None, None
+    for start in range(0, len(array), chunk_rows):
+        block = np.asarray(array[start : start + chunk_rows])
+        low, high = int(block.min()), int(block.max())
+        lo, hi = (low, high) if lo is None else (min(lo, low), max(hi, high))
+    return lo, hi
+
+
+def check_token_range(root: Path, spec: dict, vocab_size: int, where: str) -> None:
+    """Refuse token ids outside [0, vocab_size): they would crash the embedding mid-training.
+
+    The writer records each split's min and max in the manifest, so the check costs nothing; for a
+    manifest without them (written before they were recorded) the file is scanned once here.
+    """
+    lo, hi = spec.get("min"), spec.get("max")
+    how = f"{MANIFEST}'s {where}.min/max"
+    if lo is None or hi is None:
+        lo, hi = token_range(root / spec["file"])
+        how = "a scan of the file"
+    if not (0 <= lo and hi < vocab_size):
+        raise DataError(
+            f"{root / spec['file']}: token ids {lo}..{hi} (from {how}) fall outside the vocabulary "
+            f"[0, {vocab_size}) of {MANIFEST}"
+        )
+
+
 def load_manifest(path: str | Path) -> dict:
     """The manifest of data directory `path`, after checking it and every file it lists."""
     root = Path(path)
@@ -101,6 +133,7 @@ def load_manifest(path: str | Path) -> dict:
             raise DataError(f"{file}: splits.{split}.tokens.shape {tokens['shape']} != [n, seq_len + 1]")
         if np.dtype(tokens["dtype"]) != token_dtype(manifest["vocab_size"]):
             raise DataError(f"{file}: splits.{split}.tokens.dtype does not fit vocab_size {manifest['vocab_size']}")
+        check_token_range(root, tokens, manifest["vocab_size"], f"splits.{split}.tokens")
         hidden = manifest["splits"][split].get("hidden")
         if hidden is not None:
             check_array(root, hidden, f"splits.{split}.hidden")

@@ -21,7 +21,7 @@ from nanollama.utils.checks import check
 
 @dataclass
 class GSSMDataConfig(DataConfig):
-    source: Literal["onfly", "files"] = "onfly"
+    source: Literal["onfly", "files"] = "onfly"  # onfly: fresh sequences from the graph; files: token files (path)
     path: str | None = None  # source=files: a directory written by `python -m nanollama.data.gssm`
     graph_seed: int = 0  # draws the GSSM's kernels: one graph shared by runs that differ in `seed`
     gssm: GSSMConfig = field(default_factory=GSSMConfig)
@@ -33,6 +33,7 @@ class GSSMDataConfig(DataConfig):
     def __post_init__(self):
         super().__post_init__()
         check(self.graph_seed >= 0, "graph_seed", f"must be >= 0, got {self.graph_seed}")
+        check(self.graph_seed < 2**63, "graph_seed", f"must be < 2**63 (a 64-bit seed), got {self.graph_seed}")
         check(
             self.source != "files" or bool(self.path),
             "path",

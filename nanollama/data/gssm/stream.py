@@ -190,6 +190,10 @@ def _plain(obj: Any) -> Any:
 
 def check_same_graph(manifest: dict, gssm: Any, path: str | Path) -> None:
     """Refuse files sampled from another graph than the run's: its Bayes-optimal loss would be wrong."""
+    if manifest["vocab_size"] != gssm.vocab_size:
+        raise DataError(
+            f"{path}: vocab_size {manifest['vocab_size']} in its manifest, the run's graph has {gssm.vocab_size}"
+        )
     if _plain(to_dict(gssm.config)) != manifest["gssm"] or int(gssm.seed) != manifest["graph_seed"]:
         raise DataError(
             f"{path}: written from another GSSM (graph_seed {manifest['graph_seed']}, its config in the manifest) "

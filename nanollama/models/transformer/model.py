@@ -32,18 +32,18 @@ from nanollama.utils.checks import check
 class TransformerConfig:
     """Model shape. vocab_size None means: take it from the data source."""
 
-    arch: Literal["transformer"] = "transformer"
-    vocab_size: int | None = None
-    dim: int = 128
-    n_layers: int = 2
-    n_heads: int = 4
+    arch: Literal["transformer"] = "transformer"  # the model family (nanollama.models registry)
+    vocab_size: int | None = None  # None: from the data source (its tokens, + 1 end token for documents)
+    dim: int = 128  # residual stream width
+    n_layers: int = 2  # Transformer blocks
+    n_heads: int = 4  # query heads (head_dim = dim / n_heads, even for RoPE)
     n_kv_heads: int | None = None  # None: as many as n_heads (plain multi-head attention)
-    max_seq_len: int = 256
+    max_seq_len: int = 256  # longest sequence the RoPE tables cover
     hidden_dim: int | None = None  # None: about 8/3 * dim, rounded up to a multiple of 16
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0  # RoPE base frequency
     rope_scaling: dict | None = None  # e.g. {type: yarn, factor: 4, original_max_seq_len: 256}; see kernels/rope.py
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = False
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = False  # share the token embedding with the output projection
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -60,8 +60,16 @@ class TransformerConfig:
             f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}",
         )
         check(self.head_dim % 2 == 0, "n_heads", f"head_dim = dim / n_heads = {self.head_dim} must be even for RoPE")
-        check(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
-        check(self.norm_eps > 0, "norm_eps", f"must be > 0, got {self.norm_eps}")
+        check(
+            math.isfinite(self.rope_theta) and self.rope_theta > 0,
+            "rope_theta",
+            f"must be > 0 and finite, got {self.rope_theta}",
+        )
+        check(
+            math.isfinite(self.norm_eps) and self.norm_eps > 0,
+            "norm_eps",
+            f"must be > 0 and finite, got {self.norm_eps}",
+        )
         self.rope_scaling = check_rope_scaling(self.rope_scaling)  # a ConfigError naming rope_scaling.<key>
 
     @property
