@@ -86,9 +86,9 @@ def build(cls: type[T], data: Any, path: str = "") -> T:
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise ConfigError(_join(path, str(key)), "unknown key" + _suggest(str(key), fields, path))
-        tp = field_type(fields[key], hints[key], value, _join(path, key))
-        kwargs[key] = convert(value, tp, _join(path, key))
+            raise ConfigError(join_key(path, str(key)), "unknown key" + suggest(str(key), fields, path))
+        tp = field_type(fields[key], hints[key], value, join_key(path, key))
+        kwargs[key] = convert(value, tp, join_key(path, key))
     try:
         return cls(**kwargs)
     except ConfigError as e:
@@ -119,7 +119,7 @@ def field_type(f: dataclasses.Field, hint: Any, value: Any, path: str) -> Any:
     try:
         return lookup(name)
     except ValueError as e:
-        raise ConfigError(_join(path, key), str(e)) from None
+        raise ConfigError(join_key(path, key), str(e)) from None
 
 
 def convert(value: Any, tp: Any, path: str) -> Any:
@@ -212,14 +212,16 @@ def _scalar(value: Any, tp: Any, path: str) -> Any:
     raise ConfigError(path, f"unsupported field type {tp!r}")
 
 
-def _join(path: str, key: str) -> str:
+def join_key(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _suggest(key: str, options, section: str) -> str:
+def suggest(key: str, options, section: str) -> str:
     """' (did you mean 'optim.lr'?)' for the closest sibling key, else the list of valid keys."""
     close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
-    return f" (did you mean '{_join(section, close[0])}'?)" if close else f"; valid keys: {', '.join(sorted(options))}"
+    return (
+        f" (did you mean '{join_key(section, close[0])}'?)" if close else f"; valid keys: {', '.join(sorted(options))}"
+    )
 
 
 # ----------------------------------------------------------------------------- overrides
@@ -240,18 +242,18 @@ def apply_override(data: dict, dotted: str, raw: str, cls: type) -> None:
     for depth, key in enumerate(keys):
         here = ".".join(keys[: depth + 1])
         last = depth == len(keys) - 1
-        schema = _unwrap_optional(schema)
+        schema = unwrap_optional(schema)
         if dataclasses.is_dataclass(schema):
             fields = {f.name: f for f in dataclasses.fields(schema) if f.init}
             if key not in fields:
-                raise ConfigError(here, "unknown key" + _suggest(key, fields, ".".join(keys[:depth])))
+                raise ConfigError(here, "unknown key" + suggest(key, fields, ".".join(keys[:depth])))
             hint = typing.get_type_hints(schema)[key]
             if last:
                 node[key] = _parse_value(raw, dotted) if raw.strip() else raw
                 return
             if node.get(key) is None:
                 node[key] = _default_as_data(fields[key])
-            if dataclasses.is_dataclass(_unwrap_optional(hint)) or "variant" in fields[key].metadata:
+            if dataclasses.is_dataclass(unwrap_optional(hint)) or "variant" in fields[key].metadata:
                 if not isinstance(node[key], dict):  # e.g. `model: 5` in the file, then model.dim=...
                     raise ConfigError(here, f"expected a mapping (a section), got {node[key]!r}")
             node, schema = node[key], field_type(fields[key], hint, node[key], here)
@@ -286,7 +288,7 @@ def _parse_value(raw: str, dotted: str) -> Any:
         raise ConfigError(dotted, f"cannot parse {raw!r} as a YAML value: {yaml_error(e)}{hint}") from None
 
 
-def _unwrap_optional(tp: Any) -> Any:
+def unwrap_optional(tp: Any) -> Any:
     if typing.get_origin(tp) in (Union, types.UnionType):
         options = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(options) == 1:

@@ -153,7 +153,7 @@ def launcher_typo(key: str, shown: str, run_keys=()) -> ConfigError | None:
     run-config key (`run_keys`) is closer: the run config's own error names it.
     """
     head = key.split(".")[0]
-    hint = config._suggest(head, [*_LAUNCHER_KEYS, *_SLURM_KEYS, *run_keys], "")
+    hint = config.suggest(head, [*_LAUNCHER_KEYS, *_SLURM_KEYS, *run_keys], "")
     close = hint.split("'")[1] if hint.startswith(" (did you mean") else None
     if close is None or close in run_keys:
         return None

@@ -15,7 +15,7 @@ import tokenize
 import typing
 from typing import Any
 
-from nanollama.config import _join, _unwrap_optional
+from nanollama.config import join_key, unwrap_optional
 
 
 def field_comments(cls: type) -> dict[str, str]:
@@ -54,9 +54,9 @@ def describe(cls: type, prefix: str = "", instance: Any = None) -> list[tuple[st
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
-        key = _join(prefix, f.name)
+        key = join_key(prefix, f.name)
         value = getattr(instance, f.name, dataclasses.MISSING) if instance is not None else _field_default(f)
-        hint = _unwrap_optional(hints[f.name])
+        hint = unwrap_optional(hints[f.name])
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             rows.append((key, "(section)", comments.get(f.name) or _doc_line(type(value))))
             rows += describe(type(value), key)

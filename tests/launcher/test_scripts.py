@@ -281,7 +281,14 @@ def test_cli_dry_run_writes_the_layout_and_prints_the_command(tmp_path):
     assert res.returncode == 0, res.stderr
     assert f"dry run: would run  sbatch --parsable {log_dir}/run.sh" in res.stdout
     assert "task 1: seed=4" in res.stdout
-    for name in ("run.sh", "launcher.yaml", "tasks.jsonl", "tasks/0.yaml", "tasks/1.yaml", "code/nanollama/train/__main__.py"):
+    for name in (
+        "run.sh",
+        "launcher.yaml",
+        "tasks.jsonl",
+        "tasks/0.yaml",
+        "tasks/1.yaml",
+        "code/nanollama/train/__main__.py",
+    ):
         assert (log_dir / name).is_file(), name
     assert (log_dir / "stdout").is_dir() and (log_dir / "runs").is_dir()
     resolved = yaml.safe_load((log_dir / "launcher.yaml").read_text())

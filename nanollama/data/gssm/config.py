@@ -15,13 +15,15 @@ KernelType = Literal["product", "fullrank"]
 class NodeConfig:
     """One node of the graph: a Markov chain over `state_dim` states (the observed one emits tokens)."""
 
-    name: str
-    state_dim: int
-    alpha: float = 1.0
-    parents: list[str] = field(default_factory=list)
-    mode: Mode = "default"
-    kernel_type: KernelType = "product"
-    observed: bool = False
+    name: str  # unique within the graph; parents refer to it
+    state_dim: int  # number of states (the observed node's is the vocabulary)
+    alpha: float = 1.0  # Dirichlet concentration of the kernel rows (small: near-deterministic)
+    parents: list[str] = field(default_factory=list)  # nodes whose new states this node reads
+    mode: Mode = "default"  # slow: sticky chain; dead: collapses to state 0; context: kernels redrawn per sequence
+    kernel_type: KernelType = (
+        "product"  # product: one kernel per input, rows multiplied; fullrank: one row per joint input
+    )
+    observed: bool = False  # the one node that emits the tokens
 
     def __post_init__(self):
         check(self.state_dim >= 1, "state_dim", f"node '{self.name}': state_dim must be >= 1, got {self.state_dim}")
