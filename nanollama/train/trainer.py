@@ -33,6 +33,7 @@ from nanollama.observe.system import hostname, memory_record, rss_bytes
 from nanollama.train import checkpoint
 from nanollama.train.checkpoint import step_dir
 from nanollama.train.config import TrainConfig, set_vocab_size
+from nanollama.train.lock import RunLock
 from nanollama.train.loss import lm_loss
 from nanollama.train.optim import build_optimizer, lr_at
 from nanollama.train.relaunch import check_relaunch
@@ -48,11 +49,31 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class StoppedAtStartup(Exception):
+    """A stop signal arrived before the first step: nothing new to save, exit with `code`."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, stop: StopRequest | None = None):
+        self.stop = StopRequest() if stop is None else stop
+        self.lock, self.dist, self._notes = RunLock(cfg.run_dir), None, []
+        try:
+            self._init(cfg)
+        except BaseException:
+            self.lock.release()
+            if self.dist is not None:
+                self.dist.close()
+            raise
+
+    def _init(self, cfg: TrainConfig):
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.dist = distributed.init(cfg.device, cfg.parallel.timeout_s)
+        self._take_run_dir()
         self.device = self.dist.device
         self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
 
@@ -87,6 +108,43 @@ class Trainer:
         self.flops_per_token, self.hardware_flops_per_token = flops.per_token(
             self.model_shape, d.seq_len, cfg.parallel.activation_checkpointing
         )
+        self.check_stop("building the model and data")
+
+    def _take_run_dir(self) -> None:
+        """Lock the run directory (rank 0; every rank learns the outcome) and clean leftovers, first thing."""
+        busy = None
+        if self.dist.is_main:
+            try:
+                self.lock.acquire()
+            except config.ConfigError as e:
+                busy = (e.field, e.reason)
+        busy = self.dist.broadcast(busy)
+        if busy is not None:
+            raise config.ConfigError(*busy)
+        if self.lock.took_over:
+            self._notes.append(f"took over the lock of {self.run_dir} from a dead trainer ({self.lock.took_over})")
+        self.check_stop("starting")
+        # Before anything is written (config.yaml): on a full disk the leftovers are what frees space.
+        if self.dist.is_main:
+            checkpoint.clean_leftovers(self.run_dir / "checkpoints", self._notes.append)
+        self.dist.barrier()
+
+    def _flush_notes(self) -> None:
+        """Start-up notes (lock takeover, leftovers removed, a stop), to the log once it exists, else stdout."""
+        for note in self._notes:
+            if getattr(self, "_logging", False):
+                self.info(note)
+            elif self.dist.is_main:
+                print(note, flush=True)
+        self._notes = []
+
+    def check_stop(self, phase: str) -> None:
+        """Between start-up phases: a stop signal (on any rank) ends the run now, without a checkpoint."""
+        if self.dist.any(self.stop.requested):
+            why = signal.Signals(self.stop.signum).name if self.stop.signum else "another rank's signal"
+            self._notes.append(f"stopped by {why} while {phase}, before the first step: nothing new to save")
+            self._flush_notes()
+            raise StoppedAtStartup(self.stop.exit_code)
 
     def build_model(self) -> torch.nn.Module:
         """fp32 parameters, initialised identically whatever the world size; sharded under torchrun."""
@@ -183,7 +241,7 @@ class Trainer:
         return self.checkpointer.save(self.step, self.model, self.optimizer, state)
 
     def resume(self) -> bool:
-        path = checkpoint.latest(self.checkpointer.root)
+        path = self.checkpointer.choose(self.info)  # the newest intact one (damaged ones are set aside)
         if path is None:
             return False
         state, saved_world = self.checkpointer.load(path, self.model, self.optimizer)
@@ -215,17 +273,25 @@ class Trainer:
         try:
             return self._fit()
         finally:
-            self.checkpointer.wait()
-            self.stream.close()
-            self.dist.close()
+            try:
+                self.checkpointer.wait()
+            finally:
+                self.stream.close()
+                self.dist.close()
+                self.lock.release()
 
     def _fit(self) -> int:
         cfg = self.cfg
         if self.dist.is_main:
-            write_atomic(self.run_dir / "config.yaml", config.dump(cfg))
+            try:
+                write_atomic(self.run_dir / "config.yaml", config.dump(cfg))
+            except OSError as e:
+                where = self.run_dir / "config.yaml"
+                raise config.ConfigError("run_dir", f"cannot write {where}: {e.strerror}") from None
             _setup_logging(self.run_dir / "train.log")
         self.dist.barrier()
-        self.checkpointer.clean_stale()
+        self._logging = True
+        self._flush_notes()
         world = self.dist.world_size
         self.info(
             f"host {hostname()} | pid rss {rss_bytes() / 2**20:.0f} MiB | device {self.device} | {cfg.precision} | "
@@ -236,7 +302,9 @@ class Trainer:
             f"({self.spec.num_params(self.model_shape, False) / 1e6:.3f}M without embeddings), "
             f"{self.flops_per_token / 1e6:.2f} MFLOP/token | run_dir {self.run_dir}"
         )
-        self.resume()
+        with self.stop:  # a signal while loading the checkpoint must not kill the process
+            self.resume()
+        self.check_stop("loading the checkpoint")
         if self.step >= cfg.steps:
             self.info(f"already at step {self.step} >= steps={cfg.steps}: nothing to do (raise steps to go on)")
             return 0
@@ -245,7 +313,7 @@ class Trainer:
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.optim.accum_steps * world
         self.info(f"tokens per step: {tokens_per_step} (batch_size x seq_len x accum_steps x world_size)")
         self.model.train()
-        with StopRequest() as stop:
+        with self.stop as stop:
             clock, steps_timed = time.perf_counter(), 0
             while self.step < cfg.steps:
                 try:
