@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from nanollama.utils.fileio import fsync_path
@@ -288,7 +289,7 @@ class Checkpointer:
                 self._pending = (future, tmp, step, needed)
             else:
                 dcp.save(state, checkpoint_id=tmp / "dcp", no_dist=no_dist)
-        except Exception as e:
+        except (Exception, CheckpointException) as e:  # DCP raises a BaseException
             self._failed(tmp, step, needed, e)
         if not self.async_save:
             self._commit(tmp, step)
@@ -301,7 +302,7 @@ class Checkpointer:
             self._pending = None
             try:
                 future.result()
-            except Exception as e:
+            except (Exception, CheckpointException) as e:
                 self._failed(tmp, step, needed, e)
             self._commit(tmp, step)
 
