@@ -157,13 +157,24 @@ def fail_with_enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
+@pytest.mark.parametrize("writer", ["shards", "train state"])
 @pytest.mark.parametrize("async_save", ["false", "true"])
 def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_older_checkpoints(
-    runs, tmp_path, monkeypatch, capsys, async_save
+    runs, tmp_path, monkeypatch, capsys, async_save, writer
 ):
     run_dir, ckpts = copy_of(runs, tmp_path)
     previous = sum(f.stat().st_size for f in (ckpts / "step_00000004").rglob("*") if f.is_file())
-    monkeypatch.setattr(dcp_fs, "_write_item", fail_with_enospc)  # the disk fills while step 6 is written
+    # the disk fills while step 6 is written
+    if writer == "shards":
+        monkeypatch.setattr(dcp_fs, "_write_item", fail_with_enospc)
+    else:
+
+        def open_but_full(path, mode="r", *args, **kwargs):
+            if "w" in mode and "train_state" in str(path):
+                fail_with_enospc()
+            return open(path, mode, *args, **kwargs)
+
+        monkeypatch.setattr(checkpoint, "open", open_but_full, raising=False)
     code = run(run_dir, *ARGS, f"checkpoint.async_save={async_save}")
     assert code == exit_codes.BAD_INPUT
     err = capsys.readouterr().err

@@ -210,3 +210,21 @@ def test_async_save_on_two_ranks_and_a_kill_9_mid_save_resumes_from_the_last_com
         )
         assert losses(run_dir) == losses(tmp_path / "reference")  # bit-exact
         assert not [p.name for p in root.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_two_ranks_agree_on_the_fallback_from_a_damaged_checkpoint(tmp_path):
+    args = ("steps=8", "checkpoint.every=4", "checkpoint.keep=3")
+    full = train(tmp_path / "full", 2, *args)
+    assert full.returncode == 0, full.stdout + full.stderr
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tmp_path / "full", damaged)
+    shard = checkpoint.step_dir(damaged / "checkpoints", 8) / "dcp" / "__1_0.distcp"  # rank 1's shard
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    shard.write_bytes(bytes(data))
+    resumed = train(damaged, 2, *args)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert resumed.stdout.count("damaged checkpoint:") == 1 and "__1_0.distcp: CRC-32" in resumed.stdout
+    assert "falling back to step_00000004" in resumed.stdout and "step_00000004 at step 4" in resumed.stdout
+    assert losses(damaged) == losses(tmp_path / "full")  # both ranks resumed from step 4, bit-exactly
+    assert (damaged / "checkpoints" / "damaged-step_00000008").is_dir()
