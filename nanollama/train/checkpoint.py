@@ -95,19 +95,25 @@ def crc32(path: str | Path) -> str:
     return f"{value:08x}"
 
 
-def manifest(path: str | Path) -> dict[str, dict]:
-    """{relative file name: {size, crc32}} for every file of a checkpoint directory but the marker."""
+def file_names(path: str | Path) -> list[str]:
+    """The checkpoint's files (relative POSIX names, sorted) that the marker lists."""
     path = Path(path)
-    files = {}
-    for f in sorted(path.rglob("*")):
-        name = f.relative_to(path).as_posix()
-        if f.is_file() and name not in (MARKER, EVAL_PENDING):
-            files[name] = {"size": f.stat().st_size, "crc32": crc32(f)}
-    return files
+    names = (f.relative_to(path).as_posix() for f in path.rglob("*") if f.is_file())
+    return sorted(n for n in names if n not in (MARKER, EVAL_PENDING))
 
 
-def verify(path: str | Path) -> str | None:
-    """None if the checkpoint is intact, else one line naming the first bad file and what is wrong."""
+def manifest(path: str | Path, names: list[str] | None = None) -> dict[str, dict]:
+    """{relative file name: {size, crc32}} for `names` (default: every file but the marker)."""
+    path = Path(path)
+    names = file_names(path) if names is None else names
+    return {n: {"size": (path / n).stat().st_size, "crc32": crc32(path / n)} for n in names}
+
+
+def verify(path: str | Path, part: tuple[int, int] = (0, 1)) -> str | None:
+    """None if the checkpoint is intact, else one line naming the first bad file and what is wrong.
+
+    `part=(i, n)` checks only every n-th listed file from the i-th, so n ranks share the reading.
+    """
     path = Path(path)
     try:
         meta = info(path)
@@ -123,7 +129,7 @@ def verify(path: str | Path) -> str | None:
         if not any((path / "dcp").glob("*.distcp")):
             return f"{path / 'dcp'}: no .distcp shard files"
         return None
-    for name, want in files.items():
+    for name, want in list(files.items())[part[0] :: part[1]]:
         f = path / name
         if not f.is_file():
             return f"{f}: missing"
@@ -135,8 +141,15 @@ def verify(path: str | Path) -> str | None:
     return None
 
 
-def newest_intact(root: str | Path, report: Callable[[str], None] = print) -> Path | None:
-    """The newest complete checkpoint that verifies; damaged newer ones are reported and set aside.
+def newest_intact(
+    root: str | Path,
+    report: Callable[[str], None] = print,
+    check: Callable[[Path], str | None] = verify,
+    steps: list[int] | None = None,
+    set_aside: bool = True,
+) -> Path | None:
+    """The newest complete checkpoint (of `steps`, default all) that passes `check`; damaged newer
+    ones are reported and set aside.
 
     A damaged checkpoint is renamed to damaged-step_XXXXXXXX (kept for inspection, never deleted):
     out of the way of keep-last-k, which would otherwise count it and delete the intact fallback,
@@ -145,13 +158,14 @@ def newest_intact(root: str | Path, report: Callable[[str], None] = print) -> Pa
     """
     root = Path(root)
     damaged = []
-    for step in reversed(complete_steps(root)):
+    for step in reversed(complete_steps(root) if steps is None else steps):
         path = step_dir(root, step)
-        problem = verify(path)
+        problem = check(path)
         if problem is None:
             for bad, why in damaged:
                 aside = _unused(root / f"{DAMAGED}{bad.name}")
-                os.rename(bad, aside)
+                if set_aside:
+                    os.rename(bad, aside)
                 report(f"damaged checkpoint: {why}; set aside as {aside.name}, falling back to {path.name}")
             return path
         damaged.append((path, problem))
@@ -333,10 +347,15 @@ class Checkpointer:
 
     def _commit(self, tmp: Path, step: int) -> None:
         self.dist.barrier()  # every rank's files are on disk
+        # Every rank checksums a share of the files (the listing is rank 0's, so all agree on it).
+        rank, world = self.dist.rank, self.dist.world_size
+        names = self.dist.broadcast(file_names(tmp) if self.dist.is_main else None)
+        parts = self.dist.gather(manifest(tmp, names[rank::world]))
         if self.dist.is_main:
             if self.eval_every and step % self.eval_every == 0:
                 (tmp / EVAL_PENDING).touch()
-            marker = {"step": step, "world_size": self.dist.world_size, "files": manifest(tmp)}
+            files = dict(sorted(kv for part in parts for kv in part.items()))
+            marker = {"step": step, "world_size": world, "files": files}
             with open(tmp / MARKER, "w") as f:
                 json.dump(marker, f)
                 f.flush()
@@ -354,18 +373,19 @@ class Checkpointer:
         self.dist.barrier()  # nobody reads `latest` before the rename
 
     def choose(self, report: Callable[[str], None]) -> Path | None:
-        """The checkpoint to resume from: rank 0 verifies (newest_intact) and every rank takes its choice."""
-        choice, error = None, None
-        if self.dist.is_main:
-            try:
-                path = newest_intact(self.root, report)
-                choice = None if path is None else path.name
-            except CheckpointError as e:
-                error = str(e)
-        choice, error = self.dist.broadcast((choice, error))
-        if error is not None:
-            raise CheckpointError(error)
-        return None if choice is None else self.root / choice
+        """The checkpoint to resume from: newest_intact, with the ranks sharing the verification.
+
+        Every rank reads a share of each candidate's files and all learn every share's verdict, so
+        they take the same choice (or raise the same error); rank 0 alone reports and sets aside.
+        """
+        rank, world = self.dist.rank, self.dist.world_size
+        steps = self.dist.broadcast(complete_steps(self.root) if self.dist.is_main else None)
+
+        def check(path: Path) -> str | None:
+            return next((p for p in self.dist.gather(verify(path, (rank, world))) if p), None)
+
+        main = self.dist.is_main
+        return newest_intact(self.root, report if main else lambda _: None, check, steps, set_aside=main)
 
     def load(self, path: Path, model, optimizer) -> tuple[dict, int]:
         """Restore model and optimizer (resharding if needed); returns (train state, saved world size).
