@@ -157,7 +157,7 @@ def fail_with_enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-@pytest.mark.parametrize("writer", ["shards", "train state"])
+@pytest.mark.parametrize("writer", ["shards", "train_state", "COMPLETE"])
 @pytest.mark.parametrize("async_save", ["false", "true"])
 def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_older_checkpoints(
     runs, tmp_path, monkeypatch, capsys, async_save, writer
@@ -170,7 +170,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_older_checkpoints(
     else:
 
         def open_but_full(path, mode="r", *args, **kwargs):
-            if "w" in mode and "train_state" in str(path):
+            if "w" in mode and writer in str(path):
                 fail_with_enospc()
             return open(path, mode, *args, **kwargs)
 

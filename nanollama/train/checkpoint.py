@@ -273,14 +273,18 @@ class Checkpointer:
     def save(self, step: int, model, optimizer, train_state: dict) -> Path:
         self.wait()
         tmp = self.root / f".tmp-step_{step:08d}"
-        if self.dist.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self.dist.barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optimizer": optim_sd}
         needed = self._estimate(state)
         failure = None
+        if self.dist.is_main:
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            except OSError as e:
+                failure = e
+        if self.dist.any(failure is not None):  # (a collective: also the barrier before anyone writes)
+            self._failed(tmp, step, needed, failure)
         try:
             # Serialised in memory first: torch.save straight to a full disk fails with an opaque
             # "unexpected pos" error instead of ENOSPC.
@@ -306,7 +310,7 @@ class Checkpointer:
         except (Exception, CheckpointException) as e:  # DCP raises a BaseException
             self._failed(tmp, step, needed, e)
         if not self.async_save:
-            self._commit(tmp, step)
+            self._commit(tmp, step, needed)
         return step_dir(self.root, step)
 
     def wait(self) -> None:
@@ -318,7 +322,7 @@ class Checkpointer:
                 future.result()
             except (Exception, CheckpointException) as e:
                 self._failed(tmp, step, needed, e)
-            self._commit(tmp, step)
+            self._commit(tmp, step, needed)
 
     def _estimate(self, state: dict) -> int:
         """Bytes a checkpoint needs: the previous one's size, else the tensors' (the whole world's)."""
@@ -345,32 +349,40 @@ class Checkpointer:
             ) from None
         raise error
 
-    def _commit(self, tmp: Path, step: int) -> None:
+    def _commit(self, tmp: Path, step: int, needed: int) -> None:
         self.dist.barrier()  # every rank's files are on disk
         # Every rank checksums a share of the files (the listing is rank 0's, so all agree on it).
         rank, world = self.dist.rank, self.dist.world_size
         names = self.dist.broadcast(file_names(tmp) if self.dist.is_main else None)
         parts = self.dist.gather(manifest(tmp, names[rank::world]))
+        failure = None
         if self.dist.is_main:
-            if self.eval_every and step % self.eval_every == 0:
-                (tmp / EVAL_PENDING).touch()
             files = dict(sorted(kv for part in parts for kv in part.items()))
-            marker = {"step": step, "world_size": world, "files": files}
-            with open(tmp / MARKER, "w") as f:
-                json.dump(marker, f)
-                f.flush()
-                os.fsync(f.fileno())
-            final = step_dir(self.root, step)
-            old = None
-            if final.exists():  # re-saving a step, e.g. a relaunch at the end of training
-                old = self.root / f".tmp-old-step_{step:08d}"
-                os.rename(final, old)  # out of the way first: `final` is never a half-deleted checkpoint
-            os.rename(tmp, final)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-            fsync_path(self.root)
-            prune(self.root, self.keep)
-        self.dist.barrier()  # nobody reads `latest` before the rename
+            try:
+                self._publish(tmp, step, {"step": step, "world_size": world, "files": files})
+            except OSError as e:  # e.g. no space left for the marker
+                failure = e
+        if self.dist.any(failure is not None):  # (a collective: nobody reads `latest` before the rename)
+            self._failed(tmp, step, needed, failure)
+
+    def _publish(self, tmp: Path, step: int, marker: dict) -> None:
+        """Rank 0: write the marker, rename the directory into place, prune."""
+        if self.eval_every and step % self.eval_every == 0:
+            (tmp / EVAL_PENDING).touch()
+        with open(tmp / MARKER, "w") as f:
+            json.dump(marker, f)
+            f.flush()
+            os.fsync(f.fileno())
+        final = step_dir(self.root, step)
+        old = None
+        if final.exists():  # re-saving a step, e.g. a relaunch at the end of training
+            old = self.root / f".tmp-old-step_{step:08d}"
+            os.rename(final, old)  # out of the way first: `final` is never a half-deleted checkpoint
+        os.rename(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        fsync_path(self.root)
+        prune(self.root, self.keep)
 
     def choose(self, report: Callable[[str], None]) -> Path | None:
         """The checkpoint to resume from: newest_intact, with the ranks sharing the verification.
