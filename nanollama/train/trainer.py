@@ -63,7 +63,9 @@ class Trainer:
         self.lock, self.dist, self._notes = RunLock(cfg.run_dir), None, []
         try:
             self._init(cfg)
-        except BaseException:
+        except BaseException:  # a bad config, a held lock, a stop signal: leave nothing behind
+            if hasattr(self, "stream"):
+                self.stream.close()
             self.lock.release()
             if self.dist is not None:
                 self.dist.close()
