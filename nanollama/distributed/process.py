@@ -27,6 +27,19 @@ class Dist:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     mesh: object | None = None  # a DeviceMesh under torchrun
+    _save_group: object | None = None
+
+    @property
+    def save_group(self):
+        """A gloo group of all ranks for background checkpoint writes, created once (None alone).
+
+        An asynchronous DCP save runs its collectives (plan exchange, metadata gather) from a thread
+        while training goes on: on the training group they would interleave with FSDP's and mismatch.
+        Every rank must first ask for it at the same point (its creation is itself a collective).
+        """
+        if self.distributed and self._save_group is None:
+            self._save_group = dist.new_group(backend="gloo")
+        return self._save_group
 
     @property
     def distributed(self) -> bool:
@@ -47,6 +60,22 @@ class Dist:
         t = torch.tensor([int(flag)], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank (a picklable value)."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj` (picklable), in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     def mean(self, value: float) -> float:
         if not self.distributed:

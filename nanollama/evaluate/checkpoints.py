@@ -30,8 +30,8 @@ from nanollama.data.heldout import HeldOut
 from nanollama.observe.metrics import MetricsFile
 from nanollama.runs import RunError, load_config, resolve_device
 from nanollama.train import checkpoint
+from nanollama.train.logs import format_eval
 from nanollama.train.loss import lm_loss
-from nanollama.train.trainer import format_eval
 from nanollama.utils import exit_codes
 
 

@@ -2,7 +2,11 @@
 
 import sys
 
-from nanollama.train.cli import main
+from nanollama.train import signals
+
+signals.install_early()  # before the slow imports: a SIGTERM from now on is a clean exit 75
+
+from nanollama.train.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,29 +1,38 @@
-"""Atomic, sharded checkpoints in run_dir/checkpoints/step_XXXXXXXX/, keeping the last k.
+"""Atomic, verified, sharded checkpoints in run_dir/checkpoints/step_XXXXXXXX/, keeping the last k.
 
 Layout of one checkpoint:
     dcp/                      model and optimizer, torch.distributed.checkpoint (sharded, reshardable)
     train_state_rank{r}.pt    each rank's step, data stream position and RNG states
-    COMPLETE                  the commit marker (JSON: step, world_size), written last
+    COMPLETE                  the commit marker (JSON: step, world_size, and each file's size and CRC-32), written last
     EVAL_PENDING              present while an evaluation still has to read this checkpoint
 
-Every rank writes into a temporary directory; once all have finished, rank 0 writes the marker and
-renames the directory into place. Loading considers only directories with the marker, so a crash
-mid-write never leaves something that looks like the latest checkpoint. Keep-last-k never deletes
-a checkpoint that is still pending evaluation.
+Every rank writes into a temporary directory; once all have finished, rank 0 checksums the files,
+writes the marker and renames the directory into place. Loading considers only directories with
+the marker, so a crash mid-write never leaves something that looks like the latest checkpoint, and
+`verify` re-checks every file against the marker before a load: a truncated, missing or flipped
+file is reported by name and the run falls back to the newest intact checkpoint (the damaged one
+is renamed to damaged-step_XXXXXXXX, never deleted). Checkpoints written before checksums existed
+are verified for the presence of their files only. Keep-last-k never deletes a checkpoint that is
+still pending evaluation.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import re
 import shutil
 import warnings
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from nanollama.utils.fileio import fsync_path
@@ -33,7 +42,18 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 
 MARKER = "COMPLETE"
 EVAL_PENDING = "EVAL_PENDING"
+DAMAGED = "damaged-"  # prefix of a checkpoint set aside because a file failed verification
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+_TMP_DIR = re.compile(r"^\.tmp-(?:old-)?step_(\d{8})$")
+_CHUNK = 4 << 20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint problem a user can act on, in one line (damaged files, a full disk)."""
+
+
+class DiskFull(CheckpointError):
+    pass
 
 
 def step_dir(root: str | Path, step: int) -> Path:
@@ -59,11 +79,110 @@ def latest(root: str | Path) -> Path | None:
 
 
 def info(path: str | Path) -> dict:
-    """The marker's content ({step, world_size}); raises FileNotFoundError for an incomplete checkpoint."""
+    """The marker's content ({step, world_size, files}); raises FileNotFoundError for an incomplete checkpoint."""
     marker = Path(path) / MARKER
     if not marker.is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
     return json.loads(marker.read_text())
+
+
+def crc32(path: str | Path) -> str:
+    """The file's CRC-32 as 8 hex digits, read in chunks (catches every flipped byte and truncation)."""
+    value = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            value = zlib.crc32(chunk, value)
+    return f"{value:08x}"
+
+
+def file_names(path: str | Path) -> list[str]:
+    """The checkpoint's files (relative POSIX names, sorted) that the marker lists."""
+    path = Path(path)
+    names = (f.relative_to(path).as_posix() for f in path.rglob("*") if f.is_file())
+    return sorted(n for n in names if n not in (MARKER, EVAL_PENDING))
+
+
+def manifest(path: str | Path, names: list[str] | None = None) -> dict[str, dict]:
+    """{relative file name: {size, crc32}} for `names` (default: every file but the marker)."""
+    path = Path(path)
+    names = file_names(path) if names is None else names
+    return {n: {"size": (path / n).stat().st_size, "crc32": crc32(path / n)} for n in names}
+
+
+def verify(path: str | Path, part: tuple[int, int] = (0, 1)) -> str | None:
+    """None if the checkpoint is intact, else one line naming the first bad file and what is wrong.
+
+    `part=(i, n)` checks only every n-th listed file from the i-th, so n ranks share the reading.
+    """
+    path = Path(path)
+    try:
+        meta = info(path)
+        world = int(meta["world_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{path / MARKER}: unreadable marker ({e})"
+    files = meta.get("files")
+    if files is None:  # written before checksums existed: presence only
+        needed = ["dcp/.metadata", *(f"train_state_rank{r}.pt" for r in range(world))]
+        for name in needed:
+            if not (path / name).is_file():
+                return f"{path / name}: missing"
+        if not any((path / "dcp").glob("*.distcp")):
+            return f"{path / 'dcp'}: no .distcp shard files"
+        return None
+    for name, want in list(files.items())[part[0] :: part[1]]:
+        f = path / name
+        if not f.is_file():
+            return f"{f}: missing"
+        size = f.stat().st_size
+        if size != want["size"]:
+            return f"{f}: {size} bytes instead of {want['size']} (truncated or overwritten)"
+        if crc32(f) != want["crc32"]:
+            return f"{f}: CRC-32 {crc32(f)} instead of {want['crc32']} (corrupted)"
+    return None
+
+
+def newest_intact(
+    root: str | Path,
+    report: Callable[[str], None] = print,
+    check: Callable[[Path], str | None] = verify,
+    steps: list[int] | None = None,
+    set_aside: bool = True,
+) -> Path | None:
+    """The newest complete checkpoint (of `steps`, default all) that passes `check`; damaged newer
+    ones are reported and set aside.
+
+    A damaged checkpoint is renamed to damaged-step_XXXXXXXX (kept for inspection, never deleted):
+    out of the way of keep-last-k, which would otherwise count it and delete the intact fallback,
+    and of the re-save of its step. Raises CheckpointError if there are checkpoints but none is intact
+    (and then sets nothing aside): starting afresh over a run's history must be the user's choice.
+    """
+    root = Path(root)
+    damaged = []
+    for step in reversed(complete_steps(root) if steps is None else steps):
+        path = step_dir(root, step)
+        problem = check(path)
+        if problem is None:
+            for bad, why in damaged:
+                aside = _unused(root / f"{DAMAGED}{bad.name}")
+                if set_aside:
+                    os.rename(bad, aside)
+                report(f"damaged checkpoint: {why}; set aside as {aside.name}, falling back to {path.name}")
+            return path
+        damaged.append((path, problem))
+    if damaged:
+        raise CheckpointError(
+            f"no intact checkpoint in {root}: {damaged[0][1]}"
+            + (f" (and {len(damaged) - 1} older ones damaged)" if len(damaged) > 1 else "")
+            + "; repair it, or move the checkpoints away to start afresh"
+        )
+    return None
+
+
+def _unused(path: Path) -> Path:
+    n, candidate = 1, path
+    while candidate.exists():
+        n, candidate = n + 1, path.with_name(f"{path.name}.{n}")
+    return candidate
 
 
 def pending_evaluation(root: str | Path) -> list[Path]:
@@ -83,76 +202,202 @@ def prune(root: str | Path, keep: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def clean_leftovers(root: str | Path, report: Callable[[str], None] = print) -> None:
+    """Remove what interrupted writes and prunes left: marker-less step_* and .tmp-* directories.
+
+    A complete one is never removed: a .tmp-step_X (or .tmp-old-step_X) with its marker, caught
+    between the renames of a commit, is moved into place as step_X if there is none.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for entry in sorted(root.iterdir(), key=lambda e: not e.name.startswith(".tmp-step_")):  # the newer first
+        tmp, final = _TMP_DIR.match(entry.name), _STEP_DIR.match(entry.name)
+        if tmp and (entry / MARKER).is_file() and not step_dir(root, int(tmp.group(1))).exists():
+            os.rename(entry, step_dir(root, int(tmp.group(1))))
+            report(f"finished the commit of {step_dir(root, int(tmp.group(1))).name} (found as {entry.name})")
+        elif (tmp or entry.name.startswith(".tmp-")) or (final and not (entry / MARKER).exists()):
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            report(f"removed the leftover {entry.name} of an interrupted write or prune")
+    fsync_path(root)
+
+
 def load_model(path: str | Path, model: torch.nn.Module) -> None:
-    """Load a checkpoint's weights into an unsharded model (for evaluation and generation)."""
-    info(path)
+    """Load a checkpoint's weights into an unsharded model (for evaluation and generation), verified first."""
+    problem = verify(path)
+    if problem is not None:
+        raise CheckpointError(f"damaged checkpoint: {problem}")
     state = {"model": model.state_dict()}
     dcp.load(state, checkpoint_id=Path(path) / "dcp", no_dist=True)
     model.load_state_dict(state["model"])
 
 
+def _disk_full(e: BaseException) -> bool:
+    """Whether an error (or one it wraps, e.g. in DCP's CheckpointException) is a full disk or quota."""
+    seen, todo = set(), [e]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(e, RuntimeError) and "unexpected pos" in str(e):  # torch.save's zip writer on ENOSPC
+            return True
+        todo += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint.api.CheckpointException
+        if isinstance(failures, dict):
+            todo += [v[0] if isinstance(v, tuple) else v for v in failures.values()]
+    return False
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 class Checkpointer:
     """Saves and restores model + optimizer (sharded) and each rank's train state.
 
-    `dist` is a parallel.Dist (rank, world_size, barrier). With `async_save`, the model and optimizer
-    are copied to host memory and written in the background; the commit happens in `wait()`, which
-    the next save (and the end of training) calls.
+    `dist` is a distributed.Dist (rank, world_size, barrier). With `async_save`, the model and
+    optimizer are copied to host memory and written in the background over a process group of
+    their own; the commit happens in `wait()`, which the next save (and the end of training) calls.
+    On a full disk a save raises DiskFull (one line: the directory, the space needed) after
+    removing its own partial files; the older checkpoints are untouched.
     """
 
     def __init__(self, root: str | Path, dist, keep: int, eval_every: int = 0, async_save: bool = False):
         self.root, self.dist, self.keep = Path(root), dist, keep
         self.eval_every, self.async_save = eval_every, async_save
-        self._pending: tuple[Any, Path, int] | None = None  # (future, tmp dir, step)
+        self._pending: tuple[Any, Path, int, int] | None = None  # (future, tmp dir, step, bytes estimate)
 
     def save(self, step: int, model, optimizer, train_state: dict) -> Path:
         self.wait()
         tmp = self.root / f".tmp-step_{step:08d}"
-        if self.dist.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self.dist.barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optimizer": optim_sd}
-        with open(tmp / f"train_state_rank{self.dist.rank}.pt", "wb") as f:
-            torch.save(train_state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if self.async_save:
-            future = dcp.async_save(state, checkpoint_id=tmp / "dcp", no_dist=not self.dist.distributed)
-            self._pending = (future, tmp, step)
-        else:
-            dcp.save(state, checkpoint_id=tmp / "dcp", no_dist=not self.dist.distributed)
-            self._commit(tmp, step)
+        needed = self._estimate(state)
+        failure = None
+        if self.dist.is_main:
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            except OSError as e:
+                failure = e
+        if self.dist.any(failure is not None):  # (a collective: also the barrier before anyone writes)
+            self._failed(tmp, step, needed, failure)
+        try:
+            # Serialised in memory first: torch.save straight to a full disk fails with an opaque
+            # "unexpected pos" error instead of ENOSPC.
+            buf = io.BytesIO()
+            torch.save(train_state, buf)
+            with open(tmp / f"train_state_rank{self.dist.rank}.pt", "wb") as f:
+                f.write(buf.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            failure = e
+        if self.dist.any(failure is not None):  # every rank gives up together
+            self._failed(tmp, step, needed, failure)
+        no_dist = not self.dist.distributed
+        try:
+            if self.async_save:
+                future = dcp.async_save(
+                    state, checkpoint_id=tmp / "dcp", no_dist=no_dist, process_group=self.dist.save_group
+                )
+                self._pending = (future, tmp, step, needed)
+            else:
+                dcp.save(state, checkpoint_id=tmp / "dcp", no_dist=no_dist)
+        except (Exception, CheckpointException) as e:  # DCP raises a BaseException
+            self._failed(tmp, step, needed, e)
+        if not self.async_save:
+            self._commit(tmp, step, needed)
         return step_dir(self.root, step)
 
     def wait(self) -> None:
         """Finish and commit a pending asynchronous save."""
         if self._pending is not None:
-            future, tmp, step = self._pending
+            future, tmp, step, needed = self._pending
             self._pending = None
-            future.result()
-            self._commit(tmp, step)
+            try:
+                future.result()
+            except (Exception, CheckpointException) as e:
+                self._failed(tmp, step, needed, e)
+            self._commit(tmp, step, needed)
 
-    def _commit(self, tmp: Path, step: int) -> None:
-        self.dist.barrier()  # every rank's files are on disk
+    def _estimate(self, state: dict) -> int:
+        """Bytes a checkpoint needs: the previous one's size, else the tensors' (the whole world's)."""
+        previous = latest(self.root)
+        if previous is not None:
+            return _size(previous)
+        local = 0
+        for section in state.values():
+            for value in _leaves(section):
+                if isinstance(value, torch.Tensor):
+                    t = value.to_local() if hasattr(value, "to_local") else value
+                    local += t.numel() * t.element_size()
+        return local * self.dist.world_size
+
+    def _failed(self, tmp: Path, step: int, needed: int, error: BaseException | None) -> None:
+        """Clean up a failed save, then raise DiskFull (one line) or the original error."""
         if self.dist.is_main:
-            if self.eval_every and step % self.eval_every == 0:
-                (tmp / EVAL_PENDING).touch()
-            with open(tmp / MARKER, "w") as f:
-                json.dump({"step": step, "world_size": self.dist.world_size}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            final = step_dir(self.root, step)
-            old = None
-            if final.exists():  # re-saving a step, e.g. a relaunch at the end of training
-                old = self.root / f".tmp-old-step_{step:08d}"
-                os.rename(final, old)  # out of the way first: `final` is never a half-deleted checkpoint
-            os.rename(tmp, final)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-            fsync_path(self.root)
-            prune(self.root, self.keep)
-        self.dist.barrier()  # nobody reads `latest` before the rename
+            shutil.rmtree(tmp, ignore_errors=True)
+        if error is None or _disk_full(error):  # None: another rank's write failed
+            free = shutil.disk_usage(self.root).free
+            raise DiskFull(
+                f"no space left in {self.root} for the checkpoint of step {step}: about {needed / 2**20:.1f} MiB "
+                f"needed, {free / 2**20:.1f} MiB free; older checkpoints are intact (free space and relaunch)"
+            ) from None
+        raise error
+
+    def _commit(self, tmp: Path, step: int, needed: int) -> None:
+        self.dist.barrier()  # every rank's files are on disk
+        # Every rank checksums a share of the files (the listing is rank 0's, so all agree on it).
+        rank, world = self.dist.rank, self.dist.world_size
+        names = self.dist.broadcast(file_names(tmp) if self.dist.is_main else None)
+        parts = self.dist.gather(manifest(tmp, names[rank::world]))
+        failure = None
+        if self.dist.is_main:
+            files = dict(sorted(kv for part in parts for kv in part.items()))
+            try:
+                self._publish(tmp, step, {"step": step, "world_size": world, "files": files})
+            except OSError as e:  # e.g. no space left for the marker
+                failure = e
+        if self.dist.any(failure is not None):  # (a collective: nobody reads `latest` before the rename)
+            self._failed(tmp, step, needed, failure)
+
+    def _publish(self, tmp: Path, step: int, marker: dict) -> None:
+        """Rank 0: write the marker, rename the directory into place, prune."""
+        if self.eval_every and step % self.eval_every == 0:
+            (tmp / EVAL_PENDING).touch()
+        with open(tmp / MARKER, "w") as f:
+            json.dump(marker, f)
+            f.flush()
+            os.fsync(f.fileno())
+        final = step_dir(self.root, step)
+        old = None
+        if final.exists():  # re-saving a step, e.g. a relaunch at the end of training
+            old = self.root / f".tmp-old-step_{step:08d}"
+            os.rename(final, old)  # out of the way first: `final` is never a half-deleted checkpoint
+        os.rename(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        fsync_path(self.root)
+        prune(self.root, self.keep)
+
+    def choose(self, report: Callable[[str], None]) -> Path | None:
+        """The checkpoint to resume from: newest_intact, with the ranks sharing the verification.
+
+        Every rank reads a share of each candidate's files and all learn every share's verdict, so
+        they take the same choice (or raise the same error); rank 0 alone reports and sets aside.
+        """
+        rank, world = self.dist.rank, self.dist.world_size
+        steps = self.dist.broadcast(complete_steps(self.root) if self.dist.is_main else None)
+
+        def check(path: Path) -> str | None:
+            return next((p for p in self.dist.gather(verify(path, (rank, world))) if p), None)
+
+        main = self.dist.is_main
+        return newest_intact(self.root, report if main else lambda _: None, check, steps, set_aside=main)
 
     def load(self, path: Path, model, optimizer) -> tuple[dict, int]:
         """Restore model and optimizer (resharding if needed); returns (train state, saved world size).
@@ -175,10 +420,19 @@ class Checkpointer:
         train_state = torch.load(path / f"train_state_rank{rank}.pt", weights_only=False)
         return train_state, saved_world
 
-    def clean_stale(self) -> None:
-        """Remove leftovers of interrupted writes (rank 0, at start)."""
-        if self.dist.is_main and self.root.is_dir():
-            for entry in self.root.iterdir():
-                if entry.name.startswith(".tmp-step_"):
-                    shutil.rmtree(entry, ignore_errors=True)
+    def clean_stale(self, report: Callable[[str], None] = print) -> None:
+        """Remove leftovers of interrupted writes and prunes (rank 0, at start; see clean_leftovers)."""
+        if self.dist.is_main:
+            clean_leftovers(self.root, report)
         self.dist.barrier()
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _leaves(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            yield from _leaves(v)
+    else:
+        yield tree

@@ -1,8 +1,9 @@
 """Entry point: `python -m nanollama.train CONFIG [key=value ...]` (or `config=CONFIG` anywhere).
 
 Relaunching the same command with the same run_dir resumes from its latest checkpoint.
-Exit codes: 0 done, 2 bad config or arguments, 3 non-finite loss, 75 preempted (SIGTERM/SIGUSR1),
-130 interrupted (Ctrl-C); the last three leave a checkpoint to resume from.
+Exit codes: 0 done, 2 bad config or arguments, a run directory in use, no intact checkpoint, or a
+full disk, 3 non-finite loss, 75 preempted (SIGTERM/SIGUSR1), 130 interrupted (Ctrl-C); the last
+three leave a checkpoint to resume from (none is written when stopped during start-up: nothing new).
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import sys
 
 from nanollama import config, data, models
 from nanollama.data.source import DataError
+from nanollama.train import signals
+from nanollama.train.checkpoint import CheckpointError
 from nanollama.train.config import TrainConfig
 from nanollama.train.help import describe
-from nanollama.train.trainer import Trainer
+from nanollama.train.trainer import StoppedAtStartup, Trainer
 from nanollama.utils import exit_codes
 
 USAGE = (
@@ -92,10 +95,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return exit_codes.BAD_INPUT
         return 0
-    try:
-        cfg = parse(argv)
-        trainer = Trainer(cfg)
-    except (config.ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return exit_codes.BAD_INPUT
-    return trainer.fit()
+    # The process's StopRequest (installed at its start by __main__): a signal from here on, start-up
+    # included, ends in a clean exit 75 / 130.
+    with signals.current() as stop:
+        try:
+            cfg = parse(argv)
+            return Trainer(cfg, stop).fit()
+        except (config.ConfigError, DataError, CheckpointError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return exit_codes.BAD_INPUT
+        except StoppedAtStartup as e:
+            return e.code
+        except KeyboardInterrupt:  # a second Ctrl-C: at once, without a checkpoint
+            print("interrupted", file=sys.stderr)
+            return exit_codes.INTERRUPTED

@@ -12,16 +12,12 @@ registries (nanollama.models, nanollama.data).
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
-import random
 import signal
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from nanollama import config, data, distributed, models
@@ -31,9 +27,11 @@ from nanollama.data.heldout import HeldOut
 from nanollama.observe import flops
 from nanollama.observe.metrics import MetricsFile
 from nanollama.observe.system import hostname, memory_record, rss_bytes
-from nanollama.train import checkpoint
+from nanollama.train import checkpoint, rng
 from nanollama.train.checkpoint import step_dir
 from nanollama.train.config import TrainConfig, set_vocab_size
+from nanollama.train.lock import RunLock
+from nanollama.train.logs import format_eval, log, setup_logging
 from nanollama.train.loss import lm_loss
 from nanollama.train.optim import build_optimizer, lr_at
 from nanollama.train.progress import Progress, format_eta
@@ -43,24 +41,44 @@ from nanollama.train.signals import StopRequest
 from nanollama.utils import exit_codes
 from nanollama.utils.devices import gpu_name
 
-log = logging.getLogger("nanollama")
-
 
 class NonFiniteLoss(RuntimeError):
     pass
 
 
+class StoppedAtStartup(Exception):
+    """A stop signal arrived before the first step: nothing new to save, exit with `code`."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, stop: StopRequest | None = None):
+        self.stop = StopRequest() if stop is None else stop
+        self.lock, self.dist, self._notes = RunLock(cfg.run_dir), None, []
+        try:
+            self._init(cfg)
+        except BaseException:  # a bad config, a held lock, a stop signal: leave nothing behind
+            if hasattr(self, "stream"):
+                self.stream.close()
+            self.lock.release()
+            if self.dist is not None:
+                self.dist.close()
+            raise
+
+    def _init(self, cfg: TrainConfig):
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.threads_line = set_threads(cfg.threads)  # before any torch work spawns its thread pool
         self.progress: Progress | None = None
         self.dist = distributed.init(cfg.device, cfg.parallel.timeout_s)
+        self._take_run_dir()
         self.device = self.dist.device
         self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
 
-        _seed_everything(cfg.seed + self.dist.rank)
+        rng.seed_everything(cfg.seed + self.dist.rank)
         d = cfg.data
         self.source = data.build(d)  # the same source (e.g. the same graph) on every rank
         set_vocab_size(cfg, self.source.token_vocab_size)
@@ -94,6 +112,43 @@ class Trainer:
         self.flops_per_token, self.hardware_flops_per_token = flops.per_token(
             self.model_shape, d.seq_len, cfg.parallel.activation_checkpointing
         )
+        self.check_stop("building the model and data")
+
+    def _take_run_dir(self) -> None:
+        """Lock the run directory (rank 0; every rank learns the outcome) and clean leftovers, first thing."""
+        busy = None
+        if self.dist.is_main:
+            try:
+                self.lock.acquire()
+            except config.ConfigError as e:
+                busy = (e.field, e.reason)
+        busy = self.dist.broadcast(busy)
+        if busy is not None:
+            raise config.ConfigError(*busy)
+        if self.lock.took_over:
+            self._notes.append(f"took over the lock of {self.run_dir} from a dead trainer ({self.lock.took_over})")
+        self.check_stop("starting")
+        # Before anything is written (config.yaml): on a full disk the leftovers are what frees space.
+        if self.dist.is_main:
+            checkpoint.clean_leftovers(self.run_dir / "checkpoints", self._notes.append)
+        self.dist.barrier()
+
+    def _flush_notes(self) -> None:
+        """Start-up notes (lock takeover, leftovers removed, a stop), to the log once it exists, else stdout."""
+        for note in self._notes:
+            if getattr(self, "_logging", False):
+                self.info(note)
+            elif self.dist.is_main:
+                print(note, flush=True)
+        self._notes = []
+
+    def check_stop(self, phase: str) -> None:
+        """Between start-up phases: a stop signal (on any rank) ends the run now, without a checkpoint."""
+        if self.dist.any(self.stop.requested):
+            why = signal.Signals(self.stop.signum).name if self.stop.signum else "another rank's signal"
+            self._notes.append(f"stopped by {why} while {phase}, before the first step: nothing new to save")
+            self._flush_notes()
+            raise StoppedAtStartup(self.stop.exit_code)
 
     def build_model(self) -> torch.nn.Module:
         """fp32 parameters, initialised identically whatever the world size; sharded under torchrun."""
@@ -181,17 +236,12 @@ class Trainer:
             "config": config.dump(self.cfg),  # config.yaml can be restored from the checkpoint it describes
             "data": self.stream.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": {
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            },
+            "rng": rng.capture(),
         }
         return self.checkpointer.save(self.step, self.model, self.optimizer, state)
 
     def resume(self) -> bool:
-        path = checkpoint.latest(self.checkpointer.root)
+        path = self.checkpointer.choose(self.info)  # the newest intact one (damaged ones are set aside)
         if path is None:
             return False
         state, saved_world = self.checkpointer.load(path, self.model, self.optimizer)
@@ -199,12 +249,7 @@ class Trainer:
         if saved_world == self.dist.world_size:
             self.stream.load_state_dict(state["data"])
             self.scaler.load_state_dict(state["scaler"])
-            rng = state["rng"]
-            random.setstate(rng["python"])
-            np.random.set_state(rng["numpy"])
-            torch.set_rng_state(rng["torch"].cpu())
-            if rng["cuda"] is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+            rng.restore(state["rng"])
             self.info(f"resumed from {path} at step {self.step}")
         else:
             how = self.stream.restart_resharded(state["data"])
@@ -223,21 +268,29 @@ class Trainer:
         try:
             return self._fit()
         finally:
-            self.checkpointer.wait()
-            self.stream.close()
-            self.dist.close()
+            try:
+                self.checkpointer.wait()
+            finally:
+                self.stream.close()
+                self.dist.close()
+                self.lock.release()
 
     def _fit(self) -> int:
         cfg = self.cfg
         changed = []
         if self.dist.is_main:
-            changed = save_config(cfg, self.run_dir)  # config.yaml, and configs/config.<n>.yaml per change
-            _setup_logging(self.run_dir / "train.log")
+            try:
+                changed = save_config(cfg, self.run_dir)  # config.yaml, and configs/config.<n>.yaml per change
+            except OSError as e:
+                where = self.run_dir / "config.yaml"
+                raise config.ConfigError("run_dir", f"cannot write {where}: {e.strerror}") from None
+            setup_logging(self.run_dir / "train.log")
         self.dist.barrier()
+        self._logging = True
+        self._flush_notes()
         for line in changed:
             self.info(line)
         self.info(self.threads_line)
-        self.checkpointer.clean_stale()
         world = self.dist.world_size
         self.info(
             f"host {hostname()} | pid rss {rss_bytes() / 2**20:.0f} MiB | device {self.device} | {cfg.precision} | "
@@ -248,7 +301,9 @@ class Trainer:
             f"({self.spec.num_params(self.model_shape, False) / 1e6:.3f}M without embeddings), "
             f"{self.flops_per_token / 1e6:.2f} MFLOP/token | run_dir {self.run_dir}"
         )
-        self.resume()
+        with self.stop:  # a signal while loading the checkpoint must not kill the process
+            self.resume()
+        self.check_stop("loading the checkpoint")
         if self.step >= cfg.steps:
             self.info(f"already at step {self.step} >= steps={cfg.steps}: nothing to do (raise steps to go on)")
             return 0
@@ -266,7 +321,7 @@ class Trainer:
         self.progress = Progress(self.step, cfg.steps, live=None if self.dist.is_main else False)
         for handler in log.handlers:  # any log line (other modules' too) first erases the live line
             handler.addFilter(lambda record: self.progress.clear() or True)
-        with StopRequest() as stop:
+        with self.stop as stop:
             clock, steps_timed = time.perf_counter(), 0
             while self.step < cfg.steps:
                 step_clock = time.perf_counter()
@@ -330,26 +385,3 @@ class Trainer:
             return
         self.metrics.write({"step": self.step, **r, "host": hostname()})
         log.info(f"eval {self.step:>6}/{self.cfg.steps} | " + format_eval(r))
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _setup_logging(path: Path) -> None:
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    for handler in list(log.handlers):
-        log.removeHandler(handler)
-        handler.close()
-    fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(path)):
-        handler.setFormatter(fmt)
-        log.addHandler(handler)
-
-
-def format_eval(r: dict) -> str:
-    """'eval_loss 1.3013 | bayes_loss 1.2920 | excess_loss 0.0093', the oracle's fields only where known."""
-    return " | ".join(f"{k} {r[k]:.4f}" for k in ("eval_loss", "bayes_loss", "excess_loss") if k in r)
