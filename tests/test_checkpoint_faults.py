@@ -13,7 +13,7 @@ from tiny_run import CONFIG, tiny
 
 from nanollama.models.transformer import Transformer
 from nanollama.observe.metrics import MetricsFile
-from nanollama.train import checkpoint, trainer
+from nanollama.train import checkpoint, relaunch, trainer
 from nanollama.train.checkpoint import Checkpointer
 from nanollama.train.cli import main, parse
 from nanollama.utils import exit_codes
@@ -202,7 +202,7 @@ def test_a_relaunch_on_a_full_disk_clears_leftovers_before_writing_anything(runs
     run_dir, ckpts = copy_of(runs, tmp_path)
     (ckpts / ".tmp-step_00000005" / "dcp").mkdir(parents=True)
     (ckpts / ".tmp-step_00000005" / "dcp" / "__0_0.distcp").write_bytes(b"x" * 1000)
-    monkeypatch.setattr(trainer, "write_atomic", fail_with_enospc)
+    monkeypatch.setattr(relaunch, "write_atomic", fail_with_enospc)  # config.yaml and its history
     assert run(run_dir, *ARGS) == exit_codes.BAD_INPUT
     err = capsys.readouterr().err
     assert err == f"error: run_dir: cannot write {run_dir / 'config.yaml'}: No space left on device\n"

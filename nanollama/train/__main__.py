@@ -9,4 +9,6 @@ signals.install_early()  # before the slow imports: a SIGTERM from now on is a c
 from nanollama.train.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    signals.ignore_late_stops()  # the exit code is decided: a repeated stop request must not replace it
+    sys.exit(code)

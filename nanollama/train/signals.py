@@ -73,6 +73,14 @@ def install_early() -> StopRequest:
     return _early
 
 
+def ignore_late_stops() -> None:
+    """At the very end of a run: a TERM / USR1 still arriving (a launcher repeats its request until the
+    process is gone) must not kill the exit. Python's finalisation resets signals that have Python
+    handlers to their default actions (death by 143 / 138) but leaves ignored ones ignored."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def current() -> StopRequest:
     """The StopRequest installed at process start, or a fresh one (to enter) for in-process callers."""
     return _early if _early is not None else StopRequest()

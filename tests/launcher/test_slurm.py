@@ -86,9 +86,16 @@ def test_grid_array_runs_each_task_with_its_own_config_and_metrics(grid_job):
 
 
 def _trainer_pid(log_dir: Path, timeout: float = TIMEOUT) -> int:
-    """The pid of the python running tasks/0.yaml from log_dir, once it handles SIGUSR1 (its loop started)."""
+    """The pid of the python running tasks/0.yaml from log_dir, once its loop has logged a step.
+
+    (The trainer handles SIGUSR1 from its first instant, so a signal during start-up would stop it
+    before any step: a clean 75, but not the mid-run preemption this file tests.)"""
     deadline = time.monotonic() + timeout
+    metrics = log_dir / "runs" / "0" / "metrics.jsonl"
     while time.monotonic() < deadline:
+        if not metrics.exists() or not metrics.read_text().strip():
+            time.sleep(0.005)
+            continue
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
                 continue
