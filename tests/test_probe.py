@@ -213,3 +213,17 @@ def test_cli_refuses_data_without_a_hidden_state(run_dir, tmp_path, capsys, monk
     monkeypatch.setattr(probing.data, "build", lambda cfg: Visible())
     assert main([str(run_dir)]) == 2
     assert "no hidden node" in capsys.readouterr().err
+
+
+def test_the_over_training_summary_has_a_row_per_step_and_a_column_per_layer():
+    from nanollama.probe.probing import format_over_steps
+
+    records = [
+        {"step": s, "layer": k, "node": n, "acc_frac": s / 100 + i / 10}
+        for s in (10, 20)
+        for i, k in enumerate(("embed", "layer.0.resid"))
+        for n in ("clock", "fast")
+    ]
+    lines = format_over_steps(records).splitlines()
+    assert lines[0] == "acc_frac of clock by step and layer" and "layer.0.resid" in lines[1]
+    assert lines[3].split() == ["20", "0.200", "0.300"] and len(lines) == 8

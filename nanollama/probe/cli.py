@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from nanollama import config, data
-from nanollama.probe.probing import format_table, probe_run
+from nanollama.probe.probing import format_over_steps, format_table, probe_run
 from nanollama.probe.targets import ProbeError
 from nanollama.runs import RunError
 from nanollama.utils import exit_codes
@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ProbeError, RunError, config.ConfigError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return exit_codes.BAD_INPUT
+    if not args.quiet and len({r["step"] for r in records}) > 1:
+        print(format_over_steps(records))
     out = args.out or args.run_dir / "probes.jsonl"
     print(f"{len(records)} records appended to {out} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return exit_codes.OK

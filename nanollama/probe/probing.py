@@ -127,3 +127,20 @@ def format_table(step: int, scores: dict[str, dict[str, dict]]) -> str:
             cells = "".join(f"{rec[c]:>8.3f}" if c in rec else f"{'-':>8}" for c in cols)
             lines.append(f"{name:<8}{key:<{width}}{cells}")
     return "\n".join(lines)
+
+
+def format_over_steps(records: list[dict], field: str = "acc_frac") -> str:
+    """`field` by checkpoint (rows) and layer (columns), one block per target: when the state becomes decodable."""
+    layers = list(dict.fromkeys(r["layer"] for r in records))
+    names = list(dict.fromkeys(r["node"] for r in records))
+    value = {(r["step"], r["layer"], r["node"]): r[field] for r in records}
+    steps = sorted({r["step"] for r in records})
+    width = max(len(k) for k in layers) + 2
+    lines = []
+    for name in names:
+        lines.append(f"{field} of {name} by step and layer")
+        lines.append(f"{'step':>8}" + "".join(f"{k:>{width}}" for k in layers))
+        for step in steps:
+            cells = "".join(f"{value[(step, k, name)]:>{width}.3f}" for k in layers)
+            lines.append(f"{step:>8}{cells}")
+    return "\n".join(lines)
