@@ -52,7 +52,8 @@ def test_activations_are_the_stream_the_model_computes():
     torch.testing.assert_close(model.output(acts["final_norm"]), logits)
     # no hook is left behind, and the forward is unchanged
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
-    assert torch.equal(model(tokens), logits)
+    with torch.no_grad():  # (with grad the attention backend may differ: no bitwise comparison there)
+        assert torch.equal(model(tokens), logits)
 
 
 def test_layers_by_index_and_name_and_bad_layers():
