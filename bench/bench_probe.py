@@ -17,8 +17,14 @@ development machines have 2 shared cores); recorded in extra_info.
 Shapes: CPU capture dim 256, 4 layers, 4 heads, vocab 64, B 8, S 256, float32; GPU capture dim 1024, 12 layers,
 16 heads, vocab 256, B 8, S 1024, bf16.
 
-Measured (2026-12-01, the 2-core development VM, shared with other jobs, 1 thread): see the README's
-"Probing the hidden state" and bench/results/ when a GPU run is committed.
+Measured (2026-12-01, the 2-core AMD EPYC development VM, 1 thread, torch 2.13 CPU; other jobs shared the
+cores, so single figures move by 2-4x with the load):
+  fit, load average ~2.5: features 1.12 s, softmax 1.26 s, ridge 0.051 s (medians of 3): one layer's
+    class probe on 1e5 x 256 in about 2.4 s; at load ~4.7 the same took 5.0 s, 4.6 s and 0.24 s.
+  capture: the two variants timed one after the other swing by more than the effect (one run gave hooks
+    1.16x plain, the next 0.63x); interleaved (plain, hooks, plain, ... 12 pairs, /tmp script, same shapes)
+    the median of hooks / plain was 1.04 and the ratio of the minima 0.95: within noise of the 10% goal.
+  GPU: not measured (no GPU was lent to this task).
 """
 
 from __future__ import annotations
