@@ -23,6 +23,7 @@ LAYERS = {
     "eval_length": 7,
     "generate": 7,
     "launcher": 7,
+    "probe": 7,
     "analysis": 8,
 }
 

@@ -261,11 +261,7 @@ class GSSM:
         the kernels of sequence first + b of that stream (the oracle that knows each sequence's kernels). `backend`:
         "auto" (the compiled forward for float64 CPU tokens when built, else torch), "cpp" or "torch".
         """
-        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
-            raise ValueError(f"tokens must be a (B, T) tensor, got {getattr(tokens, 'shape', type(tokens))}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
-            lo, hi = int(tokens.min()), int(tokens.max())
-            raise ValueError(f"tokens must lie in [0, {self.vocab_size}), got [{lo}, {hi}]")
+        self._check_tokens(tokens)
         if backend not in ("auto", "cpp", "torch"):
             raise ValueError(f"backend must be auto, cpp or torch, got {backend!r}")
         on_cpu64 = tokens.device.type == "cpu" and dtype == torch.float64
@@ -279,6 +275,55 @@ class GSSM:
         if ext is not None:
             return forward.nll_compiled(ext, tokens, threads or _usable_cores())
         return forward.nll(tokens)
+
+    def _check_tokens(self, tokens: torch.Tensor) -> None:
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+            raise ValueError(f"tokens must be a (B, T) tensor, got {getattr(tokens, 'shape', type(tokens))}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
+            lo, hi = int(tokens.min()), int(tokens.max())
+            raise ValueError(f"tokens must lie in [0, {self.vocab_size}), got [{lo}, {hi}]")
+
+    def posterior(
+        self,
+        tokens: torch.Tensor,
+        seed: int | None = None,
+        first: int = 0,
+        joint: bool | None = None,
+        dtype: torch.dtype = torch.float64,
+    ) -> hmm_lib.Posterior:
+        """The exact filtered belief p(z_t | x_<=t) for tokens (B, T): a Posterior with `joint` (B, T,
+        n_joint) over the joint hidden state in hmm()'s layout (config order, mixed radix), and
+        `marginals`, name -> (B, T, state_dim), per hidden node; float64 on the tokens' device.
+
+        The same factorised forward pass as `nll` (its torch path), so a context graph needs the
+        `seed` and `first` that `sample` was given. `joint`: None keeps the joint belief when it has
+        at most hmm_lib.MAX_POSTERIOR_STATES states (else only the marginals); True demands it (a
+        ValueError naming the size beyond that limit); False skips it.
+        """
+        self._check_tokens(tokens)
+        if not self.hidden:
+            raise ValueError("posterior(): the graph has no hidden node")
+        if self.context and seed is None:
+            raise ValueError("posterior(): a context graph needs the seed its tokens were sampled with")
+        dims = [self.nodes[j].dim for j in self.hidden]
+        n_joint = int(np.prod(dims))
+        if joint and n_joint > hmm_lib.MAX_POSTERIOR_STATES:
+            raise ValueError(
+                f"posterior(): the joint hidden state has {n_joint} states (dims {dims}), over the limit of "
+                f"{hmm_lib.MAX_POSTERIOR_STATES}; ask for joint=False to get the per-node marginals"
+            )
+        keep = n_joint <= hmm_lib.MAX_POSTERIOR_STATES if joint is None else joint
+        tokens = tokens.long()
+        forward = hmm_lib.forward_for(self, tokens, seed, first, dtype)
+        full, marginals = forward.posterior(tokens, keep)
+        topo = sorted(self.hidden)  # the forward pass lays hidden axes out in topological order
+        perm = [topo.index(j) for j in self.hidden]
+        if full is not None:  # (B, T, topological axes) -> (B, T, config-order axes), flattened again
+            B, T = tokens.shape
+            topo_dims = [self.nodes[j].dim for j in topo]
+            full = full.reshape(B, T, *topo_dims).permute(0, 1, *[2 + k for k in perm]).reshape(B, T, n_joint)
+        names = self.hidden_names
+        return hmm_lib.Posterior(full, {names[i]: marginals[perm[i]] for i in range(len(names))}, dims)
 
     def entropy_rate(self, n_seqs: int = 256, seq_len: int = 256, seed: int = 2**31 - 1) -> tuple[float, float]:
         """Estimate of the entropy rate in nats/token, with its standard error.

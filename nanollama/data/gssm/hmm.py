@@ -10,6 +10,7 @@ dense S x S product (S = prod d_h).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,19 @@ GSSM = Node = Any
 
 # A dense transition matrix of 2^14 states is 2 GiB in float64; hmm() refuses beyond that.
 MAX_DENSE_STATES = 1 << 14
+# posterior() keeps the joint belief (B, T, n_joint) float64 up to this many states: 1,000 sequences
+# of 64 positions are then at most 2 GiB; beyond it, the per-node marginals only.
+MAX_POSTERIOR_STATES = 1 << 12
+
+
+@dataclass
+class Posterior:
+    """Filtered beliefs p(z_t | x_<=t): `joint` (B, T, n_joint) in hmm()'s layout, or None when too big;
+    `marginals` name -> (B, T, state_dim) per hidden node (config order); `dims` the hidden dims."""
+
+    joint: torch.Tensor | None
+    marginals: dict[str, torch.Tensor]
+    dims: list[int]
 
 
 def conditional_table(g: GSSM, node: Node, mats: list[np.ndarray]) -> np.ndarray:
@@ -190,3 +204,41 @@ class Forward:
                 belief.div_(p)
             out[t] = p  # p(x_t | x_<t)
         return -out.log().T
+
+    def posterior(self, tokens: torch.Tensor, joint: bool) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """The filtered belief p(z_t | x_<=t) for tokens (B, T), by the same recursion as `nll`.
+
+        Returns the joint belief (B, T, prod dims) with the hidden axes in topological order (C order),
+        or None without `joint`, and each hidden node's marginal (B, T, d), in topological order.
+        """
+        B, T = tokens.shape
+        self._check_batch(tokens)
+        dtype, device, hidden = self.emit.dtype, self.emit.device, len(self.dims)
+        n_states = int(np.prod(self.dims))
+        shape = [B, *self.dims] if self.batched else [*self.dims, B]
+        belief = torch.zeros(shape, dtype=dtype, device=device)
+        if self.batched:
+            belief.view(B, -1)[:, 0] = 1.0
+        else:
+            belief.view(-1, B)[0] = 1.0
+        full = torch.empty(T, B, n_states, dtype=dtype, device=device) if joint else None
+        marginals = [torch.empty(T, B, d, dtype=dtype, device=device) for d in self.dims]
+        rows = torch.arange(B, device=device)
+        for t in range(T):
+            for left, d, right, mat in self.moves:
+                n, r = (B * left, right) if self.batched else (left, right * B)
+                belief = torch.bmm(mat, belief.view(n, d, r)).view(shape)  # predictive p(z_t | x_<t)
+            x = tokens[:, t]
+            if self.batched:
+                belief.mul_(self.emit[rows, x])
+                belief.div_(belief.view(B, -1).sum(1).view(B, *[1] * hidden))  # filtered p(z_t | x_<=t)
+            else:
+                belief.mul_(self.emit.index_select(1, x).view(*self.emit_shape, B))
+                belief.div_(belief.view(-1, B).sum(0))
+            as_batch_first = belief if self.batched else belief.movedim(hidden, 0)  # (B, hidden axes)
+            if full is not None:
+                full[t] = as_batch_first.reshape(B, n_states)
+            for k in range(hidden):
+                others = [a for a in range(1, hidden + 1) if a != k + 1]
+                marginals[k][t] = as_batch_first.sum(others) if others else as_batch_first
+        return (None if full is None else full.transpose(0, 1)), [m.transpose(0, 1) for m in marginals]
