@@ -228,3 +228,28 @@ def test_the_over_training_summary_has_a_row_per_step_and_a_column_per_layer():
     lines = format_over_steps(records).splitlines()
     assert lines[0] == "acc_frac of clock by step and layer" and "layer.0.resid" in lines[1]
     assert lines[3].split() == ["20", "0.200", "0.300"] and len(lines) == 8
+
+
+@pytest.mark.slow
+def test_probe_every_probes_each_nth_checkpoint_during_training(tmp_path):
+    """probe.every=N runs the probe on the checkpoints of steps N, 2N, ... (a subprocess each)."""
+    from tiny_run import CONFIG, tiny
+
+    from nanollama.train.cli import main as train
+
+    run_dir = tmp_path / "run"
+    args = tiny({"steps": 4, "checkpoint.every": 2, "probe.every": 2, "probe.sequences": 16, "probe.controls": False})
+    assert train([str(CONFIG), *args, f"run_dir={run_dir}", "device=cpu"]) == 0
+    records = [json.loads(line) for line in (run_dir / "probes.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in records}) == [2, 4]
+    assert {r["node"] for r in records} >= {"clock", "fast"}
+
+
+def test_probe_every_must_be_a_multiple_of_checkpoint_every():
+    from tiny_run import CONFIG
+
+    from nanollama import config
+    from nanollama.train.config import TrainConfig
+
+    with pytest.raises(config.ConfigError, match=r"probe\.every: must be a multiple of checkpoint\.every=4"):
+        config.load(TrainConfig, CONFIG, ["checkpoint.every=4", "probe.every=6"])

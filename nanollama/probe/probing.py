@@ -20,7 +20,7 @@ from nanollama.data import seeds
 from nanollama.observe.metrics import MetricsFile
 from nanollama.probe.activations import collect, resolve_layers
 from nanollama.probe.scores import ceilings, score_layer
-from nanollama.probe.targets import PROBE, ProbeError, Targets, probe_targets
+from nanollama.probe.targets import ProbeError, Targets, probe_targets
 from nanollama.runs import load_config, resolve_device
 from nanollama.train import checkpoint
 
@@ -86,7 +86,7 @@ def probe_run(
         keys = resolve_layers(model, layers, sites)
     except ValueError as e:
         raise ProbeError(str(e)) from None
-    seed = seeds.derive_seed(cfg.data.graph_seed, PROBE, 0)
+    seed = seeds.derive_seed(cfg.data.graph_seed, seeds.PROBE, 0)
     targets = probe_targets(g, sequences, cfg.data.seq_len, seed, device)
     model = model.to(device).eval()
     base = {"sequences": sequences, "seq_len": cfg.data.seq_len, "seed": seed, "arch": cfg.model.arch}

@@ -10,9 +10,6 @@ import torch
 
 from nanollama.data.gssm.graph import GSSM
 
-# Seeds of the probing sequences: key (graph_seed, PROBE, 0). A tag of its own beside nanollama.data.seeds'
-# (1..6), so these sequences are never the training or evaluation ones.
-PROBE = 14
 # A probe onto the joint hidden state is fitted only up to this many joint states (the cost of a
 # softmax probe grows with its classes; per-node probes are always fitted).
 JOINT_PROBE_MAX = 256

@@ -83,6 +83,20 @@ class EvalConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """Probing at checkpoints (`python -m nanollama.probe`, run on the checkpoint just written)."""
+
+    every: int = 0  # probe the checkpoint of every N-th step (a multiple of checkpoint.every); 0: never
+    sequences: int = 512  # sequences sampled for the probes (split by sequence into fit, validation, scored)
+    layers: str | None = None  # as probe's --layers, e.g. "embed,0,1,final_norm"; null: all
+    controls: bool = True  # also the random-init model and the shuffled-label control (slower)
+
+    def __post_init__(self):
+        check(self.every >= 0, "every", f"must be >= 0 (0: never), got {self.every}")
+        check(self.sequences >= 8, "sequences", f"must be >= 8 for a split by sequence, got {self.sequences}")
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/default"  # checkpoints, metrics, logs; relaunching with the same run_dir resumes
     seed: int = 0  # model init, data order and layouts (the graph has its own: data.graph_seed)
@@ -97,6 +111,7 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)  # log lines
     eval: EvalConfig = field(default_factory=EvalConfig)  # held-out evaluation during training
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # FSDP2, activation checkpointing, compile
+    probe: ProbeConfig = field(default_factory=ProbeConfig)  # probing the hidden state at checkpoints
 
     def __post_init__(self):
         check(self.steps >= 0, "steps", f"must be >= 0, got {self.steps}")
@@ -105,6 +120,12 @@ class TrainConfig:
         check(self.seed < 2**63, "seed", f"must be < 2**63 (a 64-bit seed), got {self.seed}")
         check(self.threads is None or self.threads >= 1, "threads", f"must be >= 1 (or null), got {self.threads}")
         check(bool(self.run_dir), "run_dir", "must not be empty")
+        check(
+            not self.probe.every or self.probe.every % self.checkpoint.every == 0,
+            "probe.every",
+            f"must be a multiple of checkpoint.every={self.checkpoint.every} (it probes checkpoints), "
+            f"got {self.probe.every}",
+        )
         if self.data.vocab_size is not None:  # known from the config alone; else once the source is built
             set_vocab_size(self, self.data.token_vocab_size)
         max_len = getattr(self.model, "max_seq_len", None)  # a recurrent model has no context limit

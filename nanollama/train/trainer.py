@@ -34,6 +34,7 @@ from nanollama.train.lock import RunLock
 from nanollama.train.logs import format_eval, log, setup_logging
 from nanollama.train.loss import lm_loss
 from nanollama.train.optim import build_optimizer, lr_at
+from nanollama.train.probe_hook import run_probe
 from nanollama.train.progress import Progress, format_eta
 from nanollama.train.relaunch import check_relaunch, save_config
 from nanollama.train.resources import check_memory, set_threads
@@ -342,6 +343,8 @@ class Trainer:
                 saved = self.step % cfg.checkpoint.every == 0 or self.step == cfg.steps
                 if saved:
                     self.save()
+                    if cfg.probe.every and self.step % cfg.probe.every == 0:
+                        self.probe()
                 if self.step < cfg.steps and self.dist.any(stop.signum is not None):
                     path = step_dir(self.checkpointer.root, self.step) if saved else self.save()
                     self.checkpointer.wait()
@@ -350,6 +353,15 @@ class Trainer:
                     return stop.exit_code
         self.info(f"done: step {self.step}")
         return 0
+
+    def probe(self) -> None:
+        """probe.every: probe the checkpoint just written (rank 0; the others wait within parallel.timeout_s)."""
+        self.checkpointer.wait()  # an async save is committed before another process reads it
+        if self.dist.is_main:
+            code = run_probe(self.run_dir, self.step, self.cfg.probe)
+            if code != 0:
+                self.info(f"probe at step {self.step} exited with {code}; training goes on")
+        self.dist.barrier()
 
     def info(self, message: str) -> None:
         if self.dist.is_main:
