@@ -252,7 +252,9 @@ def apply_override(data: dict, dotted: str, raw: str, cls: type) -> None:
                 node[key] = _parse_value(raw, dotted) if raw.strip() else raw
                 return
             if node.get(key) is None:
-                node[key] = _default_as_data(fields[key])
+                # A variant section starts empty: its key (model.arch, data.source) may still change its
+                # class, and `build` fills in the chosen class's defaults.
+                node[key] = {} if "variant" in fields[key].metadata else _default_as_data(fields[key])
             if dataclasses.is_dataclass(unwrap_optional(hint)) or "variant" in fields[key].metadata:
                 if not isinstance(node[key], dict):  # e.g. `model: 5` in the file, then model.dim=...
                     raise ConfigError(here, f"expected a mapping (a section), got {node[key]!r}")

@@ -28,6 +28,10 @@ def load_config(run_dir: str | Path) -> TrainConfig:
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise RunError(f"no config.yaml in {run_dir} (is it a training run directory?)")
+    if not cfg_path.read_bytes().strip():  # would read as the defaults: another model than the checkpoints'
+        raise RunError(
+            f"{cfg_path} is empty; relaunching the training command restores it from the latest checkpoint's copy"
+        )
     return config.load(TrainConfig, cfg_path)
 
 

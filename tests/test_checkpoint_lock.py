@@ -151,3 +151,29 @@ def test_a_signal_at_process_start_exits_75_without_a_checkpoint(tmp_path, signu
     assert f"stopped by {signal.Signals(signum).name} while starting, before the first step" in out
     assert "Traceback" not in out
     assert checkpoint.complete_steps(run_dir / "checkpoints") == []
+
+
+def test_a_forked_child_does_not_keep_the_lock(tmp_path):
+    """DataLoader workers are forked: they must not hold the run's lock after the trainer is gone."""
+    import os
+
+    from nanollama.train.lock import RunLock
+
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: its copy of the lock's descriptor is closed
+            try:
+                os.fstat(lock._fd)
+                os._exit(1)
+            except OSError:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert lock._fd is not None and os.fstat(lock._fd)  # the parent still holds it
+    finally:
+        lock.release()
+    second = RunLock(tmp_path)
+    second.acquire()  # free again
+    second.release()

@@ -370,3 +370,22 @@ def test_gpu_bf16_generation_runs_and_the_cache_is_bf16():
     out = generate(model, prompts, 10, compile=True)
     assert [len(r) for r in out] == [10, 10, 10] and all(0 <= t < VOCAB for r in out for t in r)
     assert KVCache.for_model(model, 2, 8).dtype == torch.bfloat16
+
+
+def test_a_config_yaml_that_does_not_fit_the_weights_is_one_line(run_dir, tmp_path, capsys):
+    """An edited (or emptied) config.yaml is one line and exit 2, not DCP's traceback."""
+    import shutil
+
+    import yaml
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    cfg = yaml.safe_load((copy / "config.yaml").read_text())
+    cfg["model"]["dim"] = 64
+    (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert gen.main([str(copy), "--prompt", "1 2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "does not fit the run's config.yaml model" in err and err.count("\n") == 1
+    (copy / "config.yaml").write_text("")
+    assert gen.main([str(copy), "--prompt", "1 2"]) == 2
+    assert "config.yaml is empty" in capsys.readouterr().err

@@ -63,3 +63,11 @@ def test_a_source_owns_its_config_section(toy_run):
         config.load(TrainConfig, path, ["model.n_heads=3"])
     with pytest.raises(ConfigError, match=r"model\.arch: unknown architecture 'bigrm' \(did you mean 'bigram'\?\)"):
         config.load(TrainConfig, path, ["model.arch=bigrm"])
+
+
+def test_an_override_alone_switches_a_variant_section():
+    """`model.arch=...` / `data.source=...` on the command line, with no such section in the YAML."""
+    toy_plugins.register()
+    cfg = config.load(TrainConfig, None, ["model.arch=bigram", "model.dim=4", "data.source=tokenfile", "data.path=t"])
+    assert type(cfg.model).__name__ == "BigramConfig" and cfg.model.dim == 4
+    assert type(cfg.data).__name__ == "TokenFileConfig" and cfg.data.path == "t"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 
@@ -66,6 +65,3 @@ class DataSource(ABC):
 
         The same for every run on this source (a function of the source's config and `index`).
         """
-
-    def check_resume(self, saved: Any) -> None:  # noqa: B027 (optional: most sources need no check)
-        """Raise ConfigError when a relaunch's data section cannot continue the run saved with `saved`."""

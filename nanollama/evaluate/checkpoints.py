@@ -125,10 +125,6 @@ def evaluate(
     return records
 
 
-def evaluate_pending(run_dir: Path) -> list[dict]:
-    return evaluate(run_dir)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m nanollama.evaluate",
@@ -147,13 +143,6 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.run_dir / "config.yaml").is_file():
         print(f"error: {args.run_dir} is not a run directory (no config.yaml)", file=sys.stderr)
         return exit_codes.BAD_INPUT
-    if not (args.run_dir / "config.yaml").read_bytes().strip():  # would read as the defaults: another model
-        print(
-            f"error: {args.run_dir / 'config.yaml'} is empty; relaunching the training command restores it "
-            "from the latest checkpoint's copy",
-            file=sys.stderr,
-        )
-        return exit_codes.BAD_INPUT
     if args.batch_size < 1:
         print(f"error: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
         return exit_codes.BAD_INPUT
@@ -162,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as e:
         print(f"error: {args.run_dir / 'config.yaml'}: {e}", file=sys.stderr)
         return exit_codes.BAD_INPUT
-    except (RunError, data.DataError) as e:
+    except (RunError, data.DataError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return exit_codes.BAD_INPUT
     if not records:

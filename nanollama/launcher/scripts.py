@@ -160,10 +160,12 @@ wait_task() {{
 def _torchrun_rc() -> str:
     return """# torchrun exits 1 whenever a worker failed, whatever its code. After a stop, its failure report
 # ("exitcode  : 75 (pid: ...)", one per failed worker; torchrun's own output since $from) says whether
-# every worker stopped as asked (a worker killed by a signal is listed with a negative code).
+# every worker stopped as asked (a worker killed by a signal is listed with a negative code). No report
+# at all is not a clean stop either.
 torchrun_rc() {
-    if [ "$rc" != 0 ] && [ "$stop" != 0 ] && ! tail -c "+$from" "stdout/$TASK.out" 2>/dev/null |
-        grep -oE 'exitcode *: *[0-9]+' | grep -qvE ": *$stop\\$"; then
+    [ "$rc" != 0 ] && [ "$stop" != 0 ] || return 0
+    codes=$(tail -c "+$from" "stdout/$TASK.out" 2>/dev/null | grep -oE 'exitcode *: *-?[0-9]+')
+    if [ -n "$codes" ] && ! printf '%s\\n' "$codes" | grep -qvE ": *$stop\\$"; then
         echo "[launcher] task $TASK: torchrun exited $rc, its workers $stop"
         rc=$stop
     fi

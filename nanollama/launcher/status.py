@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from nanollama.launcher.layout import SUBMITTED
+from nanollama.launcher.layout import DRY_RUN, SUBMITTED
 from nanollama.observe.metrics import read_records
 from nanollama.utils.exit_codes import NAMES
 
@@ -50,7 +50,8 @@ def rows(log_dir: Path) -> list[dict]:
     index = log_dir / "tasks.jsonl"
     if not index.exists():
         raise FileNotFoundError(f"{log_dir} is not a launcher log directory (no tasks.jsonl)")
-    submitted = (log_dir / SUBMITTED).exists()
+    # launches from before the SUBMITTED marker have neither it nor DRY_RUN: they were submitted
+    submitted = (log_dir / SUBMITTED).exists() or not (log_dir / DRY_RUN).exists()
     out = []
     for line in index.read_text().splitlines():
         task = json.loads(line)

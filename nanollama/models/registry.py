@@ -31,7 +31,7 @@ class ModelSpec:
         runs twice (full activation checkpointing), for HFU.
     parallelize: (model, mesh, mp_policy) -> None, the model's own sharding plan; None: FSDP2 on each
         block, then the root.
-    new_state: (model, batch_size, max_len, dtype, device) -> a generation state (see
+    new_state: (model, batch_size, max_len) -> a generation state on the model's device and dtype (see
         models/transformer/cache.py for the interface); None: no cached generation.
     """
 

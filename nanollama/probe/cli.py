@@ -18,6 +18,7 @@ from nanollama import config, data
 from nanollama.probe.probing import format_over_steps, format_table, probe_run
 from nanollama.probe.targets import ProbeError
 from nanollama.runs import RunError
+from nanollama.train.checkpoint import CheckpointError
 from nanollama.utils import exit_codes
 
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             args.run_dir, args.checkpoint, layers, sites, args.sequences, args.device, args.out,
             controls=not args.no_controls, on_step=show,
         )  # fmt: skip
-    except (ProbeError, RunError, config.ConfigError, data.DataError) as e:
+    except (ProbeError, RunError, config.ConfigError, data.DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return exit_codes.BAD_INPUT
     if not args.quiet and len({r["step"] for r in records}) > 1:

@@ -198,7 +198,8 @@ def prune(root: str | Path, keep: int) -> None:
     for step in complete_steps(root)[:-keep]:
         path = step_dir(root, step)
         if not (path / EVAL_PENDING).exists():
-            (path / MARKER).unlink()  # first: a deletion cut short leaves no "complete" checkpoint
+            # first: a deletion cut short leaves no "complete" checkpoint; another pruner (evaluate) may be first
+            (path / MARKER).unlink(missing_ok=True)
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -228,7 +229,11 @@ def load_model(path: str | Path, model: torch.nn.Module) -> None:
     if problem is not None:
         raise CheckpointError(f"damaged checkpoint: {problem}")
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=Path(path) / "dcp", no_dist=True)
+    try:
+        dcp.load(state, checkpoint_id=Path(path) / "dcp", no_dist=True)
+    except CheckpointException as e:  # e.g. a config.yaml that describes another model than the weights
+        first = str(e).strip().splitlines()[-1][:200]
+        raise CheckpointError(f"{path} does not fit the run's config.yaml model: {first}") from None
     model.load_state_dict(state["model"])
 
 
@@ -419,12 +424,6 @@ class Checkpointer:
         rank = self.dist.rank if saved_world == self.dist.world_size else 0
         train_state = torch.load(path / f"train_state_rank{rank}.pt", weights_only=False)
         return train_state, saved_world
-
-    def clean_stale(self, report: Callable[[str], None] = print) -> None:
-        """Remove leftovers of interrupted writes and prunes (rank 0, at start; see clean_leftovers)."""
-        if self.dist.is_main:
-            clean_leftovers(self.root, report)
-        self.dist.barrier()
 
 
 def _leaves(tree):

@@ -39,6 +39,24 @@ def _holder(text: str) -> tuple[str, int] | None:
         return None
 
 
+_HELD: set[int] = set()  # the descriptors of the locks this process holds
+
+
+def _close_in_child() -> None:
+    # A forked child (a DataLoader worker) shares the lock's open file description, which would keep
+    # the flock alive after a kill -9 of the trainer until every worker noticed. Closing the child's
+    # copy does not release the parent's lock (only LOCK_UN or the last close does).
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
+
+
 class RunLock:
     """Hold with `acquire()` (raises ConfigError naming the holder) and `release()`; idempotent release."""
 
@@ -75,6 +93,7 @@ class RunLock:
             os.close(fd)
             raise
         self._fd = fd
+        _HELD.add(fd)
 
     def _busy(self, holder: tuple[str, int] | None) -> ConfigError:
         who = f"host {holder[0]}, pid {holder[1]}" if holder else "a process that has not written its name yet"
@@ -86,6 +105,7 @@ class RunLock:
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
+        _HELD.discard(fd)
         try:
             os.ftruncate(fd, 0)  # a released lock names nobody
         finally:

@@ -19,6 +19,14 @@ def probe_command(run_dir: Path, step: int, cfg) -> list[str]:
     return cmd + ([] if cfg.controls else ["--no-controls"])
 
 
-def run_probe(run_dir: Path, step: int, cfg) -> int:
-    """Probe; its records go to run_dir/probes.jsonl. Returns the command's exit code (training goes on either way)."""
-    return subprocess.run(probe_command(run_dir, step, cfg)).returncode
+def run_probe(run_dir: Path, step: int, cfg, timeout_s: float | None = None) -> str | None:
+    """Probe; its records go to run_dir/probes.jsonl. None when it succeeded, else what went wrong.
+
+    Training goes on either way. Under torchrun the other ranks wait in a collective bounded by
+    parallel.timeout_s, so the probe is given less than that (`timeout_s`) and killed past it.
+    """
+    try:
+        code = subprocess.run(probe_command(run_dir, step, cfg), timeout=timeout_s).returncode
+    except subprocess.TimeoutExpired:
+        return f"took longer than {timeout_s:.0f} s and was stopped (lower probe.sequences or raise parallel.timeout_s)"
+    return None if code == 0 else f"exited with {code}"

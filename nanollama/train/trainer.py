@@ -83,6 +83,7 @@ class Trainer:
         d = cfg.data
         self.source = data.build(d)  # the same source (e.g. the same graph) on every rank
         set_vocab_size(cfg, self.source.token_vocab_size)
+        check_relaunch(cfg, self.run_dir)  # a relaunch that changes the model or data: refused before building
         self.stream = self.source.train_stream(
             d.batch_size * rows_needed(d.mask, d.seq_len, d.doc_min),  # document packing takes more rows
             seed=cfg.seed,
@@ -107,7 +108,6 @@ class Trainer:
         )
         self.step = 0
         self.metrics = MetricsFile(self.run_dir / "metrics.jsonl")
-        check_relaunch(cfg, self.run_dir)
         self.held_out = HeldOut(self.source, cfg.eval.batches)
         self.peak_flops = flops.peak_flops(gpu_name(self.device), cfg.precision)
         self.flops_per_token, self.hardware_flops_per_token = flops.per_token(
@@ -358,9 +358,10 @@ class Trainer:
         """probe.every: probe the checkpoint just written (rank 0; the others wait within parallel.timeout_s)."""
         self.checkpointer.wait()  # an async save is committed before another process reads it
         if self.dist.is_main:
-            code = run_probe(self.run_dir, self.step, self.cfg.probe)
-            if code != 0:
-                self.info(f"probe at step {self.step} exited with {code}; training goes on")
+            timeout = 0.8 * self.cfg.parallel.timeout_s if self.dist.distributed else None
+            problem = run_probe(self.run_dir, self.step, self.cfg.probe, timeout)
+            if problem is not None:
+                self.info(f"probe at step {self.step} {problem}; training goes on")
         self.dist.barrier()
 
     def info(self, message: str) -> None:

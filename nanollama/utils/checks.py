@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Any
 
@@ -25,13 +24,6 @@ def check_int(name: str, value: Any, low: int | None = None, high: int | None = 
             bound = ""
         raise ValueError(f"{name} must be an integer{bound}, got {value!r}")
     return int(value)
-
-
-def check_finite(name: str, value: Any) -> float:
-    """`value` as a float when it is a finite real number (not a bool), else a ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
 
 
 class ConfigError(ValueError):

@@ -301,3 +301,19 @@ def test_cli_dry_run_writes_the_layout_and_prints_the_command(tmp_path):
     (log_dir / "DRY_RUN").unlink()
     res = launcher_cli(f"config={DEBUG}", f"log_dir={log_dir}", "grid.seed=[3]", "steps=5", "--dry-run")
     assert res.returncode == 2 and "already exists" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "report, expected",
+    [
+        ("exitcode  : 75 (pid: 11)\nexitcode  : 75 (pid: 12)\n", 75),  # every worker stopped as asked
+        ("exitcode  : 75 (pid: 11)\nexitcode  : -9 (pid: 12)\n", 1),  # one was killed by a signal
+        ("no failure report at all\n", 1),  # nothing says the workers stopped cleanly
+    ],
+)
+def test_torchrun_exit_is_75_only_when_every_worker_reports_it(tmp_path, report, expected):
+    (tmp_path / "stdout").mkdir()
+    (tmp_path / "stdout" / "0.out").write_text(report)
+    script = scripts._torchrun_rc() + "TASK=0; from=1; stop=75; rc=1; torchrun_rc; exit $rc\n"
+    res = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == expected, res.stdout + res.stderr
