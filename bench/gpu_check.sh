@@ -11,6 +11,13 @@
 # pytest-benchmark writes the JSON of the benchmarks already done (a stage stuck inside a CUDA call
 # cannot act on SIGINT: it is killed 15 s later and its JSON is lost). Give the remote call a time
 # limit of NANOLLAMA_GPU_CHECK_S + 60 s. Exit status: 0 when every stage passed.
+#
+# What OUT_DIR holds at the end, whatever happened (a remote call brings back only a few files):
+#   summary.txt       environment, each stage's last lines, the benchmark table and the targets
+#   targets.md        the issues' targets, PASS / MISS / not measured
+#   results.tar.gz    everything else: env.txt, every stage's log, bench_*.json, gpu_tests.xml
+#   caches.tar.gz     Triton, inductor and nanollama caches, to start a later call warm: give its path
+#                     as NANOLLAMA_GPU_WARM=FILE and it is unpacked before the first stage
 set -u
 OUT_DIR=${1:?usage: bench/gpu_check.sh OUT_DIR}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -27,6 +34,31 @@ unset NANOLLAMA_KERNELS
 export NANOLLAMA_BENCH_ATTN_SEQ=${NANOLLAMA_BENCH_ATTN_SEQ:-1024,8192}
 DEADLINE=$(($(date +%s) + ${NANOLLAMA_GPU_CHECK_S:-450}))
 status=0
+# Compile and autotune caches inside OUT_DIR, packed at the end (and restored from an earlier call's pack).
+CACHE="$OUT_DIR/cache"
+export TRITON_CACHE_DIR="$CACHE/triton" TORCHINDUCTOR_CACHE_DIR="$CACHE/inductor" NANOLLAMA_CACHE_DIR="$CACHE/nanollama"
+mkdir -p "$CACHE"
+if [[ -n ${NANOLLAMA_GPU_WARM:-} && -s ${NANOLLAMA_GPU_WARM:-} ]]; then
+  tar -xzf "$NANOLLAMA_GPU_WARM" -C "$OUT_DIR" && echo "== warm caches from $NANOLLAMA_GPU_WARM"
+fi
+
+pack() {  # on any exit: a handful of files, the rest in archives
+  cd "$OUT_DIR" || return
+  {
+    cat env.txt 2>/dev/null
+    for log in *.log; do
+      [[ -f $log ]] && { echo "== $log"; tail -n 3 "$log"; }
+    done
+    [[ -f table.txt ]] && { echo "== benchmarks"; cat table.txt; }
+    [[ -f targets.txt ]] && { echo "== targets"; cat targets.txt; }
+  } >summary.txt 2>&1
+  tar -czf caches.tar.gz cache 2>/dev/null && rm -rf cache
+  local files=(env.txt *.log bench_*.json gpu_tests.xml table.txt targets.txt)
+  local present=()
+  for f in "${files[@]}"; do [[ -f $f ]] && present+=("$f"); done
+  ((${#present[@]})) && tar -czf results.tar.gz "${present[@]}" && rm -f "${present[@]}"
+}
+trap pack EXIT
 
 # stage NAME LIMIT_S ARGS...: pytest ARGS under min(LIMIT_S, time left), output in OUT_DIR/NAME.log
 stage() {
@@ -77,7 +109,7 @@ if ((${#results[@]} == 0)); then
   echo "no benchmark JSON was written"
   exit 1
 fi
-"$PY" - "${results[@]}" <<'PYEOF' || status=1
+"$PY" - "${results[@]}" >"$OUT_DIR/table.txt" <<'PYEOF' || status=1
 import json, sys
 for path in sys.argv[1:]:
     try:
@@ -92,6 +124,8 @@ for path in sys.argv[1:]:
         mem = e.get("call_mem_bytes", 0) / 2**20
         print(f"{b['name'][:70]:70s} {b['stats']['median'] * 1e6:10.1f} us {rate} frac {frac} mem+{mem:.0f}MiB")
 PYEOF
+cat "$OUT_DIR/table.txt"
 echo "== targets"
-"$PY" bench/targets.py "${results[@]}" --md "$OUT_DIR/targets.md" || status=1
+"$PY" bench/targets.py "${results[@]}" --md "$OUT_DIR/targets.md" >"$OUT_DIR/targets.txt" || status=1
+cat "$OUT_DIR/targets.txt"
 exit $status
