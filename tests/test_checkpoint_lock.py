@@ -9,9 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny_run import CONFIG, tiny
+from tiny_run import CONFIG, tiny, wait_for_steps
 
-from nanollama.observe.metrics import MetricsFile
 from nanollama.train import checkpoint
 from nanollama.train.cli import main
 from nanollama.train.lock import RunLock
@@ -67,19 +66,6 @@ def train_command(run_dir: Path, *extra: str, nproc: int | None = None) -> list[
     if nproc is None:
         return [sys.executable, *train]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *train]
-
-
-def wait_for_steps(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    metrics = MetricsFile(run_dir / "metrics.jsonl")
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if len(metrics.read()) >= n:
-                return
-        except ValueError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"no {n} steps within {timeout}s (exit {proc.poll()})")
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny_run import tiny
+from tiny_run import tiny, wait_for_steps
 
 from nanollama.observe.metrics import MetricsFile
 from nanollama.train import checkpoint
@@ -81,19 +81,6 @@ def test_resume_on_two_ranks_is_bit_exact_and_resharding_to_one_rank_works(tmp_p
     assert sorted(after) == list(range(1, 9))
     # the model and optimizer came back: the first step after resuming continues the trained model
     assert abs(after[5] - losses(tmp_path / "full")[5]) < 0.1
-
-
-def wait_for_steps(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    metrics = MetricsFile(run_dir / "metrics.jsonl")
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if len(metrics.read()) >= n:
-                return
-        except ValueError:  # a line caught mid-write
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"no {n} steps within {timeout}s: {proc.poll()}")
 
 
 def workers(launcher_pid: int) -> list[int]:

@@ -3,8 +3,11 @@ directory for the generation and length-evaluation tests."""
 
 from __future__ import annotations
 
+import subprocess
+import time
 from pathlib import Path
 
+from nanollama.observe.metrics import MetricsFile
 from nanollama.train.cli import main
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "gssm" / "debug.yaml"
@@ -35,3 +38,17 @@ def train_tiny_run(run_dir: Path) -> Path:
     code = main([str(CONFIG), *OVERRIDES, f"run_dir={run_dir}", "device=cpu"])
     assert code == 0, f"training the tiny run failed with exit code {code}"
     return run_dir
+
+
+def wait_for_steps(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until a training process started with Popen has logged `n` records (or fail when it exits)."""
+    metrics = MetricsFile(run_dir / "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if len(metrics.read()) >= n:
+                return
+        except ValueError:  # a line caught mid-write
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"no {n} steps within {timeout}s (exit {proc.poll()})")
