@@ -251,9 +251,9 @@ def _lbfgs(theta0, args, iters=500, tol=1e-12):
         return theta.detach().numpy().copy(), float(_epoch_objective(theta, *args))
 
 
-def _unknown_e(logn, logd, l, form, delta, weights, starts):
+def _unknown_e(logn, logd, loss, form, delta, weights, starts):
     t = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
-    ln, ld, ll = t(logn), t(logd), t(np.log(l))
+    ln, ld, ll = t(logn), t(logd), t(np.log(loss))
     # Epoch's grid of starts (e, a, b in steps of 0.5 / 5, exponents 0..2 in steps of 0.5), scored at once.
     es, cs, xs = np.arange(-1, 1.51, 0.5), np.arange(0, 30.1, 5), np.arange(0, 2.01, 0.5)
     if form == "ND":
@@ -315,8 +315,9 @@ def fit(
     """Fit L = E + A / N^alpha + B / D^beta (the terms of `form`) to rows (N, D, loss[, bayes]).
 
     irreducible: None fits E (the 5-parameter Epoch protocol); a float or one value per point is the
-    known E (a 4th column of `points` is not used unless passed: irreducible=points[:, 3]). clusters: one label per point, resampled together by the bootstrap (default: each
-    point its own). delta: the Huber threshold on log residuals (default 1e-3 with E fitted, as Epoch;
+    known E (a 4th column of `points` is not used unless passed: irreducible=points[:, 3]).
+    clusters: one label per point, resampled together by the bootstrap (default: each point its own).
+    delta: the Huber threshold on log residuals (default 1e-3 with E fitted, as Epoch;
     1e-2 with E known, where residuals are relative errors of the excess, a few percent).
     """
     if form not in ("N", "D", "ND"):
