@@ -17,7 +17,7 @@ def surface(rng, n_points, noise):
     alpha, beta = rng.uniform(0.2, 0.6, 2)
     share = rng.uniform(0.3, 0.7)
     a, b = share * 0.5 * 10 ** (6.75 * alpha), (1 - share) * 0.5 * 10 ** (8.5 * beta)  # excess 0.5 at the centre
-    configs = max(n_points // 3, 10)
+    configs = max(-(-n_points // 3), 10)
     n, d = 10 ** rng.uniform(6, 7.5, configs), 10 ** rng.uniform(7, 10, configs)
     cluster = np.repeat(np.arange(configs), 3)[:n_points]
     n, d = n[cluster], d[cluster]
