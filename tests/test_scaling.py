@@ -71,14 +71,18 @@ def test_known_e_drops_points_below_the_floor():
 
 @pytest.mark.slow
 def test_unknown_e_recovers_exponents_worse():
-    """The same surfaces with E fitted: the exponents come out worse (measured: median relative error 3.9% vs 1.3%,
-    about 3x the known-E fit's on these surfaces)."""
+    """The same surfaces with E fitted: the exponents come out worse, mostly in the tail (measured on these 10
+    surfaces, relative error of alpha and beta: median 1.3% known vs 2.0% fitted, mean 1.5% vs 5.6%,
+    90th percentile 3.2% vs 17%)."""
     known, unknown = [], []
     for points, e, truth, _ in surfaces(10):
         known += rel_errors(fit(points, irreducible=e, n_boot=0), truth)
         unknown += rel_errors(fit(points, n_boot=0, starts=1), truth)
-    print(f"median relative exponent error: E known {np.median(known):.4f}, E fitted {np.median(unknown):.4f}")
-    assert np.median(unknown) > 1.5 * np.median(known)
+    known, unknown = np.array(known), np.array(unknown)
+    for name, q in (("median", np.median), ("mean", np.mean), ("p90", lambda a: np.quantile(a, 0.9))):
+        print(f"{name} relative exponent error: E known {q(known):.4f}, E fitted {q(unknown):.4f}")
+    assert np.median(unknown) > np.median(known)
+    assert np.mean(unknown) > 2 * np.mean(known) and np.quantile(unknown, 0.9) > 2 * np.quantile(known, 0.9)
 
 
 def chinchilla_points():
