@@ -119,3 +119,23 @@ def test_the_command_fits_prints_and_writes(sweep, tmp_path, capsys):
 def test_the_command_refuses_what_it_cannot_fit(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert "no tasks.jsonl" in capsys.readouterr().err
+
+
+def test_figures_are_well_formed_svg_for_every_form():
+    from xml.etree import ElementTree
+
+    from nanollama.analysis.plots import scaling_figures
+    from nanollama.analysis.scaling import fit
+
+    rng = np.random.default_rng(0)
+    n = np.repeat(10 ** np.linspace(6, 7.5, 4), 3)
+    d = np.tile(10 ** np.linspace(7, 10, 3), 4)
+    bayes = np.full(len(n), 1.2)
+    loss = bayes + (300 * n**-0.4 + 800 * d**-0.3) * np.exp(0.01 * rng.standard_normal(len(n)))
+    law = fit(np.stack([n, d, loss], 1), irreducible=bayes, form="ND", n_boot=0)
+    figs = scaling_figures(law, n, d, loss, bayes)
+    assert set(figs) == {f"{k}_vs_{v}" for k in ("loss", "excess", "residuals") for v in "ND"}
+    for svg in figs.values():
+        root = ElementTree.fromstring(svg)
+        assert root.tag.endswith("svg") and len(root.findall("{http://www.w3.org/2000/svg}circle")) >= len(n)
+    assert figs["loss_vs_N"].count("<polyline") == 3  # one fitted curve per D
