@@ -22,11 +22,11 @@ def n_params(cfg):
         return models.get(cfg.model.arch).num_params(models.build(cfg.model), False)
 
 
-def write_task(log_dir, task, dim, seed, exit_code=0, losses=None, final_eval=True, world=1, run_dir=None):
+def write_task(log_dir, task, dim, seed, exit_code=0, losses=None, final_eval=True, world=1, run_dir=None, extra=()):
     """One task of a fake launch: its index line, stdout, config.yaml and metrics.jsonl."""
     run_dir = Path(run_dir or log_dir / "runs" / str(task))
     cfg = parse([str(DEBUG), f"model.dim={dim}", "model.n_layers=1", f"data.batch_size={BATCH}", f"data.seq_len={SEQ}",
-                 f"steps={STEPS}", f"seed={seed}", f"run_dir={run_dir}"])  # fmt: skip
+                 f"steps={STEPS}", f"seed={seed}", f"run_dir={run_dir}", *extra])  # fmt: skip
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(config.dump(cfg))
     bayes = 1.5
@@ -39,7 +39,8 @@ def write_task(log_dir, task, dim, seed, exit_code=0, losses=None, final_eval=Tr
         records.append({"step": STEPS, "eval_loss": loss, "bayes_loss": bayes, "excess_loss": loss - bayes})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     with open(log_dir / "tasks.jsonl", "a") as f:
-        f.write(json.dumps({"id": task, "grid": {"model.dim": dim, "seed": seed}, "run_dir": str(run_dir)}) + "\n")
+        grid = {"model.dim": dim, "seed": seed, **dict(e.split("=") for e in extra)}
+        f.write(json.dumps({"id": task, "grid": grid, "run_dir": str(run_dir)}) + "\n")
     (log_dir / "stdout").mkdir(exist_ok=True)
     lines = [f"[launcher] task {task}: attempt at host"]
     if exit_code is not None:
@@ -139,3 +140,24 @@ def test_figures_are_well_formed_svg_for_every_form():
         root = ElementTree.fromstring(svg)
         assert root.tag.endswith("svg") and len(root.findall("{http://www.w3.org/2000/svg}circle")) >= len(n)
     assert figs["loss_vs_N"].count("<polyline") == 3  # one fitted curve per D
+
+
+def test_alpha_arms_average_seeds_and_add_the_gzip_reference(tmp_path, capsys):
+    from nanollama.analysis.alphas import arm
+    from nanollama.scaling.alphas import main as alphas_main
+
+    log = tmp_path / "arm"
+    log.mkdir()
+    task = 0
+    for alpha in ("0.01", "1.0"):
+        for seed in (0, 1):
+            write_task(log, task, 16, seed, extra=[f"data.gssm.nodes.2.alpha={alpha}"])
+            task += 1
+    a = arm(log)
+    assert a["key"] == "data.gssm.nodes.2.alpha" and [r["alpha"] for r in a["rows"]] == [0.01, 1.0]
+    for r in a["rows"]:
+        assert r["seeds"] == 2 and r["excess_std"] > 0 and r["gzip_nats"] > r["gzip_excess"] > 0
+    assert a["rows"][0]["gzip_nats"] < a["rows"][1]["gzip_nats"]  # near-deterministic tokens compress better
+    assert alphas_main([f"X={log}", "--out", str(tmp_path / "out")]) == 0
+    assert "gzip excess" in capsys.readouterr().out and (tmp_path / "out" / "excess_vs_alpha.svg").exists()
+    assert alphas_main([str(log)]) == 2
