@@ -50,6 +50,7 @@ def figure(title: str, xlabel: str, ylabel: str, series: list[dict], logy: bool 
     for t in _ticks(10**y0 if logy else y0, 10**y1 if logy else y1, logy):
         if y0 <= fy(t) <= y1:
             out.append(f'<text x="{M - 4}" y="{py(t) + 4:.1f}" text-anchor="end">{t:.3g}</text>')
+    legend = 0
     for i, s in enumerate(series):
         c = s.get("colour", COLOURS[i % len(COLOURS)])
         if s["kind"] == "hline":
@@ -64,10 +65,10 @@ def figure(title: str, xlabel: str, ylabel: str, series: list[dict], logy: bool 
             for x, y in zip(s["x"], s["y"]):
                 if x > 0 and np.isfinite(y) and (y > 0 or not logy):
                     out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{c}" fill-opacity="0.7"/>')
-        out.append(
-            f'<text x="{W - 0.5 * M - 4}" y="{0.7 * M + 14 + 13 * i}" text-anchor="end" fill="{c}">'
-            f"{escape(s.get('label', ''))}</text>"
-        )
+        if s.get("label"):  # one legend line per labelled series
+            y = 0.7 * M + 14 + 13 * legend
+            out.append(f'<text x="{W - 0.5 * M - 4}" y="{y}" text-anchor="end" fill="{c}">{escape(s["label"])}</text>')
+            legend += 1
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
