@@ -25,6 +25,7 @@ LAYERS = {
     "launcher": 7,
     "probe": 7,
     "analysis": 8,
+    "scaling": 8,
 }
 
 

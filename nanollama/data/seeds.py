@@ -16,6 +16,7 @@ FILE_TRAIN = 3  # key (seed, FILE_TRAIN, chunk): the train split written to file
 FILE_TEST = 4  # key (seed, FILE_TEST, chunk): the test split written to files
 LAYOUT = 5  # key (seed, LAYOUT, step, micro): prompt and document lengths of a training batch
 EVAL_LENGTH = 6  # key (graph_seed, EVAL_LENGTH, L): the sequences eval_length scores at length L
+ONFLY_POOL = 15  # key (seed, ONFLY_POOL, block): the fixed sequences of data.train_sequences=D (onfly)
 PROBE = 14  # key (graph_seed, PROBE, 0): the sequences probes are fitted and scored on (nanollama.probe)
 
 

@@ -74,6 +74,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.threads_line = set_threads(cfg.threads)  # before any torch work spawns its thread pool
         self.progress: Progress | None = None
+        self._params_logged = False  # params / params_no_embed go into the first metrics record
         self.dist = distributed.init(cfg.device, cfg.parallel.timeout_s)
         self._take_run_dir()
         self.device = self.dist.device
@@ -382,6 +383,13 @@ class Trainer:
             "host": hostname(),
             **memory_record(self.device, self.dist.local_rank),
         }
+        epochs = getattr(self.stream, "epochs_seen", None)  # a stream with epochs (a data budget, files)
+        if epochs is not None and epochs() is not None:
+            r["epoch"] = epochs()
+        if not self._params_logged:  # once per process: the record a scaling fit reads N from
+            r["params"] = self.spec.num_params(self.model_shape, True)
+            r["params_no_embed"] = self.spec.num_params(self.model_shape, False)
+            self._params_logged = True
         if not self.dist.is_main:
             return
         eta = self.progress.eta() if self.progress is not None else None

@@ -11,18 +11,29 @@ batches k = start + w, start + w + W, start + w + 2W, ... A DataLoader (in order
 takes one batch from each worker in turn, 0..W-1, so what comes out of it is batch start,
 start + 1, start + 2, ... whatever W is, W = 0 included. Resuming is thus "set start to the
 number of batches the consumer took", and a resumed run may even change its worker count.
+
+A data budget (`sequences=D`, data.train_sequences): the stream repeats a fixed set of D sequences.
+Row i of global batch g is the global sequence s = g * batch_size + i, and it is pool sequence
+s mod D. The pool is cut in blocks of POOL_BLOCK sequences, block b sampled with
+derive_seed(seed, ONFLY_POOL, b), so the pool of D is the first D of the pool of any larger D
+(nested data budgets) and it does not depend on the batch size or world size. D sequences are one
+epoch; the rank interleaving and the resume position are those above.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from nanollama.data.seeds import ONFLY, derive_seed
+from nanollama.data.seeds import ONFLY, ONFLY_POOL, derive_seed
 from nanollama.utils.checks import check_int
+
+POOL_BLOCK = 64  # sequences per sampled block of a data budget's pool
+_CACHED_BLOCKS = 256  # per process: a pool of up to 16384 sequences is sampled once
 
 
 class OnTheFlyDataset(IterableDataset):
@@ -42,6 +53,7 @@ class OnTheFlyDataset(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         start: int = 0,
+        sequences: int | None = None,
     ):
         self.gssm = gssm
         self.batch_size = check_int("batch_size", batch_size, 1)
@@ -52,13 +64,31 @@ class OnTheFlyDataset(IterableDataset):
         if rank >= world_size:
             raise ValueError(f"rank must be < world_size={world_size}, got {rank}")
         self.start = check_int("start", start, 0)
+        self.sequences = None if sequences is None else check_int("train_sequences", sequences, 1)
+        self._blocks: OrderedDict[int, torch.Tensor] = OrderedDict()
 
     def batch_seed(self, index: int) -> int:
         return derive_seed(self.seed, ONFLY, index * self.world_size + self.rank)
 
     def batch(self, index: int) -> torch.Tensor:
         """Batch `index` of this rank's stream: tokens (batch_size, seq_len + 1), int64."""
-        return self.gssm.sample(self.batch_size, self.seq_len + 1, seed=self.batch_seed(index))
+        if self.sequences is None:
+            return self.gssm.sample(self.batch_size, self.seq_len + 1, seed=self.batch_seed(index))
+        first = (index * self.world_size + self.rank) * self.batch_size  # the batch's first global sequence
+        return torch.stack([self.pool_sequence((first + i) % self.sequences) for i in range(self.batch_size)])
+
+    def pool_sequence(self, j: int) -> torch.Tensor:
+        """Sequence j of the data budget's fixed pool: (seq_len + 1,) tokens."""
+        block, row = divmod(j, POOL_BLOCK)
+        tokens = self._blocks.get(block)
+        if tokens is None:
+            seed = derive_seed(self.seed, ONFLY_POOL, block)
+            tokens = self._blocks[block] = self.gssm.sample(POOL_BLOCK, self.seq_len + 1, seed=seed)
+            if len(self._blocks) > _CACHED_BLOCKS:
+                self._blocks.popitem(last=False)
+        else:
+            self._blocks.move_to_end(block)
+        return tokens[row]
 
     def indices(self) -> Iterator[int]:
         """The batch indices this process (or DataLoader worker) yields, by the worker rule above."""

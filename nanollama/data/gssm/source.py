@@ -16,13 +16,14 @@ from nanollama.data.config import DataConfig
 from nanollama.data.gssm.graph import GSSM, GSSMConfig
 from nanollama.data.gssm.stream import build_train_stream
 from nanollama.data.source import DataSource
-from nanollama.utils.checks import check
+from nanollama.utils.checks import check, is_int
 
 
 @dataclass
 class GSSMDataConfig(DataConfig):
     source: Literal["onfly", "files"] = "onfly"  # onfly: fresh sequences from the graph; files: token files (path)
     path: str | None = None  # source=files: a directory written by `python -m nanollama.data.gssm`
+    train_sequences: int | None = None  # a data budget: train on D fixed sequences, repeated (epochs logged)
     graph_seed: int = 0  # draws the GSSM's kernels: one graph shared by runs that differ in `seed`
     gssm: GSSMConfig = field(default_factory=GSSMConfig)
 
@@ -34,6 +35,11 @@ class GSSMDataConfig(DataConfig):
         super().__post_init__()
         check(self.graph_seed >= 0, "graph_seed", f"must be >= 0, got {self.graph_seed}")
         check(self.graph_seed < 2**63, "graph_seed", f"must be < 2**63 (a 64-bit seed), got {self.graph_seed}")
+        check(
+            self.train_sequences is None or (is_int(self.train_sequences) and self.train_sequences >= 1),
+            "train_sequences",
+            f"must be a positive integer (a number of training sequences) or null, got {self.train_sequences!r}",
+        )
         check(
             self.source != "files" or bool(self.path),
             "path",
@@ -67,6 +73,7 @@ class GSSMSource(DataSource):
             world_size=world_size,
             num_workers=d.num_workers,
             pin_memory=pin_memory,
+            train_sequences=d.train_sequences,
         )
 
     def held_out(self, rows: int, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -10,6 +10,11 @@ rank's own stream exactly, with any number of workers.
     tokens = next(stream)               # inputs tokens[:, :-1], targets tokens[:, 1:]
     state = stream.state_dict()         # into the checkpoint
     stream.load_state_dict(state)       # on resume, before the first next()
+    stream.epochs_seen()                # passes over the training data taken (None: fresh data, no epochs)
+
+A data budget (`train_sequences=D`) makes the training data D fixed sequences: the files' first D
+train sequences, or the on-the-fly pool of D (onfly.py). It is part of the stream's identity: a
+resumed run cannot change it.
 """
 
 from __future__ import annotations
@@ -52,7 +57,16 @@ class _Stream:
         self._it = None
 
     def _identity(self) -> dict:
-        return {"source": self.source, **{k: getattr(self, k) for k in self._keys}}
+        out = {"source": self.source, **{k: getattr(self, k) for k in self._keys}}
+        if self.train_sequences is not None:  # absent otherwise: checkpoints from before the budget still load
+            out["train_sequences"] = self.train_sequences
+        return out
+
+    train_sequences: int | None = None
+
+    def epochs_seen(self) -> float | None:
+        """Passes over the training data consumed so far (fractional); None when there are no epochs."""
+        return None
 
     def _check(self, state: dict) -> None:
         for key, value in self._identity().items():
@@ -78,9 +92,11 @@ class OnTheFlyStream(_Stream):
         world_size: int = 1,
         num_workers: int = 0,
         pin_memory: bool | None = None,
+        train_sequences: int | None = None,
     ):
         super().__init__(num_workers, pin_memory)
-        self.dataset = OnTheFlyDataset(gssm, batch_size, seq_len, seed, rank, world_size)
+        self.dataset = OnTheFlyDataset(gssm, batch_size, seq_len, seed, rank, world_size, sequences=train_sequences)
+        self.train_sequences = train_sequences
         self.seed, self.batch_size, self.seq_len = seed, batch_size, seq_len
         self.rank, self.world_size = rank, world_size
         self.index = 0
@@ -92,6 +108,11 @@ class OnTheFlyStream(_Stream):
         batch = next(self._it)
         self.index += 1
         return batch
+
+    def epochs_seen(self) -> float | None:
+        if self.train_sequences is None:
+            return None
+        return self.index * self.world_size * self.batch_size / self.train_sequences  # global sequences / D
 
     def state_dict(self) -> dict:
         return {**self._identity(), "index": self.index}
@@ -113,7 +134,8 @@ class FileStream(_Stream):
     """Shuffled batches from a split's token file, epoch after epoch; state: (epoch, batches taken in it).
 
     Each rank reads its shard of every epoch's permutation (sampler.py); an epoch's last
-    len(shard) % batch_size sequences are left out so that every batch is full.
+    len(shard) % batch_size sequences are left out so that every batch is full. With
+    train_sequences=D only the split's first D sequences are used (each epoch permutes those).
     """
 
     source = "files"
@@ -131,6 +153,7 @@ class FileStream(_Stream):
         pin_memory: bool | None = None,
         split: str = "train",
         gssm: Any = None,
+        train_sequences: int | None = None,
     ):
         super().__init__(num_workers, pin_memory)
         check_int("batch_size", batch_size, 1)
@@ -138,12 +161,20 @@ class FileStream(_Stream):
         self.dataset = TokenFileDataset(path, split, length=seq_len + 1)
         if gssm is not None:
             check_same_graph(self.dataset.manifest, gssm, path)
-        self.sampler = ShardedShuffleSampler(len(self.dataset), seed, rank, world_size, shuffle=True, drop_last=True)
+        n = len(self.dataset)
+        if train_sequences is not None:
+            if check_int("train_sequences", train_sequences, 1) > n:
+                raise DataError(f"{path}: data.train_sequences={train_sequences}, but the {split} split has {n}")
+            n = train_sequences  # the sampler's indices 0..D-1 are the split's first D sequences
+        self.train_sequences = train_sequences
+        if n < world_size:
+            raise DataError(f"{path}: {n} {split} sequences cannot give each of {world_size} ranks one")
+        self.sampler = ShardedShuffleSampler(n, seed, rank, world_size, shuffle=True, drop_last=True)
         self.batches_per_epoch = len(self.sampler) // batch_size
         if self.batches_per_epoch == 0:
             raise DataError(
-                f"{path}: the {split} split's {len(self.dataset)} sequences give each of {world_size} ranks "
-                f"{len(self.sampler)}, fewer than batch_size={batch_size}"
+                f"{path}: the {split} split's {n} sequences{' (data.train_sequences)' if train_sequences else ''} "
+                f"give each of {world_size} ranks {len(self.sampler)}, fewer than batch_size={batch_size}"
             )
         self.seed, self.batch_size, self.seq_len = seed, batch_size, seq_len
         self.rank, self.world_size = rank, world_size
@@ -165,6 +196,9 @@ class FileStream(_Stream):
             batch = next(self._it)
         self.batch += 1
         return batch
+
+    def epochs_seen(self) -> float | None:
+        return self.epoch + self.batch / self.batches_per_epoch  # an epoch: the batches of one permutation
 
     def state_dict(self) -> dict:
         return {**self._identity(), "epoch": self.epoch, "batch": self.batch}
@@ -213,17 +247,32 @@ def build_train_stream(
     world_size: int = 1,
     num_workers: int = 0,
     pin_memory: bool | None = None,
+    train_sequences: int | None = None,
 ) -> OnTheFlyStream | FileStream:
     """The training stream for `source`: "onfly" samples `gssm` afresh; "files" reads `path`'s train split.
 
-    For "files", a `gssm` (the run's graph) is checked against the manifest's.
+    For "files", a `gssm` (the run's graph) is checked against the manifest's. `train_sequences=D`:
+    train on D fixed sequences, repeated (the files' first D, or an on-the-fly pool of D).
     """
     if source == "onfly":
         if gssm is None:
             raise ValueError("data.source=onfly needs the GSSM to sample from")
-        return OnTheFlyStream(gssm, batch_size, seq_len, seed, rank, world_size, num_workers, pin_memory)
+        return OnTheFlyStream(
+            gssm, batch_size, seq_len, seed, rank, world_size, num_workers, pin_memory, train_sequences
+        )
     if source == "files":
         if not path:
             raise ValueError("data.path: data.source=files needs the directory written by nanollama.data.gssm")
-        return FileStream(path, batch_size, seq_len, seed, rank, world_size, num_workers, pin_memory, gssm=gssm)
+        return FileStream(
+            path,
+            batch_size,
+            seq_len,
+            seed,
+            rank,
+            world_size,
+            num_workers,
+            pin_memory,
+            gssm=gssm,
+            train_sequences=train_sequences,
+        )
     raise ValueError(f"data.source must be onfly or files, got {source!r}")
