@@ -163,6 +163,7 @@ class Trainer:
             with torch.device("meta"):
                 model = self.spec.build(self.cfg.model)
         self.model_shape = model  # FLOP counts only read its config and parameter counts
+        self.params = (self.spec.num_params(model, True), self.spec.num_params(model, False))  # (all, no embeddings)
         distributed.activation_checkpointing(model, p.activation_checkpointing)
         if p.compile:
             distributed.compile_blocks(model)
@@ -299,8 +300,8 @@ class Trainer:
             f"world size {world}{' (FSDP2)' if self.dist.distributed else ''}"
         )
         self.info(
-            f"model: {cfg.model.arch}, {self.spec.num_params(self.model_shape, True) / 1e6:.3f}M parameters "
-            f"({self.spec.num_params(self.model_shape, False) / 1e6:.3f}M without embeddings), "
+            f"model: {cfg.model.arch}, {self.params[0] / 1e6:.3f}M parameters "
+            f"({self.params[1] / 1e6:.3f}M without embeddings), "
             f"{self.flops_per_token / 1e6:.2f} MFLOP/token | run_dir {self.run_dir}"
         )
         with self.stop:  # a signal while loading the checkpoint must not kill the process
@@ -383,12 +384,12 @@ class Trainer:
             "host": hostname(),
             **memory_record(self.device, self.dist.local_rank),
         }
-        epochs = getattr(self.stream, "epochs_seen", None)  # a stream with epochs (a data budget, files)
-        if epochs is not None and epochs() is not None:
-            r["epoch"] = epochs()
+        epochs_seen = getattr(self.stream, "epochs_seen", None)  # a stream with epochs (a data budget, files)
+        epoch = epochs_seen() if epochs_seen is not None else None
+        if epoch is not None:
+            r["epoch"] = epoch
         if not self._params_logged:  # once per process: the record a scaling fit reads N from
-            r["params"] = self.spec.num_params(self.model_shape, True)
-            r["params_no_embed"] = self.spec.num_params(self.model_shape, False)
+            r["params"], r["params_no_embed"] = self.params
             self._params_logged = True
         if not self.dist.is_main:
             return
