@@ -24,6 +24,7 @@ LAYERS = {
     "generate": 7,
     "launcher": 7,
     "probe": 7,
+    "convert": 7,
     "analysis": 8,
     "scaling": 8,
 }

@@ -1,7 +1,10 @@
-"""The Llama-style Transformer (model.py) and its generation state, the static KV cache (cache.py)."""
+"""The Llama-style Transformer (model.py), its generation state, the static KV cache (cache.py), and
+Llama-format weights in and out (hf.py: Hugging Face; meta.py: Meta's consolidated checkpoints)."""
 
 from nanollama.models.registry import ModelSpec
 from nanollama.models.transformer.cache import KVCache
+from nanollama.models.transformer.checkpoint_io import ConvertError
+from nanollama.models.transformer.hf import from_hf, hf_config, save_hf, to_hf
 from nanollama.models.transformer.model import Transformer, TransformerConfig
 
 SPEC = ModelSpec(
@@ -17,4 +20,14 @@ SPEC = ModelSpec(
     new_state=lambda model, batch_size, max_len, dtype=None: KVCache.for_model(model, batch_size, max_len, dtype),
 )
 
-__all__ = ["SPEC", "KVCache", "Transformer", "TransformerConfig"]
+__all__ = [
+    "SPEC",
+    "ConvertError",
+    "KVCache",
+    "Transformer",
+    "TransformerConfig",
+    "from_hf",
+    "hf_config",
+    "save_hf",
+    "to_hf",
+]
