@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("", f"unknown option {bad}\n{spec.USAGE}")
         prepared = launch.prepare(spec.parse(argv), dry_run=dry_run)
         print(launch.summary(prepared))
+        if prepared.run_ids == []:  # an extension of a sweep whose tasks are all done
+            print(f"nothing to run: every task of the grid is done in {prepared.log_dir}")
+            return 0
         if dry_run:
             print("dry run: would run  " + " ".join(prepared.command))
             return 0

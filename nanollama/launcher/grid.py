@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,27 +61,54 @@ def check_keys(run: dict, grid: dict[str, list], run_class: type | None) -> None
             raise ConfigError(f"launcher.grid.{key}", f"is not a key of the run config ({e})") from None
 
 
-def resolve(run: dict, grid: dict[str, list], run_class: type | None, log_dir: Path) -> list[Task]:
-    """The tasks of a launch: base run config + one grid point each, run_dir = log_dir/runs/{id}/, validated."""
+def point_key(point: dict[str, Any]) -> str:
+    """A grid point as canonical JSON: what identifies a task across launches into one log directory."""
+    return json.dumps(json.loads(json.dumps(point)), sort_keys=True)
+
+
+def assign_ids(points: list[dict[str, Any]], known: dict[str, int] | None = None) -> list[int]:
+    """Task ids: a point already in the log directory (`known`: point_key -> id) keeps its id; new
+    points take the next free ids in grid order. Without `known`, ids are grid positions 0..N-1."""
+    known = known or {}
+    free = max(known.values(), default=-1) + 1
+    ids = []
+    for point in points:
+        key = point_key(point)
+        if key not in known:
+            known = {**known, key: free}
+            free += 1
+        ids.append(known[key])
+    return ids
+
+
+def resolve(
+    run: dict, grid: dict[str, list], run_class: type | None, log_dir: Path, known: dict[str, int] | None = None
+) -> list[Task]:
+    """The tasks of a launch: base run config + one grid point each, run_dir = log_dir/runs/{id}/, validated.
+
+    `known` (point_key -> id, from an existing log directory) keeps the ids, and so the run
+    directories, of points launched before (see assign_ids).
+    """
     check_keys(run, grid, run_class)
-    tasks = []
+    resolved = []
     for i, point in enumerate(expand(grid)):
         data = copy.deepcopy(run)
         for key, value in point.items():
             _set(data, key, value, run_class)
-        run_dir = (log_dir / "runs" / str(i)).resolve()
-        data["run_dir"] = str(run_dir)
-        if run_class is None:
-            text = yaml.safe_dump(data, sort_keys=False)
-        else:
+        data["run_dir"] = str((log_dir / "runs" / str(i)).resolve())  # validated as any path; the id comes below
+        if run_class is not None:
             try:
-                resolved = config.to_dict(config.build(run_class, data))
+                data = config.to_dict(config.build(run_class, data))
             except ConfigError as e:
                 raise ConfigError(
                     f"run.{e.field}" if e.field else "run", f"{e.reason} (task {i}: {describe(point)})"
                 ) from None
-            text = yaml.safe_dump(resolved, sort_keys=False)
-            point = {key: _get(resolved, key) for key in point}  # as typed by the config ("1e-3" -> 0.001)
-        header = f"# task {i}: {describe(point)}\n"
-        tasks.append(Task(id=i, point=point, run_dir=run_dir, text=header + text))
+            point = {key: _get(data, key) for key in point}  # as typed by the config ("1e-3" -> 0.001)
+        resolved.append((point, data))
+    tasks = []
+    for (point, data), task_id in zip(resolved, assign_ids([p for p, _ in resolved], known)):
+        run_dir = (log_dir / "runs" / str(task_id)).resolve()
+        data["run_dir"] = str(run_dir)
+        text = f"# task {task_id}: {describe(point)}\n" + yaml.safe_dump(data, sort_keys=False)
+        tasks.append(Task(id=task_id, point=point, run_dir=run_dir, text=text))
     return tasks

@@ -6,11 +6,11 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nanollama.config import ConfigError
-from nanollama.launcher import grid, layout, scripts
+from nanollama.launcher import extend, grid, layout, scripts
 from nanollama.launcher.spec import Launch
 
 
@@ -20,7 +20,9 @@ class Prepared:
     script: Path  # run.sh
     tasks: list[grid.Task]
     command: list[str]  # what submits (slurm) or runs (bash) run.sh
-    staged: layout.Staged  # kept once submitted; undone if sbatch refuses
+    staged: layout.Staged | extend.Extension  # kept once submitted; undone if sbatch refuses
+    run_ids: list[int] | None = None  # an extended launch: the tasks it runs (None: all)
+    states: dict[int, str] = field(default_factory=dict)  # an extended launch: each task's state before it
 
 
 def prepare(launch: Launch, dry_run: bool = False, python: str = sys.executable) -> Prepared:
@@ -36,6 +38,8 @@ def prepare(launch: Launch, dry_run: bool = False, python: str = sys.executable)
     layout.check_script(cfg.script)
     log_dir = Path(cfg.log_dir).expanduser().resolve()
     cfg.log_dir = str(log_dir)  # launcher.yaml records where it really went
+    if cfg.extend and extend.can_extend(log_dir):
+        return _prepare_extension(launch, log_dir, dry_run, python)
     tasks = grid.resolve(launch.run, cfg.grid, launch.run_class, log_dir)
     staged = layout.prepare(log_dir, cfg.overwrite, dry_run)
     try:
@@ -50,10 +54,47 @@ def prepare(launch: Launch, dry_run: bool = False, python: str = sys.executable)
     return Prepared(log_dir=log_dir, script=script, tasks=tasks, command=command, staged=staged)
 
 
+def _prepare_extension(launch, log_dir: Path, dry_run: bool, python: str) -> Prepared:
+    """The launch into an existing log directory (see extend.py). A dry run writes nothing."""
+    cfg = launch.cfg
+    index = extend.read_index(log_dir)
+    tasks = grid.resolve(launch.run, cfg.grid, launch.run_class, log_dir, extend.known_ids(index))
+    extend.check_unchanged(log_dir, tasks, index)
+    run_ids, states = extend.pending(log_dir, tasks)
+    n_index = len({*(int(e["id"]) for e in index), *(t.id for t in tasks)})
+    if dry_run or not run_ids:  # nothing is written: a look, or every task of the grid is done already
+        staged = extend.Extension(log_dir)
+    else:
+        text = scripts.render(cfg, n_index, log_dir, python, run_ids)
+        staged = extend.write(log_dir, tasks, index, layout.launcher_text(launch, n_index), text)
+    command = (
+        ["sbatch", "--parsable", str(log_dir / "run.sh")]
+        if cfg.launcher == "slurm"
+        else ["bash", str(log_dir / "run.sh")]
+    )
+    return Prepared(log_dir, log_dir / "run.sh", tasks, command, staged, run_ids, states)
+
+
 def summary(p: Prepared) -> str:
+    if p.run_ids is not None:
+        return _extension_summary(p)
     lines = [f"{len(p.tasks)} task(s) in {p.log_dir}"]
     for t in p.tasks[:20]:
         lines.append(f"  task {t.id}: {grid.describe(t.point)}")
+    if len(p.tasks) > 20:
+        lines.append(f"  ... ({len(p.tasks) - 20} more in {p.log_dir / 'tasks.jsonl'})")
+    return "\n".join(lines)
+
+
+def _extension_summary(p: Prepared) -> str:
+    lines = [f"extending {p.log_dir}: {len(p.tasks)} task(s) in the grid, {len(p.run_ids)} to run"]
+    for t in p.tasks[:20]:
+        state = p.states.get(t.id, "pending")
+        if t.id not in p.run_ids:
+            what = f"{state}: skipped"
+        else:
+            what = "to run" if state == "pending" else f"{state}: resumes"
+        lines.append(f"  task {t.id}: {grid.describe(t.point)}  ({what})")
     if len(p.tasks) > 20:
         lines.append(f"  ... ({len(p.tasks) - 20} more in {p.log_dir / 'tasks.jsonl'})")
     return "\n".join(lines)

@@ -79,7 +79,8 @@ def prepare(log_dir: Path, overwrite: bool, dry_run: bool = False) -> Staged:
         if not overwrite and not (log_dir / DRY_RUN).exists():
             raise ConfigError(
                 "launcher.log_dir",
-                f"{log_dir} already exists; pass overwrite=true to replace it, or choose another name/log_dir",
+                f"{log_dir} already exists; pass overwrite=true to replace it, extend=true to add grid points "
+                "and resume its unfinished tasks, or choose another name/log_dir",
             )
         if not any((log_dir / m).exists() for m in MARKERS):
             raise ConfigError("launcher.log_dir", f"{log_dir} exists and is not a launcher log directory: not deleting")
@@ -159,6 +160,13 @@ def _record_git(where: Path, code_dir: Path, name: str) -> None:
     (code_dir / f"git{suffix}.diff").write_text(_git(where, "diff", "HEAD") or "")
 
 
+def launcher_text(launch: Launch, n_tasks: int) -> str:
+    """launcher.yaml: the launch as resolved (launcher section + base run config)."""
+    resolved = {"launcher": config.to_dict(launch.cfg), "run": launch.run}
+    header = f"# resolved launch ({n_tasks} tasks); run config from {launch.run_source}\n"
+    return header + yaml.safe_dump(resolved, sort_keys=False)
+
+
 def write(launch: Launch, tasks: list[Task], log_dir: Path, script_text: str) -> Path:
     """Write the whole layout (the log directory must have been prepared); returns run.sh."""
     cfg = launch.cfg
@@ -167,9 +175,7 @@ def write(launch: Launch, tasks: list[Task], log_dir: Path, script_text: str) ->
         write_atomic(log_dir / "tasks" / f"{task.id}.yaml", task.text)
     index = [json.dumps({"id": t.id, "grid": t.point, "run_dir": str(t.run_dir)}) for t in tasks]
     (log_dir / "tasks.jsonl").write_text("\n".join(index) + "\n")
-    resolved = {"launcher": config.to_dict(cfg), "run": launch.run}
-    header = f"# resolved launch ({len(tasks)} tasks); run config from {launch.run_source}\n"
-    (log_dir / "launcher.yaml").write_text(header + yaml.safe_dump(resolved, sort_keys=False))
+    (log_dir / "launcher.yaml").write_text(launcher_text(launch, len(tasks)))
     script = log_dir / "run.sh"
     script.write_text(script_text)
     script.chmod(0o755)

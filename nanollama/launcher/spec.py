@@ -74,6 +74,9 @@ class LauncherConfig:
     nodes: int = 1
     gpus_per_node: int = 1  # processes per node under torchrun (0: CPU, one process per node)
     overwrite: bool = False  # replace an existing log directory
+    # relaunch into an existing log directory: keep its tasks (ids, run dirs, code snapshot), add the new
+    # grid points, and run only the tasks not done (unfinished ones resume from their checkpoints)
+    extend: bool = False
     progress_every: int = 30  # bash: seconds between a running task's progress lines (step, loss); 0: none
     grid: dict[str, Any] = field(default_factory=dict)  # dotted run-config key -> list of values
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
@@ -88,6 +91,11 @@ class LauncherConfig:
         )
         check(self.nodes >= 1, "nodes", f"must be >= 1, got {self.nodes}")
         check(self.gpus_per_node >= 0, "gpus_per_node", f"must be >= 0, got {self.gpus_per_node}")
+        check(
+            not (self.extend and self.overwrite),
+            "extend",
+            "extend=true keeps the log directory and overwrite=true replaces it: choose one",
+        )
         check(self.progress_every >= 0, "progress_every", f"must be >= 0 seconds, got {self.progress_every}")
         check(
             self.launcher == "slurm" or self.nodes == 1,
