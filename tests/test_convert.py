@@ -119,8 +119,10 @@ def meta_rope(x: torch.Tensor, theta: float) -> torch.Tensor:
     return torch.view_as_real(xc * angles[None, :, None]).flatten(-2).float()
 
 
-def test_meta_checkpoint_gives_the_logits_of_meta_rope(tmp_path):
-    """A consolidated checkpoint built by hand: our model of it matches attention computed the Meta way."""
+@pytest.mark.parametrize("shards", [1, 2])
+def test_meta_checkpoint_gives_the_logits_of_meta_rope(shards, tmp_path):
+    """A consolidated checkpoint built by hand (whole, or split as 2-way model parallelism splits it):
+    our model of it matches attention computed the Meta way."""
     torch.manual_seed(4)
     dim, H, Hk, D, vocab = 32, 4, 2, 8, 40
     sd = {"tok_embeddings.weight": torch.randn(vocab, dim), "norm.weight": torch.rand(dim) + 0.5}
@@ -138,7 +140,13 @@ def test_meta_checkpoint_gives_the_logits_of_meta_rope(tmp_path):
         json.dumps({"dim": dim, "n_layers": 1, "n_heads": H, "n_kv_heads": Hk, "vocab_size": vocab, "multiple_of": 16,
                     "norm_eps": 1e-5, "rope_theta": 100.0})
     )  # fmt: skip
-    torch.save(sd, tmp_path / "consolidated.00.pth")
+    split_dim = {"tok_embeddings": 1, "wo": 1, "w2": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0}
+    for r in range(shards):
+        part = {}
+        for name, t in sd.items():
+            dim = split_dim.get(name.split(".")[-2])
+            part[name] = t if dim is None else t.chunk(shards, dim=dim)[r].clone()
+        torch.save(part, tmp_path / f"consolidated.{r:02d}.pth")
     ours = from_hf(tmp_path, max_seq_len=24)
     assert ours.config.hidden_dim == 48 and not ours.config.tie_embeddings
 
