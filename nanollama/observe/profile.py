@@ -25,23 +25,25 @@ import torch
 from nanollama.observe.metrics import MetricsFile
 from nanollama.observe.profile_config import ProfileConfig
 from nanollama.observe.profile_file import ProfileFile
-from nanollama.observe.system import rss_bytes
 from nanollama.observe.trace import Tracer
 
-__all__ = ["PHASES", "Profiler", "ProfileConfig", "StepTimer", "peak_rss_bytes"]
+__all__ = ["PHASES", "Profiler", "ProfileConfig", "StepTimer", "rss_now_and_peak"]
 
 PHASES = ("data", "fwd_bwd", "optim", "monitor")
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (VmHWM from /proc; 0 where /proc is missing)."""
+def rss_now_and_peak() -> tuple[int, int]:
+    """(current, peak) resident set size of this process: VmRSS and VmHWM from one read of /proc (0 without)."""
+    found = {"VmRSS:": 0, "VmHWM:": 0}
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
+        with open("/proc/self/status") as f:
+            for line in f:
+                key = line[:6]
+                if key in found:
+                    found[key] = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return found["VmRSS:"], found["VmHWM:"]
 
 
 class StepTimer:
@@ -170,7 +172,7 @@ class Profiler:
             peak_mem = torch.cuda.max_memory_allocated(self.device)
             reserved, kind = torch.cuda.memory_reserved(self.device), "cuda"
         else:
-            peak_mem, reserved, kind = peak_rss_bytes(), rss_bytes(), "rss"
+            (reserved, peak_mem), kind = rss_now_and_peak(), "rss"
         return {
             "step": self._step,
             "time": time.time(),
