@@ -3,7 +3,10 @@ and the analytical MFU/HFU FLOPs checked against torch.profiler's FLOP count."""
 
 import gzip
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -253,3 +256,33 @@ def test_window_repeats_every_n_steps():
         None,
     ]
     assert ProfileConfig(trace=(10, 12)).window_at(110) is None  # every=0: once
+
+
+def test_a_trace_that_cannot_be_written_does_not_stop_training(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "profile").write_text("a file where the traces' folder would go")
+    assert train(run, "steps=3", "profile.trace=[2,2]", "profile.warmup=0") == 0
+    assert "trace of steps 2-2 not written" in (run / "train.log").read_text()
+    assert traces(run / "metrics.jsonl") == []
+
+
+@pytest.mark.slow
+def test_two_ranks_write_their_own_profile_and_trace(tmp_path):
+    """torchrun, 2 gloo processes: profile.rank1.jsonl beside profile.jsonl, a trace per rank, and the
+    summary (rank 0's) sees FSDP's collectives."""
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "NANOLLAMA_ATTENTION": "sdpa"}
+    run = tmp_path / "run"
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=0"]
+    extra = ["steps=3", "profile.light=true", "profile.trace=[2,2]", "profile.warmup=0", "data.batch_size=4"]
+    command = [sys.executable, *launcher, "-m", "nanollama.train", str(CONFIG), *tiny(), f"run_dir={run}", *extra]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in ("profile.jsonl", "profile.rank1.jsonl"):
+        header, records = read_profile(run / name)
+        assert header == schema_line() and [r["step"] for r in records] == [1, 2, 3]
+        assert all(r["tokens"] == TOKENS for r in records)  # 2 ranks x 4 rows x 16
+    assert sorted(p.name for p in (run / "profile" / "step_00000002").iterdir()) == ["rank0.json.gz", "rank1.json.gz"]
+    [summary] = traces(run / "metrics.jsonl")
+    assert 0.0 < summary["trace_comm_share"] < 1.0

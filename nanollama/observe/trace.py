@@ -164,21 +164,31 @@ class Tracer:
             torch.cuda.memory._record_memory_history(enabled=None)
         self._active, self._window = [], None
 
+    def _export(self, prof: torch.profiler.profile, folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = _free_name(folder, f"rank{self.rank}", ".json.gz")
+        tmp = folder / f".tmp-{os.getpid()}-{path.name}"  # ends in .gz: torch gzips what it writes
+        try:
+            prof.export_chrome_trace(str(tmp))
+            os.replace(tmp, path)  # a crash mid-export leaves a .tmp-*, never a torn trace under the real name
+            if self.snapshot:
+                snap = _free_name(folder, f"rank{self.rank}", ".memory.pickle")
+                tmp = folder / f".tmp-{os.getpid()}-{snap.name}"
+                torch.cuda.memory._dump_snapshot(str(tmp))
+                os.replace(tmp, snap)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
     def _ready(self, prof: torch.profiler.profile) -> None:
         steps, self._active = self._active, []
         if not steps:
             return
-        folder = trace_dir(self.run_dir, steps[0])
-        folder.mkdir(parents=True, exist_ok=True)
-        path = _free_name(folder, f"rank{self.rank}", ".json.gz")
-        tmp = folder / f".tmp-{os.getpid()}-{path.name}"  # ends in .gz: torch gzips what it writes
-        prof.export_chrome_trace(str(tmp))
-        os.replace(tmp, path)  # a crash mid-export leaves a .tmp-*, never a torn trace under the real name
-        if self.snapshot:
-            snap = _free_name(folder, f"rank{self.rank}", ".memory.pickle")
-            tmp_snap = folder / f".tmp-{os.getpid()}-{snap.name}"
-            torch.cuda.memory._dump_snapshot(str(tmp_snap))
-            os.replace(tmp_snap, snap)
+        try:
+            path = self._export(prof, trace_dir(self.run_dir, steps[0]))
+        except OSError as e:  # a full disk, say: the trace is lost, the training is not
+            self.info(f"trace of steps {steps[0]}-{steps[-1]} not written ({e}); training goes on")
+            return
         summary = summarize(prof, self.on_cuda, self.cfg.top)
         flops = summary.pop("trace_flops")
         record = {
