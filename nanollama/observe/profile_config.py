@@ -20,9 +20,9 @@ class ProfileConfig:
     light_every: int | None = None  # record (and on a GPU synchronise at) every N-th step; null: log.every
     trace: tuple[int, int] | None = None  # [start, stop] global steps (inclusive) under torch.profiler; null: none
     every: int = 0  # repeat the trace window every N steps (start + k * every); 0: once
-    wait: int = 0  # torch.profiler schedule: steps skipped at the start of each cycle
-    warmup: int = 1  # ... steps profiled but thrown away (the profiler's own start-up cost)
-    active: int = 1  # ... steps recorded into one trace
+    wait: int = 0  # torch.profiler schedule: steps idle at the start of each cycle within a window
+    warmup: int = 1  # torch.profiler schedule: steps profiled then thrown away (the profiler's start-up cost)
+    active: int = 1  # torch.profiler schedule: steps recorded into each trace
     memory: bool = False  # CUDA memory snapshot (pytorch.org/memory_viz) beside each trace; skipped on the CPU
     record_shapes: bool = False  # torch.profiler: input shapes of each op (bigger traces)
     with_stack: bool = False  # torch.profiler: Python stacks of each op (much bigger traces, slower)
