@@ -286,3 +286,16 @@ def test_two_ranks_write_their_own_profile_and_trace(tmp_path):
     assert sorted(p.name for p in (run / "profile" / "step_00000002").iterdir()) == ["rank0.json.gz", "rank1.json.gz"]
     [summary] = traces(run / "metrics.jsonl")
     assert 0.0 < summary["trace_comm_share"] < 1.0
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_records_cuda_memory_and_kernels_and_a_memory_snapshot(tmp_path):
+    """Untested on the CPU machines (skipped there): CUDA memory fields, kernel-level summary, the snapshot."""
+    run = tmp_path / "run"
+    extra = ("device=cuda", "profile.light=true", "profile.trace=[2,3]", "profile.memory=true")
+    assert main([str(CONFIG), *tiny(), f"run_dir={run}", "steps=4", *extra]) == 0
+    records = read_profile(run / "profile.jsonl")[1]
+    assert all(r["mem_kind"] == "cuda" and r["mem_peak_bytes"] > 0 for r in records)
+    [summary] = traces(run / "metrics.jsonl")
+    assert summary["trace_time"] == "cuda" and summary["trace_top"]
+    assert (run / "profile" / "step_00000003" / "rank0.memory.pickle").stat().st_size > 0
