@@ -19,7 +19,7 @@ from nanollama.observe import flops
 from nanollama.observe.metrics import MetricsFile
 from nanollama.observe.profile_config import ProfileConfig
 from nanollama.observe.profile_file import FIELDS, ProfileFile, profile_files, read_profile, schema_line
-from nanollama.observe.trace import summarize
+from nanollama.observe.trace import Tracer, summarize
 from nanollama.train import checkpoint
 from nanollama.train.cli import main, parse
 
@@ -299,3 +299,25 @@ def test_on_a_gpu_records_cuda_memory_and_kernels_and_a_memory_snapshot(tmp_path
     [summary] = traces(run / "metrics.jsonl")
     assert summary["trace_time"] == "cuda" and summary["trace_top"]
     assert (run / "profile" / "step_00000003" / "rank0.memory.pickle").stat().st_size > 0
+
+
+def test_tracer_follows_global_steps_and_a_resume_inside_a_window(tmp_path):
+    cfg = ProfileConfig(trace=(3, 6), wait=1, warmup=1, active=1)  # from step 3: wait 3, warm-up 4, record 5, wait 6
+    summaries = []
+
+    def steps(tracer, first, last):
+        a = torch.randn(64, 64)
+        for step in range(first, last + 1):
+            tracer.begin(step)
+            a.mm(a)
+            tracer.end()
+        tracer.close()
+
+    steps(Tracer(cfg, tmp_path / "a", 0, torch.device("cpu"), summaries.append, lambda line: None), 1, 8)
+    assert [s["trace_steps"] for s in summaries] == [[5, 5]]
+    assert (tmp_path / "a" / "profile" / "step_00000005" / "rank0.json.gz").exists()
+    # Resumed at step 4, inside the window: the schedule starts there (wait 4, warm-up 5, record 6).
+    summaries.clear()
+    steps(Tracer(cfg, tmp_path / "b", 0, torch.device("cpu"), summaries.append, lambda line: None), 4, 8)
+    assert [s["trace_steps"] for s in summaries] == [[6, 6]]
+    assert Tracer(ProfileConfig(trace=(3, 6), ranks=[1]), tmp_path, 0, torch.device("cpu"), None).on is False

@@ -7,8 +7,10 @@ schedule(wait, warmup, active, repeat=0); every active span becomes one trace:
     RUN_DIR/profile/step_{...}/rank{r}.memory.pickle                       profile.memory=true on a GPU:
                                                                            pytorch.org/memory_viz
 
-Named by the global step, so a resumed run never renumbers; a file is never overwritten: a resumed run that
-replays a traced step (it resumed from an earlier checkpoint) writes rank{r}.1.json.gz beside the first.
+A run resumed inside a window starts the schedule at the step it resumed from (torch.profiler counts
+from its start). Named by the global step, so a resumed run never renumbers; a file is never overwritten:
+a resumed run that replays a traced step (it resumed from an earlier checkpoint) writes rank{r}.1.json.gz
+beside the first.
 
 Rank 0 appends a one-line summary of each of its traces to metrics.jsonl, its own record kind (no "loss"
 or "eval_loss" key, so readers of training and eval records skip it; "step" is the last traced step, so
