@@ -32,6 +32,8 @@ Shapes. GPU (bf16 autocast, vocab 32000, S = 4096):
     125M  eager 279 ms 3.3% | nanollama 51.2 ms 18.0% | compile 52.7 ms 17.4% | plain 53.3 ms 17.3%
     1B    eager 334 ms 8.9% | nanollama 90.2 ms 33.1% | compile 81.9 ms 36.4% | plain 100.4 ms 29.7%
   No overhead against plain PyTorch (faster: 4% at 125M, 10% at 1B); both sizes short of the targets.
+Light profiler: group `train-profile-<size>`, [nanollama]'s step with profile.light on ([light]) and off ([off]);
+  [light] records light_overhead (interleaved medians, same run) in extra_info. See test_train_step_profiler.
 CPU (float32): dim 128, 2 layers, 4 heads, 2 kv heads, vocab 256, B = 4, S = 128; about 30-40 s for the file on
   2 cores, most of it compiling [compile]. These numbers only show that the bench works; the attention
   backend choice is measured afresh in the warm-up (a temporary cache directory, not ~/.cache/nanollama).
@@ -43,6 +45,8 @@ import contextlib
 import gc
 import json
 import os
+import statistics
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -54,6 +58,8 @@ from harness import DEVICE, device_name, measure
 from nanollama.distributed import compile_blocks
 from nanollama.kernels.dispatch import cache_file
 from nanollama.models.transformer import Transformer, TransformerConfig
+from nanollama.observe.profile import ProfileConfig, Profiler
+from nanollama.observe.profile_file import read_profile
 from nanollama.train.config import OptimConfig
 from nanollama.train.optim import build_optimizer
 from nanollama.utils.devices import peak_flops
@@ -332,3 +338,98 @@ def test_train_step(benchmark, size: Size, variant: str, monkeypatch, attention_
         seconds = extra["median_s"]
         benchmark.extra_info["tokens_per_s"] = round(tokens_per_step / seconds, 1)
         benchmark.extra_info["mfu"] = round(flops / seconds / peak, 4) if peak else None
+
+
+# ----------------------------------------------------------------------------- light-profiler overhead
+
+
+def _profiled(step, prof: Profiler):
+    """`step` under the light profiler's trainer calls, every step recorded (light_every=1: the worst case)."""
+    count = {"step": 0}
+
+    def run(tokens, *params):
+        count["step"] += 1
+        prof.begin(count["step"])
+        prof.mark("fwd_bwd")  # the inputs are ready: "data" is the profiler's own start-up
+        step(tokens, *params)
+        prof.mark("monitor")
+        prof.end()
+
+    return run
+
+
+@pytest.mark.parametrize("profiler", ["off", "light"])
+@pytest.mark.parametrize("size", SIZES, ids=_size_id)
+def test_train_step_profiler(benchmark, size: Size, profiler: str, tmp_path, monkeypatch, attention_cache):
+    """[nanollama]'s step with the light profiler on (profile.light, a record every step) against off.
+
+    The group pairs the two; [light] also times them interleaved (off, light, off, ... in one loop, the
+    median of each) and records light_overhead = median(light) / median(off) - 1 (the issue asks for < 2%),
+    and the profiler's own cost per step (its calls around an empty step, profiler_cost_s) as a share of
+    the off step (profiler_cost_share): the number that survives a noisy shared machine.
+    The profiled step synchronises at every phase boundary on a GPU (as profiled trainer steps do) and writes
+    one profile.jsonl line; the optimizer phase is not split out here (the step is one call).
+    """
+    benchmark.group = f"train-profile-{_size_id(size)}"
+    monkeypatch.setenv("NANOLLAMA_CACHE_DIR", attention_cache)
+    monkeypatch.setenv("NANOLLAMA_KERNELS", "auto")
+    model = build_ours(size)
+    optimizer = build_optimizer(model, OptimConfig())
+    params = list(model.parameters())
+
+    def step(tokens, *_params):
+        with autocast():
+            loss = lm_loss(model, tokens)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    tokens_per_step = size.batch * size.seq_len
+    with torch.device("meta"):
+        fpt = Transformer(size.config()).flops_per_token(size.seq_len)
+    prof = Profiler(ProfileConfig(light=True, light_every=1), tmp_path, 0, DEVICE, 1, (fpt, fpt, None), None)
+    prof.start(0, tokens_per_step, 1, lambda line: None)
+    profiled = _profiled(step, prof)
+    fn = profiled if profiler == "light" else step
+
+    def make():
+        return (torch.randint(size.vocab_size, (size.batch, size.seq_len + 1), device=DEVICE), *params)
+
+    extra = measure(benchmark, fn, make, flops=int(fpt) * tokens_per_step, dtype=DTYPE, profiler=profiler)
+    if extra and profiler == "light":
+        inputs = make()
+        times: dict[str, list[float]] = {"off": [], "light": []}
+        rounds = max(5, min(100, int(2.0 / extra["median_s"])))  # about 4 s in all
+        for _ in range(rounds):
+            for name, call in (("off", step), ("light", profiled)):
+                if DEVICE.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                call(*inputs)
+                if DEVICE.type == "cuda":
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - start)
+        off, light = statistics.median(times["off"]), statistics.median(times["light"])
+        # The profiler's own cost, around a step that does nothing: robust where a shared machine's noise
+        # (several % between identical steps) hides a difference this small.
+        idle = _profiled(lambda *args: None, prof)
+        costs = []
+        for _ in range(200):
+            start = time.perf_counter()
+            idle(*inputs)
+            costs.append(time.perf_counter() - start)
+        cost = statistics.median(costs)
+        benchmark.extra_info.update(
+            interleaved_rounds=rounds,
+            off_median_s=off,
+            light_median_s=light,
+            light_overhead=light / off - 1,
+            profiler_cost_s=cost,
+            profiler_cost_share=cost / off,
+        )
+        assert len(read_profile(tmp_path / "profile.jsonl")[1]) > rounds  # it did record
+        if os.environ.get("NANOLLAMA_BENCH_VERBOSE"):
+            print(
+                f"light profiler: {rounds} interleaved rounds, off {off:.4g} s, light {light:.4g} s, "
+                f"overhead {light / off - 1:+.2%}; its own cost {cost * 1e6:.0f} us a step = {cost / off:.3%}"
+            )

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from nanollama import data, models
 from nanollama.config import ConfigError, check, variant
+from nanollama.observe.profile_config import ProfileConfig
 
 
 @dataclass
@@ -112,6 +113,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)  # held-out evaluation during training
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # FSDP2, activation checkpointing, compile
     probe: ProbeConfig = field(default_factory=ProbeConfig)  # probing the hidden state at checkpoints
+    profile: ProfileConfig = field(default_factory=ProfileConfig)  # light per-step profiler, torch.profiler traces
 
     def __post_init__(self):
         check(self.steps >= 0, "steps", f"must be >= 0, got {self.steps}")

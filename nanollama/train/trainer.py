@@ -26,6 +26,7 @@ from nanollama.data.batch import Batch, lay_out_for, rows_needed
 from nanollama.data.heldout import HeldOut
 from nanollama.observe import flops
 from nanollama.observe.metrics import MetricsFile
+from nanollama.observe.profile import Profiler
 from nanollama.observe.system import hostname, memory_record, rss_bytes
 from nanollama.train import checkpoint, rng
 from nanollama.train.checkpoint import step_dir
@@ -114,6 +115,9 @@ class Trainer:
         self.flops_per_token, self.hardware_flops_per_token = flops.per_token(
             self.model_shape, d.seq_len, cfg.parallel.activation_checkpointing
         )
+        fl = (self.flops_per_token, self.hardware_flops_per_token, self.peak_flops)
+        metrics = self.metrics if self.dist.is_main else None
+        self.profiler = Profiler(cfg.profile, self.run_dir, self.dist.rank, self.device, cfg.log.every, fl, metrics)
         self.check_stop("building the model and data")
 
     def _take_run_dir(self) -> None:
@@ -206,9 +210,13 @@ class Trainer:
         for micro in range(cfg.accum_steps):
             if self.dist.distributed and self.cfg.parallel.defer_grad_sync:
                 self.model.set_requires_gradient_sync(micro == cfg.accum_steps - 1)
-            loss = self.loss_on(self.train_batch(micro))
+            self.profiler.mark("data")
+            batch = self.train_batch(micro)
+            self.profiler.mark("fwd_bwd")
+            loss = self.loss_on(batch)
             self.scaler.scale(loss / cfg.accum_steps).backward()
             total += loss.item() / cfg.accum_steps
+        self.profiler.mark("optim")
         total = self.dist.mean(total)  # every rank sees the same loss, so all stop together on NaN
         if not math.isfinite(total):
             raise NonFiniteLoss(f"the loss became {total} at step {self.step + 1}")
@@ -274,6 +282,7 @@ class Trainer:
             try:
                 self.checkpointer.wait()
             finally:
+                self.profiler.close()
                 self.stream.close()
                 self.dist.close()
                 self.lock.release()
@@ -314,6 +323,7 @@ class Trainer:
             self.info(f"Bayes-optimal loss on the eval batches: {self.held_out.bayes_loss:.4f}")
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.optim.accum_steps * world
         self.info(f"tokens per step: {tokens_per_step} (batch_size x seq_len x accum_steps x world_size)")
+        self.profiler.start(self.step, tokens_per_step, world, self.info)
         if cfg.optim.warmup >= cfg.steps:
             self.info(
                 f"warning: optim.warmup={cfg.optim.warmup} >= steps={cfg.steps}: the learning rate rises for the "
@@ -328,6 +338,7 @@ class Trainer:
             clock, steps_timed = time.perf_counter(), 0
             while self.step < cfg.steps:
                 step_clock = time.perf_counter()
+                self.profiler.begin(self.step + 1)
                 try:
                     record = self.train_step()
                 except NonFiniteLoss as e:
@@ -335,6 +346,7 @@ class Trainer:
                     self.info(f"{e}; stopping. Last good checkpoint: {last or 'none'} (try a lower optim.lr)")
                     return exit_codes.NONFINITE
                 steps_timed += 1
+                self.profiler.mark("monitor")
                 self.progress.update(self.step, tokens_per_step / max(time.perf_counter() - step_clock, 1e-9))
                 if self.step % cfg.log.every == 0 or self.step == cfg.steps:
                     elapsed = time.perf_counter() - clock
@@ -347,6 +359,7 @@ class Trainer:
                     self.save()
                     if cfg.probe.every and self.step % cfg.probe.every == 0:
                         self.probe()
+                self.profiler.end()
                 if self.step < cfg.steps and self.dist.any(stop.signum is not None):
                     path = step_dir(self.checkpointer.root, self.step) if saved else self.save()
                     self.checkpointer.wait()
