@@ -42,6 +42,9 @@ class TextDataConfig(DataConfig):
     scan: bool = True  # read this rank's files once at start, so bad records fail before the first step
 
     def __post_init__(self):
+        # Real documents have their own lengths: doc_min (the GSSM's drawn document lengths) does not apply.
+        # At seq_len, the plug point's rows_needed() is 1, so the trainer asks for batch_size rows.
+        self.doc_min = self.seq_len
         super().__post_init__()
         check(
             bool(self.sources) != bool(self.prepared),

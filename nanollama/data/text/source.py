@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from nanollama.data import seeds
-from nanollama.data.batch import Batch, rows_needed
+from nanollama.data.batch import Batch
 from nanollama.data.source import DataError, DataSource
 from nanollama.data.text import files
 from nanollama.data.text.config import TextDataConfig
@@ -55,10 +55,6 @@ class TextSource(DataSource):
             return lay_out_packed(tokens, self.eos)
         return super().lay_out(tokens, seed, nll)
 
-    def _batch_rows(self, rows: int) -> int:
-        d = self.cfg  # the trainer asks for rows_needed(...) source rows per packed row: text packs its own
-        return rows // rows_needed(d.mask, d.seq_len, d.doc_min)
-
     def train_stream(self, rows: int, seed: int, rank: int, world_size: int, pin_memory: bool = False) -> TextStream:
         d = self.cfg
         workers = max(1, d.num_workers)
@@ -68,7 +64,7 @@ class TextSource(DataSource):
         return TextStream(
             self.corpora,
             self.weights,
-            self._batch_rows(rows),
+            rows,
             d.seq_len,
             seed,
             rank,
@@ -103,7 +99,7 @@ class TextSource(DataSource):
                         yield tokens
 
     def held_out(self, rows: int, index: int) -> tuple[torch.Tensor, None, int]:
-        n = self._batch_rows(rows)
+        n = rows
         T1 = self.cfg.seq_len + 1
         if self._heldout_docs is None:
             self._heldout_docs, self._buffer = self._docs(), np.zeros(0, dtype=np.int64)

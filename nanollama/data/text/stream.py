@@ -60,7 +60,7 @@ class Cursor:
         self._it = None
 
     def next_doc(self) -> np.ndarray:
-        empty_since = (self.epoch, self.k)
+        barren = 0  # pieces run through without a document: more than all of them is an empty shard
         while True:
             piece = self.mine[int(self.order()[self.k])]
             if self._it is None:
@@ -75,7 +75,8 @@ class Cursor:
             self._it, self.offset, self.k = None, None, self.k + 1
             if self.k == len(self.mine):
                 self.epoch, self.k = self.epoch + 1, 0
-            if (self.epoch, self.k) == (empty_since[0] + 1, empty_since[1]):
+            barren += 1
+            if barren > len(self.mine):
                 raise DataError(f"{self.corpus.name}: no training documents in consumer {self.consumer}'s pieces")
 
 
