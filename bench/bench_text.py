@@ -49,7 +49,10 @@ def corpus(tmp_path_factory) -> tuple[Path, list[str]]:
 @pytest.fixture(scope="module")
 def tokenizers(corpus, tmp_path_factory) -> dict[str, str]:
     root, out = tmp_path_factory.mktemp("text-tok"), {"bytes": "bytes"}
-    if text_main(["train-tokenizer", str(corpus[0]), "--kind", "bpe", "--vocab", "1024", "--out", str(root / "bpe")]) == 0:
+    if (
+        text_main(["train-tokenizer", str(corpus[0]), "--kind", "bpe", "--vocab", "1024", "--out", str(root / "bpe")])
+        == 0
+    ):
         out["hf"] = f"hf:{root / 'bpe'}"
     sp = ["train-tokenizer", str(corpus[0]), "--kind", "sentencepiece", "--vocab", "1024", "--out", str(root / "sp")]
     if text_main(sp) == 0:

@@ -4,7 +4,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from text_corpus import CONFIG, write_corpus
@@ -46,7 +45,12 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("tok")
     write_corpus(root / "corpus", files=2, docs=60)
     out = {}
-    assert text_main(["train-tokenizer", str(root / "corpus"), "--kind", "bpe", "--vocab", "400", "--out", str(root / "bpe")]) == 0
+    assert (
+        text_main(
+            ["train-tokenizer", str(root / "corpus"), "--kind", "bpe", "--vocab", "400", "--out", str(root / "bpe")]
+        )
+        == 0
+    )
     out["hf"] = f"hf:{root / 'bpe'}"
     try:
         import sentencepiece  # noqa: F401

@@ -1,7 +1,7 @@
 """Data sources behind one interface (source.py), selected by `data.source` (registry.py).
 
-Built in: the GSSM sources `onfly` and `files` (data/gssm/) and `text` (data/text/). batch.py lays token rows out for the
-training mask, heldout.py holds the evaluation batches and their optimum where an oracle exists.
+Built in: the GSSM sources `onfly` and `files` (data/gssm/) and `text` (data/text/). batch.py lays
+token rows out for the training mask, heldout.py holds the evaluation batches and their optimum where an oracle exists.
 """
 
 from nanollama.data import gssm, text

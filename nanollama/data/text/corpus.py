@@ -48,4 +48,3 @@ class RawCorpus:
     def scan(self, pieces: list[int]) -> int:
         """Read `pieces` once (no tokenizing) so that a bad file fails now; returns the documents found."""
         return sum(1 for p in pieces for _ in self.docs(p, None, tokenize=False))
-

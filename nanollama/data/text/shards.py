@@ -199,7 +199,9 @@ class PreparedCorpus:
         for s in self.shards:
             size = (self.path / f"{s['name']}.bin").stat().st_size if (self.path / f"{s['name']}.bin").exists() else -1
             if size != s["tokens"] * np.dtype(self.dtype).itemsize:
-                raise DataError(f"{self.path / s['name']}.bin: missing or not {s['tokens']} tokens as the manifest says")
+                raise DataError(
+                    f"{self.path / s['name']}.bin: missing or not {s['tokens']} tokens as the manifest says"
+                )
         self.pieces = [
             (i, lo, min(lo + PIECE_DOCS, s["documents"]))
             for i, s in enumerate(self.shards)

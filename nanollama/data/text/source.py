@@ -81,11 +81,16 @@ class TextSource(DataSource):
         for corpus in self.corpora:
             if isinstance(corpus, RawCorpus):
                 mine = sorted(
-                    p for c in range(rank * workers, (rank + 1) * workers) for p in consumer_pieces([corpus], c, consumers)[0]
+                    p
+                    for c in range(rank * workers, (rank + 1) * workers)
+                    for p in consumer_pieces([corpus], c, consumers)[0]
                 )
                 corpus.scan(mine)
                 if corpus.bad and report:
-                    print(f"data: skipped {corpus.bad} bad records in {corpus.name} (data.on_bad_record=skip)", file=sys.stderr)
+                    print(
+                        f"data: skipped {corpus.bad} bad records in {corpus.name} (data.on_bad_record=skip)",
+                        file=sys.stderr,
+                    )
 
     def _docs(self):
         """The held-out documents, in a fixed order (corpus by corpus, piece by piece)."""

@@ -31,8 +31,7 @@ from nanollama.data.source import DataError
 from nanollama.data.text import files
 from nanollama.kernels import masks
 
-TEXT_ORDER = 16  # key (seed, TEXT_ORDER, corpus, consumer, epoch): a consumer's piece order in an epoch
-TEXT_MIX = 17  # key (seed, TEXT_MIX, consumer, base epoch, block): uniforms choosing each document's corpus
+TEXT_ORDER, TEXT_MIX = seeds.TEXT_ORDER, seeds.TEXT_MIX
 _BLOCK = 4096
 
 
