@@ -1,7 +1,9 @@
 """data.source=text: tokenizers, packing by document, sharding, the held-out split, resume to the token, bad input."""
 
+import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -273,7 +275,10 @@ def test_bad_tokenizers_and_vocabularies_are_refused(tmp_path, capsys):
         ("hf:" + str(junk), f"{junk}: does not load"),
         ("sentencepiece:" + str(tmp_path / "none.model"), "no such tokenizer file"),
         ("words", "must be bytes, sentencepiece:PATH"),
+        ("sentencepiece:" + str(junk), f"{junk}: does not load as a SentencePiece model"),
     ]:
+        if spec.startswith("sentencepiece:") and "junk" in spec and importlib.util.find_spec("sentencepiece") is None:
+            continue  # without the package the message is what to install, tested by the import test
         code, err = _train(tmp_path, capsys, _sources(tmp_path / "c"), f"data.tokenizer={spec}")
         assert code == 2 and message in err and len(err.splitlines()) == 1, err
     code, err = _train(tmp_path, capsys, _sources(tmp_path / "c"), "model.vocab_size=100")
@@ -317,3 +322,12 @@ def test_the_stdlib_prefix_resolves_to_this_pythons_library():
     base, found = files.resolve("stdlib:json/*.py")
     assert (base / "__init__.py").exists() and Path(files.expand("stdlib:")).name.startswith("python")
     assert any(f.name == "decoder.py" for f in found)
+
+
+def test_a_missing_optional_package_says_what_to_install(tmp_path, monkeypatch):
+    model = tmp_path / "t.model"
+    model.write_bytes(b"x")
+    for module, spec in (("sentencepiece", f"sentencepiece:{model}"), ("tokenizers", f"hf:{model}")):
+        monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+        with pytest.raises(DataError, match=rf"needs the {module} package: pip install 'nanollama\[text\]'"):
+            load_tokenizer(spec)
