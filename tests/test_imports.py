@@ -96,3 +96,13 @@ def test_the_trainer_names_no_model_and_no_data_source():
         text = path.read_text()
         for name in ("GSSM", "gssm", "Transformer", "transformer"):
             assert name not in text, f"{path.name} names {name}"
+
+
+def test_text_data_imports_no_optional_tokenizer_at_module_level():
+    """sentencepiece, tokenizers and tiktoken are optional (the `text` extra): imported only when used."""
+    optional = {"sentencepiece", "tokenizers", "tiktoken"}
+    for path in (ROOT / "data" / "text").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        top = {a.name.split(".")[0] for n in tree.body if isinstance(n, ast.Import) for a in n.names}
+        top |= {n.module.split(".")[0] for n in tree.body if isinstance(n, ast.ImportFrom) and n.module}
+        assert not top & optional, f"{path.name} imports {top & optional} at module level"

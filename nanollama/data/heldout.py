@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from nanollama.data.batch import IGNORE, Batch, lay_out_for, rows_needed
+from nanollama.data.batch import IGNORE, Batch, rows_needed
 from nanollama.data.source import DataSource
 
 
@@ -23,7 +23,7 @@ class HeldOut:
         self.batches: list[Batch] = []
         for i in range(n_batches):
             tokens, nll, layout_seed = source.held_out(rows, i)
-            self.batches.append(lay_out_for(d, tokens, layout_seed, source.eos, nll=nll))
+            self.batches.append(source.lay_out(tokens, layout_seed, nll=nll))
         self.counts = [int((b.targets != IGNORE).sum()) for b in self.batches]
         has_oracle = all(b.bayes is not None for b in self.batches)
         self.bayes_loss = sum(float(b.bayes.sum()) for b in self.batches) / sum(self.counts) if has_oracle else None

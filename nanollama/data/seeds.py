@@ -17,6 +17,8 @@ FILE_TEST = 4  # key (seed, FILE_TEST, chunk): the test split written to files
 LAYOUT = 5  # key (seed, LAYOUT, step, micro): prompt and document lengths of a training batch
 EVAL_LENGTH = 6  # key (graph_seed, EVAL_LENGTH, L): the sequences eval_length scores at length L
 ONFLY_POOL = 15  # key (seed, ONFLY_POOL, block): the fixed sequences of data.train_sequences=D (onfly)
+TEXT_ORDER = 16  # key (seed, TEXT_ORDER, corpus, consumer, epoch): a text reader's piece order (data/text)
+TEXT_MIX = 17  # key (seed, TEXT_MIX, consumer, base epoch, block): uniforms picking each text document's corpus
 PROBE = 14  # key (graph_seed, PROBE, 0): the sequences probes are fitted and scored on (nanollama.probe)
 
 

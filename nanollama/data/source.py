@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
+from nanollama.data.batch import Batch, lay_out_for
 from nanollama.data.config import DataConfig
 
 
@@ -53,6 +54,10 @@ class DataSource(ABC):
     def eos(self) -> int:
         """The end token packed after each document (data.mask=document)."""
         return self.token_vocab_size
+
+    def lay_out(self, tokens: torch.Tensor, seed: int, nll: torch.Tensor | None = None) -> Batch:
+        """A Batch from this source's rows for data.mask (`seed` draws prompt or document lengths)."""
+        return lay_out_for(self.cfg, tokens, seed, self.eos, nll=nll)
 
     @abstractmethod
     def train_stream(self, rows: int, seed: int, rank: int, world_size: int, pin_memory: bool = False) -> TokenStream:

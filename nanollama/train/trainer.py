@@ -22,7 +22,7 @@ import torch
 
 from nanollama import config, data, distributed, models
 from nanollama.data import seeds
-from nanollama.data.batch import Batch, lay_out_for, rows_needed
+from nanollama.data.batch import Batch, rows_needed
 from nanollama.data.heldout import HeldOut
 from nanollama.observe import flops
 from nanollama.observe.metrics import MetricsFile
@@ -186,7 +186,7 @@ class Trainer:
         # lay out exactly what 1 rank with 2A does.
         index = micro * self.dist.world_size + self.dist.rank
         seed = seeds.derive_seed(self.cfg.seed, seeds.LAYOUT, self.step, index)
-        return lay_out_for(self.cfg.data, next(self.stream), seed, self.source.eos)
+        return self.source.lay_out(next(self.stream), seed)
 
     # ------------------------------------------------------------------ steps
 
