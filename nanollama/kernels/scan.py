@@ -1,0 +1,285 @@
+"""Linear recurrences: the elementwise scan h_t = a_t * h_{t-1} + b_t (minGRU, minLSTM, RG-LRU), its
+log-space form, and Mamba-2's SSD (its chunked form lives in ssd.py and is re-exported here).
+
+Layers, top to bottom: `linear_scan` (public; checks the inputs once and dispatches), then one route:
+`_LinearScan`, an autograd.Function whose forward and backward call either the `nanollama::linear_scan`
+torch ops (Triton, _scan_triton.py; fake impls so torch.compile traces them) or the eager parallel scan
+below. The backward is the reverse scan: dh_t = g_t + a_{t+1} dh_{t+1}, grad_b = dh, grad_a = dh * h_{t-1}.
+Beside them the sequential references `linear_scan_ref` and `ssd_scan_ref` (loops over T, exact in float64)
+and one-token steps for generation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nanollama.kernels.dispatch import use_triton as _use_triton_dispatch
+from nanollama.kernels.ssd import ssd_scan, ssd_scan_ref, ssd_step
+
+__all__ = [
+    "linear_scan",
+    "linear_scan_log",
+    "linear_scan_log_ref",
+    "linear_scan_log_step",
+    "linear_scan_ref",
+    "linear_scan_step",
+    "ssd_scan",
+    "ssd_scan_ref",
+    "ssd_step",
+]
+
+
+def use_triton(*tensors):  # the Triton kernels are not wired in yet: eager everywhere
+    return False
+
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _check(name: str, a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> None:
+    """Shape, dtype and device checks shared by every path (shape-only: safe while tracing)."""
+    if a.dim() != 3 or a.shape != b.shape:
+        raise ValueError(f"{name}: a and b must be (B, T, C) of one shape; got {tuple(a.shape)}, {tuple(b.shape)}")
+    if a.dtype != b.dtype or a.dtype not in _DTYPES:
+        raise ValueError(f"{name}: a and b must share a float dtype (fp16/bf16/fp32/fp64); got {a.dtype}, {b.dtype}")
+    if a.device != b.device:
+        raise ValueError(f"{name}: a and b must be on one device; got {a.device}, {b.device}")
+    if h0 is not None:
+        B, _, C = a.shape
+        if h0.shape != (B, C) or h0.device != a.device:
+            raise ValueError(
+                f"{name}: h0 must be (B, C) = ({B}, {C}) on {a.device}; got {tuple(h0.shape)} on {h0.device}"
+            )
+
+
+# ----------------------------------------------------------------------------- sequential references
+
+
+def linear_scan_ref(
+    a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """h_t = a_t * h_{t-1} + b_t by a loop over T (math in float32, float64 for float64 inputs)."""
+    _check("linear_scan_ref", a, b, h0)
+    compute = _compute_dtype(a.dtype)
+    h = torch.zeros(a.shape[0], a.shape[2], dtype=compute, device=a.device) if h0 is None else h0.to(compute)
+    out = []
+    for t in range(a.shape[1]):
+        h = a[:, t].to(compute) * h + b[:, t].to(compute)
+        out.append(h)
+    hs = torch.stack(out, 1) if out else a.new_empty(a.shape, dtype=compute)  # (B, T, C)
+    return hs.to(a.dtype), h.to(a.dtype)
+
+
+def linear_scan_log_ref(
+    log_a: torch.Tensor, log_b: torch.Tensor, log_h0: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log h_t = logaddexp(log_a_t + log h_{t-1}, log_b_t) by a loop over T (h0 = 0 when log_h0 is None)."""
+    _check("linear_scan_log_ref", log_a, log_b, log_h0)
+    compute = _compute_dtype(log_a.dtype)
+    B, T, C = log_a.shape
+    lh = None if log_h0 is None else log_h0.to(compute)
+    out = []
+    for t in range(T):
+        lb = log_b[:, t].to(compute)
+        lh = lb if lh is None else torch.logaddexp(log_a[:, t].to(compute) + lh, lb)
+        out.append(lh)
+    if lh is None:  # T == 0 and no initial state: h = 0
+        lh = torch.full((B, C), float("-inf"), dtype=compute, device=log_a.device)
+    hs = torch.stack(out, 1) if out else log_a.new_empty(log_a.shape, dtype=compute)
+    return hs.to(log_a.dtype), lh.to(log_a.dtype)
+
+
+# ----------------------------------------------------------------------------- one-token steps
+
+
+def linear_scan_step(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One generation step: state h (B, C), inputs a_t, b_t (B, C) -> (output h_t, new state h_t)."""
+    h_new = a * h + b
+    return h_new, h_new
+
+
+def linear_scan_log_step(
+    log_h: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the log-space recurrence: (B, C) each -> (log h_t, new state log h_t)."""
+    lh = torch.logaddexp(log_a + log_h, log_b)
+    return lh, lh
+
+
+# ----------------------------------------------------------------------------- eager parallel scan
+
+
+def _parallel_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Inclusive scan of (a, b) over dim 1 (Hillis-Steele): log2(T) vectorised steps, no division or log,
+    so exact for any a (zeros and negatives included). Returns h with h_t = a_t h_{t-1} + b_t, h_{-1} = 0."""
+    T = a.shape[1]
+    d = 1
+    while d < T:
+        # (a, b)_t <- (a_t a_{t-d}, a_t b_{t-d} + b_t) for t >= d; the first d rows are already complete.
+        b = torch.cat((b[:, :d], torch.addcmul(b[:, d:], a[:, d:], b[:, :-d])), 1)
+        if 2 * d < T:  # the last step's products are never read
+            a = torch.cat((a[:, :d], a[:, d:] * a[:, :-d]), 1)
+        d *= 2
+    return b
+
+
+def _log_parallel_scan(la: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
+    """The same scan in log space: log h_t = logaddexp(la_t + log h_{t-1}, lb_t), h_{-1} = 0."""
+    T = la.shape[1]
+    d = 1
+    while d < T:
+        lb = torch.cat((lb[:, :d], torch.logaddexp(la[:, d:] + lb[:, :-d], lb[:, d:])), 1)
+        if 2 * d < T:
+            la = torch.cat((la[:, :d], la[:, d:] + la[:, :-d]), 1)
+        d *= 2
+    return lb
+
+
+def _fold_h0(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
+    """b with the initial state folded into its first step: b_0 <- a_0 h0 + b_0."""
+    if h0 is None:
+        return b
+    return torch.cat((torch.addcmul(b[:, :1], a[:, :1], h0[:, None]), b[:, 1:]), 1)
+
+
+def _eager_forward(a, b, h0):
+    compute = _compute_dtype(a.dtype)
+    af, bf = a.to(compute), b.to(compute)
+    h = _parallel_scan(af, _fold_h0(af, bf, None if h0 is None else h0.to(compute)))  # (B, T, C)
+    return h.to(a.dtype)
+
+
+def _eager_backward(a, h, h0, grad_h, grad_last):
+    """(grad_a, grad_b, grad_h0) of the scan from dL/dh (B, T, C) and dL/dh_last (B, C)."""
+    compute = _compute_dtype(a.dtype)
+    af = a.to(compute)
+    g = grad_h.to(compute)
+    g = torch.cat((g[:, :-1], g[:, -1:] + grad_last.to(compute)[:, None]), 1)  # h_last is h[:, -1]
+    # dh_t = g_t + a_{t+1} dh_{t+1}: the forward scan on the time-reversed sequence, a shifted by one
+    a_next = torch.cat((af[:, 1:], torch.zeros_like(af[:, :1])), 1)  # (B, T, C); a_T does not exist
+    dh = _parallel_scan(a_next.flip(1), g.flip(1)).flip(1)
+    first = torch.zeros_like(af[:, 0]) if h0 is None else h0.to(compute)
+    h_prev = torch.cat((first[:, None], h[:, :-1].to(compute)), 1)  # (B, T, C): h_{t-1}
+    grad_a = dh * h_prev
+    grad_h0 = af[:, 0] * dh[:, 0]
+    return grad_a.to(a.dtype), dh.to(a.dtype), grad_h0
+
+
+def _forward(a, b, h0, triton: bool):
+    if triton:
+        return torch.ops.nanollama.linear_scan(a, b, h0)
+    return _eager_forward(a, b, h0)
+
+
+def _backward(a, h, h0, grad_h, grad_last, triton: bool):
+    if triton:
+        return torch.ops.nanollama.linear_scan_bwd(a, h, h0, grad_h, grad_last)
+    return _eager_backward(a, h, h0, grad_h, grad_last)
+
+
+class _LinearScan(torch.autograd.Function):
+    """The scan's autograd: saves a, h and h0 (not b); the backward is one reverse scan."""
+
+    @staticmethod
+    def forward(ctx, a, b, h0, triton: bool):
+        h = _forward(a, b, h0, triton)
+        ctx.save_for_backward(a, h, h0)
+        ctx.triton = triton
+        ctx.h0_dtype = None if h0 is None else h0.dtype
+        return h, h[:, -1]
+
+    @staticmethod
+    def backward(ctx, grad_h, grad_last):
+        a, h, h0 = ctx.saved_tensors
+        if grad_h is None:
+            grad_h = torch.zeros_like(h)
+        if grad_last is None:
+            grad_last = torch.zeros_like(h[:, -1])
+        grad_a, grad_b, grad_h0 = _backward(a, h, h0, grad_h, grad_last, ctx.triton)
+        return grad_a, grad_b, None if h0 is None else grad_h0.to(ctx.h0_dtype), None
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """h_t = a_t * h_{t-1} + b_t elementwise; returns (h (B, T, C), h_last (B, C)).
+
+    a, b: (B, T, C) of one dtype (fp16/bf16/fp32/fp64; math in fp32 at least); h0: (B, C) or None
+    (zeros). h_last = h[:, -1], or h0 (zeros) when T == 0. Differentiable in a, b and h0. Triton on
+    CUDA tensors (NANOLLAMA_KERNELS, nanollama.kernels.dispatch), else the eager parallel scan (log2 T
+    vectorised steps; exact for any a, including zeros and negatives).
+    """
+    _check("linear_scan", a, b, h0)
+    if h0 is not None and h0.dtype != a.dtype:
+        h0 = h0.to(a.dtype)
+    B, T, C = a.shape
+    if T == 0:
+        last = torch.zeros(B, C, dtype=a.dtype, device=a.device) if h0 is None else h0
+        return a.new_empty(a.shape) + 0 * b, last  # keeps the graph connected to a and b
+    tensors = (a, b) if h0 is None else (a, b, h0)
+    return _LinearScan.apply(a, b, h0, use_triton(*tensors))
+
+
+class _LogScan(torch.autograd.Function):
+    """log h_t = logaddexp(log_a_t + log h_{t-1}, log_b_t). Its backward is a linear reverse scan:
+    d log h_t / d log h_{t-1} = w_t = exp(log_a_t + log h_{t-1} - log h_t) in [0, 1], and
+    d log h_t / d log b_t = exp(log_b_t - log h_t); so it reuses linear_scan's backward with a = w."""
+
+    @staticmethod
+    def forward(ctx, la, lb, lh0, triton: bool):
+        compute = _compute_dtype(la.dtype)
+        laf, lbf = la.to(compute), lb.to(compute)
+        if lh0 is not None:  # fold the initial state into the first step
+            lbf = torch.cat((torch.logaddexp(laf[:, :1] + lh0.to(compute)[:, None], lbf[:, :1]), lbf[:, 1:]), 1)
+        lh = _log_parallel_scan(laf, lbf)  # (B, T, C) in the compute dtype
+        ctx.save_for_backward(la, lb, lh0, lh)
+        ctx.triton = triton
+        out = lh.to(la.dtype)
+        return out, out[:, -1]
+
+    @staticmethod
+    def backward(ctx, grad_lh, grad_last):
+        la, lb, lh0, lh = ctx.saved_tensors
+        compute = lh.dtype
+        if grad_lh is None:
+            grad_lh = torch.zeros_like(lh)
+        if grad_last is None:
+            grad_last = torch.zeros_like(lh[:, -1])
+        first = None if lh0 is None else lh0.to(compute)[:, None]
+        lh_prev = torch.cat((first if first is not None else torch.full_like(lh[:, :1], float("-inf")), lh[:, :-1]), 1)
+        w = torch.exp(la.to(compute) + lh_prev - lh)  # (B, T, C); 0 where h_{t-1} = 0
+        w = torch.nan_to_num(w, nan=0.0)  # -inf - -inf where h_t = 0 too (b = 0 and no state): no gradient
+        # only dh (= grad_b of the linear scan with a = w) is needed: h and h0 are dummies
+        one = torch.ones_like(lh[:, 0])
+        _, dh, _ = _backward(w, torch.ones_like(lh), one, grad_lh.to(compute), grad_last.to(compute), ctx.triton)
+        dh = dh.to(compute)  # dL/d log h_t, all paths included
+        grad_la = dh * w
+        grad_lb = dh * torch.nan_to_num(torch.exp(lb.to(compute) - lh), nan=0.0)
+        grad_lh0 = None if lh0 is None else (dh[:, 0] * w[:, 0]).to(lh0.dtype)
+        return grad_la.to(la.dtype), grad_lb.to(lb.dtype), grad_lh0, None
+
+
+def linear_scan_log(
+    log_a: torch.Tensor, log_b: torch.Tensor, log_h0: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scan in log space for positive b and h (minGRU/minLSTM's parallel form): returns
+    (log_h (B, T, C), log_h_last (B, C)) with log h_t = logaddexp(log_a_t + log h_{t-1}, log_b_t).
+
+    log_a, log_b: (B, T, C); log_h0: (B, C) or None (h0 = 0). Every step is a logaddexp of two numbers
+    no larger than the result, so it stays exact at any T (no cumulative sums that grow with T).
+    Differentiable in all three.
+    """
+    _check("linear_scan_log", log_a, log_b, log_h0)
+    if log_h0 is not None and log_h0.dtype != log_a.dtype:
+        log_h0 = log_h0.to(log_a.dtype)
+    B, T, C = log_a.shape
+    if T == 0:
+        last = torch.full((B, C), float("-inf"), dtype=log_a.dtype, device=log_a.device) if log_h0 is None else log_h0
+        return log_a.new_empty(log_a.shape) + 0 * log_b, last
+    tensors = (log_a, log_b) if log_h0 is None else (log_a, log_b, log_h0)
+    return _LogScan.apply(log_a, log_b, log_h0, use_triton(*tensors))
