@@ -74,10 +74,10 @@ class SSD(nn.Module):
         return {"h": (batch_size, self.H, self.P, self.N), **self.conv.state_shapes(batch_size)}
 
     def scan_flops(self) -> float:
-        # chunked SSD per token: intra-chunk C B^T and its product with x (2 * 2 * L * (N + P) per head),
-        # state in and out (2 * 2 * 2 * P * N per head), plus the conv
+        # chunked SSD per token, not in 6N: intra-chunk C B^T and its product with x (2 * 2 * L * (N + P)
+        # per head), the chunk states in and out (2 * 2 * 2 * P * N per head)
         per_head = 4.0 * self.chunk * (self.N + self.P) + 8.0 * self.P * self.N
-        return self.H * per_head + 2.0 * self.conv.width * self.conv_channels
+        return self.H * per_head
 
     def initial_value(self, name, shape, seed, index):
         if name == "A_log":  # A = -exp(A_log) in [-16, -1]
