@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from nanollama.kernels.dispatch import use_triton as _use_triton_dispatch
+from nanollama.kernels._triton import cdiv, launch_device, pow2_at_least
+from nanollama.kernels.dispatch import use_triton
 from nanollama.kernels.ssd import ssd_scan, ssd_scan_ref, ssd_step
 
 __all__ = [
@@ -27,10 +28,6 @@ __all__ = [
     "ssd_scan_ref",
     "ssd_step",
 ]
-
-
-def use_triton(*tensors):  # the Triton kernels are not wired in yet: eager everywhere
-    return False
 
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -169,10 +166,122 @@ def _eager_backward(a, h, h0, grad_h, grad_last):
     return grad_a.to(a.dtype), dh.to(a.dtype), grad_h0
 
 
+# ----------------------------------------------------------------------------- launcher
+
+
+def _blocks(T: int, C: int, on_gpu: bool) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_C, num_warps). On a GPU, 32 channels (128 contiguous bytes of fp32 per row) keep
+    B * C / 32 programs in flight, each streaming 64-row chunks; under the interpreter, whose cost is per
+    operation, whole blocks as large as the input allows."""
+    if on_gpu:
+        return min(64, pow2_at_least(T)), min(32, pow2_at_least(C)), 4
+    return min(256, pow2_at_least(T)), min(128, pow2_at_least(C)), 1
+
+
+def _check_kernel_side(a: torch.Tensor) -> None:
+    if not a.is_cuda:
+        from nanollama.kernels import _scan_triton
+
+        # decorated while TRITON_INTERPRET was off
+        if type(_scan_triton._scan_fwd_kernel).__name__ != "InterpretedFunction":
+            raise RuntimeError(
+                "the scan Triton kernel was defined before TRITON_INTERPRET=1 was set: "
+                "set it before the first Triton call (and before importing triton)"
+            )
+
+
+def _launch_scan(a, b, h0, log: bool):
+    """Forward scan; returns (h, h_last), new contiguous tensors.
+
+    Shape contract:
+      a, b (B, T, C): any strides, one float dtype (fp16/bf16/fp32); T >= 1
+      h0 (B, C) of a's dtype, any strides, or None (h0 = 0; log: log h0 = -inf)
+      log: a, b, h0 are log a, log b, log h0 and h is log h (then h and h_last are float32)
+      h (B, T, C), h_last (B, C): a's dtype (float32 when log)
+    linear_scan checks shapes first (_check).
+    """
+    from nanollama.kernels._scan_triton import _scan_fwd_kernel
+
+    _check_kernel_side(a)
+    B, T, C = a.shape
+    out_dtype = torch.float32 if log else a.dtype
+    h = torch.empty((B, T, C), dtype=out_dtype, device=a.device)
+    h_last = torch.empty((B, C), dtype=out_dtype, device=a.device)
+    block_t, block_c, warps = _blocks(T, C, a.is_cuda)
+    h0_strides = h0.stride() if h0 is not None else (0, 0)
+    with launch_device(a):
+        _scan_fwd_kernel[(B, cdiv(C, block_c))](
+            a, b, h0 if h0 is not None else a, h, h_last,
+            T, C, *a.stride(), *b.stride(), *h0_strides, *h.stride(), *h_last.stride(),
+            HAS_H0=h0 is not None, LOG=log, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps,
+        )  # fmt: skip
+    return h, h_last
+
+
+def _launch_scan_bwd(a, h, h0, grad_h, grad_last):
+    """Reverse scan; returns (grad_a, grad_b, grad_h0), new contiguous tensors of a's dtype.
+
+    Shape contract: a, h, grad_h (B, T, C), any strides, T >= 1; h0 None or (B, C); grad_last (B, C).
+    grad_h0 = a_0 * dh_0 (the gradient of a zero initial state when h0 is None).
+    """
+    from nanollama.kernels._scan_triton import _scan_bwd_kernel
+
+    _check_kernel_side(a)
+    B, T, C = a.shape
+    grad_a = torch.empty((B, T, C), dtype=a.dtype, device=a.device)
+    grad_b = torch.empty((B, T, C), dtype=a.dtype, device=a.device)
+    grad_h0 = torch.empty((B, C), dtype=a.dtype, device=a.device)
+    block_t, block_c, warps = _blocks(T, C, a.is_cuda)
+    h0_strides = h0.stride() if h0 is not None else (0, 0)
+    with launch_device(a):
+        _scan_bwd_kernel[(B, cdiv(C, block_c))](
+            a, h, h0 if h0 is not None else a, grad_h, grad_last, grad_a, grad_b, grad_h0,
+            T, C, *a.stride(), *h.stride(), *h0_strides, *grad_h.stride(), *grad_last.stride(),
+            *grad_a.stride(), *grad_b.stride(), *grad_h0.stride(),
+            HAS_H0=h0 is not None, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps,
+        )  # fmt: skip
+    return grad_a, grad_b, grad_h0
+
+
+# ----------------------------------------------------------------------------- torch ops
+#
+# One route, eager and traced: _LinearScan / _LogScan -> these ops (Triton) or the eager parallel scan.
+
+
+@torch.library.custom_op(
+    "nanollama::linear_scan", mutates_args=(), schema="(Tensor a, Tensor b, Tensor? h0, bool log) -> (Tensor, Tensor)"
+)
+def _linear_scan_op(a, b, h0, log):
+    return _launch_scan(a, b, h0, log)
+
+
+@_linear_scan_op.register_fake
+def _linear_scan_fake(a, b, h0, log):
+    dtype = torch.float32 if log else a.dtype
+    B, T, C = a.shape
+    return a.new_empty((B, T, C), dtype=dtype), a.new_empty((B, C), dtype=dtype)
+
+
+@torch.library.custom_op(
+    "nanollama::linear_scan_bwd",
+    mutates_args=(),
+    schema="(Tensor a, Tensor h, Tensor? h0, Tensor grad_h, Tensor grad_last) -> (Tensor, Tensor, Tensor)",
+)
+def _linear_scan_bwd_op(a, h, h0, grad_h, grad_last):
+    return _launch_scan_bwd(a, h, h0, grad_h, grad_last)
+
+
+@_linear_scan_bwd_op.register_fake
+def _linear_scan_bwd_fake(a, h, h0, grad_h, grad_last):
+    B, T, C = a.shape
+    return a.new_empty((B, T, C)), a.new_empty((B, T, C)), a.new_empty((B, C))
+
+
 def _forward(a, b, h0, triton: bool):
     if triton:
-        return torch.ops.nanollama.linear_scan(a, b, h0)
-    return _eager_forward(a, b, h0)
+        return torch.ops.nanollama.linear_scan(a, b, h0, False)
+    h = _eager_forward(a, b, h0)
+    return h, h[:, -1].clone()
 
 
 def _backward(a, h, h0, grad_h, grad_last, triton: bool):
@@ -186,11 +295,10 @@ class _LinearScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, b, h0, triton: bool):
-        h = _forward(a, b, h0, triton)
+        h, h_last = _forward(a, b, h0, triton)
         ctx.save_for_backward(a, h, h0)
         ctx.triton = triton
-        ctx.h0_dtype = None if h0 is None else h0.dtype
-        return h, h[:, -1]
+        return h, h_last
 
     @staticmethod
     def backward(ctx, grad_h, grad_last):
@@ -200,7 +308,7 @@ class _LinearScan(torch.autograd.Function):
         if grad_last is None:
             grad_last = torch.zeros_like(h[:, -1])
         grad_a, grad_b, grad_h0 = _backward(a, h, h0, grad_h, grad_last, ctx.triton)
-        return grad_a, grad_b, None if h0 is None else grad_h0.to(ctx.h0_dtype), None
+        return grad_a, grad_b, None if h0 is None else grad_h0.to(h0.dtype), None
 
 
 # ----------------------------------------------------------------------------- public
@@ -232,15 +340,19 @@ class _LogScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, la, lb, lh0, triton: bool):
-        compute = _compute_dtype(la.dtype)
-        laf, lbf = la.to(compute), lb.to(compute)
-        if lh0 is not None:  # fold the initial state into the first step
-            lbf = torch.cat((torch.logaddexp(laf[:, :1] + lh0.to(compute)[:, None], lbf[:, :1]), lbf[:, 1:]), 1)
-        lh = _log_parallel_scan(laf, lbf)  # (B, T, C) in the compute dtype
+        if triton:
+            lh, _ = torch.ops.nanollama.linear_scan(la, lb, lh0, True)  # (B, T, C) float32
+        else:
+            compute = _compute_dtype(la.dtype)
+            laf, lbf = la.to(compute), lb.to(compute)
+            if lh0 is not None:  # fold the initial state into the first step
+                first = torch.logaddexp(laf[:, :1] + lh0.to(compute)[:, None], lbf[:, :1])
+                lbf = torch.cat((first, lbf[:, 1:]), 1)
+            lh = _log_parallel_scan(laf, lbf)  # (B, T, C) in the compute dtype
         ctx.save_for_backward(la, lb, lh0, lh)
         ctx.triton = triton
         out = lh.to(la.dtype)
-        return out, out[:, -1]
+        return out, out[:, -1].clone()
 
     @staticmethod
     def backward(ctx, grad_lh, grad_last):
@@ -250,14 +362,13 @@ class _LogScan(torch.autograd.Function):
             grad_lh = torch.zeros_like(lh)
         if grad_last is None:
             grad_last = torch.zeros_like(lh[:, -1])
-        first = None if lh0 is None else lh0.to(compute)[:, None]
-        lh_prev = torch.cat((first if first is not None else torch.full_like(lh[:, :1], float("-inf")), lh[:, :-1]), 1)
-        w = torch.exp(la.to(compute) + lh_prev - lh)  # (B, T, C); 0 where h_{t-1} = 0
-        w = torch.nan_to_num(w, nan=0.0)  # -inf - -inf where h_t = 0 too (b = 0 and no state): no gradient
-        # only dh (= grad_b of the linear scan with a = w) is needed: h and h0 are dummies
-        one = torch.ones_like(lh[:, 0])
-        _, dh, _ = _backward(w, torch.ones_like(lh), one, grad_lh.to(compute), grad_last.to(compute), ctx.triton)
-        dh = dh.to(compute)  # dL/d log h_t, all paths included
+        first = torch.full_like(lh[:, :1], float("-inf")) if lh0 is None else lh0.to(compute)[:, None]
+        lh_prev = torch.cat((first, lh[:, :-1]), 1)  # (B, T, C): log h_{t-1}
+        # w = 0 where h_{t-1} = 0; nan (-inf - -inf) where h_t = 0 too, which carries no gradient
+        w = torch.nan_to_num(torch.exp(la.to(compute) + lh_prev - lh), nan=0.0)  # (B, T, C)
+        # dL/d log h_t over all paths = grad_b of the linear scan with a = w (h there is only a placeholder)
+        _, dh, _ = _backward(w, w, None, grad_lh.to(compute), grad_last.to(compute), ctx.triton)
+        dh = dh.to(compute)
         grad_la = dh * w
         grad_lb = dh * torch.nan_to_num(torch.exp(lb.to(compute) - lh), nan=0.0)
         grad_lh0 = None if lh0 is None else (dh[:, 0] * w[:, 0]).to(lh0.dtype)
