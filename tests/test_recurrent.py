@@ -172,3 +172,19 @@ def test_a_hybrid_accepts_prefix_lm_and_a_pure_rnn_has_no_context_limit():
     assert cfg.model.layer_kinds == "RR" and cfg.model.expand == 1
     cfg = _load(["model.arch=mamba2", "data.seq_len=4096"])
     assert cfg.model.expand == 2 and math.isfinite(cfg.model.max_seq_len)
+
+
+def test_a_hybrid_passes_the_mask_to_its_attention_blocks_only():
+    """Under a prefix-LM mask the attention block sees the whole prompt: logits inside the prompt change
+    with a later prompt token, and logits of a pure recurrent prefix (layer 0 only) would not."""
+    from nanollama.kernels import masks
+
+    model = tiny("hybrid", n_layers=2, pattern="RA")
+    tokens = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(5))
+    mask = masks.prefix_lm(torch.tensor([5, 5]))
+    changed = tokens.clone()
+    changed[:, 4] = (changed[:, 4] + 1) % VOCAB
+    a, b = model(tokens, mask=mask), model(changed, mask=mask)
+    assert not torch.allclose(a[:, :4], b[:, :4])  # position < 4 sees token 4 through attention
+    causal_a, causal_b = model(tokens), model(changed)
+    assert torch.equal(causal_a[:, :4], causal_b[:, :4])
