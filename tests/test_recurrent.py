@@ -156,9 +156,12 @@ def _load(overrides):
         (["model.arch=hybrid", "model.pattern=RXA"], r"model\.pattern: must be a non-empty string of R .* 'RXA'"),
         (["model.arch=hybrid", "model.recurrent=lstm"], r"model\.recurrent"),
         (["model.arch=hybrid", "model.n_heads=3"], r"model\.n_heads: dim=128 is not divisible by n_heads=3"),
-        (["model.arch=mingru", "data.mask=prefix_lm"], r"data\.mask: model\.arch=mingru supports only .*causal"),
+        (["model.arch=mingru", "data.mask=prefix_lm"], r"data\.mask: model\.arch=mingru cannot train with prefix_lm"),
         (["model.arch=mamba2", "data.mask=document"], r"data\.mask: .*not reset at document starts"),
-        (["model.arch=hybrid", "data.mask=document"], r"data\.mask: model\.arch=hybrid does not support"),
+        (
+            ["model.arch=hybrid", "model.recurrent=mamba2", "data.mask=document"],
+            r"data\.mask: model\.arch=hybrid with recurrent=mamba2 cannot train with document",
+        ),
     ],
 )
 def test_bad_configs_are_one_line_naming_the_field(overrides, match):
@@ -176,7 +179,7 @@ def test_a_hybrid_accepts_prefix_lm_and_a_pure_rnn_has_no_context_limit():
 
 def test_a_hybrid_passes_the_mask_to_its_attention_blocks_only():
     """Under a prefix-LM mask the attention block sees the whole prompt: logits inside the prompt change
-    with a later prompt token, and logits of a pure recurrent prefix (layer 0 only) would not."""
+    with a later prompt token; under the causal mask they do not."""
     from nanollama.kernels import masks
 
     model = tiny("hybrid", n_layers=2, pattern="RA")
@@ -188,3 +191,23 @@ def test_a_hybrid_passes_the_mask_to_its_attention_blocks_only():
     assert not torch.allclose(a[:, :4], b[:, :4])  # position < 4 sees token 4 through attention
     causal_a, causal_b = model(tokens), model(changed)
     assert torch.equal(causal_a[:, :4], causal_b[:, :4])
+
+
+@pytest.mark.parametrize("arch", ["mingru", "minlstm", "hawk", "hybrid"])
+def test_packed_documents_reset_the_state_each_document_as_if_alone(arch):
+    """Under document packing (positions restart at 0), a document's logits equal those of it run alone."""
+    from nanollama.kernels import masks
+
+    model = tiny(arch, gain=3.0, n_layers=2, **({"pattern": "RA"} if arch == "hybrid" else {}))
+    g = torch.Generator().manual_seed(6)
+    lengths = [5, 1, 7]  # a one-token document too
+    docs = [torch.randint(0, VOCAB, (1, n), generator=g) for n in lengths]
+    tokens = torch.cat(docs, 1)  # (1, 13)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
+    packed = model(tokens, mask=masks.document(ids), positions=positions)
+    start = 0
+    for doc, n in zip(docs, lengths):
+        torch.testing.assert_close(packed[:, start : start + n], model(doc), atol=2e-5, rtol=2e-5)
+        start += n
+    assert not torch.allclose(packed[:, 6:], model(tokens)[:, 6:])  # without the resets, context leaks

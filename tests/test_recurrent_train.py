@@ -40,6 +40,12 @@ def test_loss_falls_on_a_tiny_cpu_config(arch, tmp_path):
     assert last < first - 0.3, (first, last)  # log 32 = 3.47 at the start
 
 
+def test_document_packing_trains_with_resets(tmp_path):
+    records = _train("minlstm", tmp_path / "doc", 30, {"data.mask": "document", "data.doc_min": 4})
+    train = [r for r in records if "loss" in r]
+    assert train[-1]["loss"] < train[0]["loss"] - 0.3, (train[0]["loss"], train[-1]["loss"])
+
+
 def test_probing_activations_of_recurrent_and_attention_blocks(tmp_path):
     run_dir = tmp_path / "hybrid"
     _train("hybrid", run_dir, 2)

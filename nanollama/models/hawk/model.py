@@ -87,9 +87,11 @@ class RGLRU(nn.Module):
         blocks = u.view(B, S, self.heads, -1)  # (B, S, heads, block)
         return torch.sigmoid(torch.einsum("bshi,hij->bshj", blocks, w.to(u.dtype)).reshape(B, S, -1) + b)
 
-    def forward(self, x: torch.Tensor, state=None) -> torch.Tensor:
+    resets = True  # at packed document starts (positions == 0): a fresh conv window and a = 0
+
+    def forward(self, x: torch.Tensor, state=None, positions: torch.Tensor | None = None) -> torch.Tensor:
         u, gate = self.in_proj(x).chunk(2, dim=-1)  # (B, S, E) each
-        u = self.conv(u, state).float()
+        u = self.conv(u, state, positions).float()
         r = self._gate(u, self.gate_a.float(), self.gate_a_bias.float())
         i = self._gate(u, self.gate_x.float(), self.gate_x_bias.float())
         log_a = -C_EXPONENT * r * F.softplus(-self.decay.float())  # (B, S, E), <= 0
@@ -104,6 +106,8 @@ class RGLRU(nn.Module):
             if state is not None and state.valid is not None:
                 v = state.valid[..., None]
                 a, b = torch.where(v, a, 1.0), torch.where(v, b, 0.0)  # padded steps leave h unchanged
+            if positions is not None:  # b keeps its sqrt(1 - a^2) of the real a, as at a sequence's start
+                a = a.masked_fill((positions == 0)[..., None], 0.0)
             h, last = linear_scan(a, b)  # (B, S, E), (B, E)
             if state is not None:
                 state.set("h", last)

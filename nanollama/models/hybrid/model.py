@@ -74,15 +74,18 @@ class HybridConfig(RecurrentConfig):
             vocab_size=self.vocab_size,
         )
 
+    def resets_at_documents(self) -> bool:
+        return self.recurrent != "mamba2"  # see SSD.resets
+
     def check_data(self, data) -> None:
         """prefix_lm works (attention layers see the whole prompt, recurrent ones read it causally);
-        document does not: the recurrent state would carry one document into the next."""
+        document where the recurrent kind resets at document starts."""
         mask = getattr(data, "mask", "causal")
-        if mask == "document":
+        if mask == "document" and not self.resets_at_documents():
             raise ConfigError(
                 "data.mask",
-                "model.arch=hybrid does not support data.mask=document (its recurrent state is not reset at "
-                "document starts); use causal or prefix_lm",
+                f"model.arch=hybrid with recurrent={self.recurrent} cannot train with document (its state is not "
+                "reset at document starts); use causal or prefix_lm, or another model.recurrent",
             )
 
 

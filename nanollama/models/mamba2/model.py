@@ -38,6 +38,9 @@ class Mamba2Config(RecurrentConfig):
         super().__post_init__()
         check_fields(self)
 
+    def resets_at_documents(self) -> bool:
+        return False  # see SSD.resets
+
 
 def check_fields(cfg) -> None:
     """The mixer's fields (shared with a hybrid's config)."""
@@ -89,7 +92,9 @@ class SSD(nn.Module):
             return torch.ones(shape)
         return None
 
-    def forward(self, u: torch.Tensor, state=None) -> torch.Tensor:
+    resets = False  # a reset inside an SSD chunk needs the kernel's support: document packing is refused
+
+    def forward(self, u: torch.Tensor, state=None, positions=None) -> torch.Tensor:
         Bsz, S, _ = u.shape
         z, xbc, dt = self.in_proj(u).split([self.width, self.conv_channels, self.H], dim=-1)
         xbc = F.silu(self.conv(xbc, state))  # (B, S, E + 2GN)

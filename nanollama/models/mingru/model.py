@@ -48,7 +48,9 @@ class MinGRU(nn.Module):
     def initial_value(self, name, shape, seed, index):
         return None
 
-    def forward(self, x: torch.Tensor, state=None) -> torch.Tensor:
+    resets = True  # at packed document starts (positions == 0): log a = -inf, h_t = b_t
+
+    def forward(self, x: torch.Tensor, state=None, positions: torch.Tensor | None = None) -> torch.Tensor:
         k, pre = self.in_proj(x).float().chunk(2, dim=-1)  # (B, S, E) each, in float32
         if state is not None and state.decoding:
             z = torch.sigmoid(k[:, 0])
@@ -57,6 +59,8 @@ class MinGRU(nn.Module):
             return self.out_proj(h[:, None].to(x.dtype))
         log_a, log_b = -F.softplus(k), -F.softplus(-k) + log_g(pre)  # log(1 - z), log(z h~)
         log_a, log_b = padding_to_identity(None if state is None else state.valid, log_a, log_b, 0.0, float("-inf"))
+        if positions is not None:
+            log_a = log_a.masked_fill((positions == 0)[..., None], float("-inf"))
         log_h, log_last = linear_scan_log(log_a, log_b)  # (B, S, E), (B, E)
         if state is not None:
             state.set("h", log_last.exp())

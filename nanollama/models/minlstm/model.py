@@ -49,7 +49,9 @@ class MinLSTM(nn.Module):
     def initial_value(self, name, shape, seed, index):
         return None
 
-    def forward(self, x: torch.Tensor, state=None) -> torch.Tensor:
+    resets = True  # at packed document starts (positions == 0): log a = -inf, h_t = b_t
+
+    def forward(self, x: torch.Tensor, state=None, positions: torch.Tensor | None = None) -> torch.Tensor:
         kf, ki, pre = self.in_proj(x).float().chunk(3, dim=-1)  # (B, S, E) each, in float32
         d = F.softplus(-kf) - F.softplus(-ki)
         if state is not None and state.decoding:
@@ -59,6 +61,8 @@ class MinLSTM(nn.Module):
             return self.out_proj(h[:, None].to(x.dtype))
         log_a, log_b = -F.softplus(d), -F.softplus(-d) + log_g(pre)
         log_a, log_b = padding_to_identity(None if state is None else state.valid, log_a, log_b, 0.0, float("-inf"))
+        if positions is not None:
+            log_a = log_a.masked_fill((positions == 0)[..., None], float("-inf"))
         log_h, log_last = linear_scan_log(log_a, log_b)  # (B, S, E), (B, E)
         if state is not None:
             state.set("h", log_last.exp())

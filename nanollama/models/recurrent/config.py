@@ -33,19 +33,28 @@ class RecurrentConfig:
             f"must be > 0 and finite, got {self.norm_eps}",
         )
 
+    def resets_at_documents(self) -> bool:
+        """Whether every recurrent layer restarts its state where a packed document starts."""
+        return True
+
     def check_data(self, data) -> None:
         """Refuse a data layout a recurrent state cannot honour (called by TrainConfig with the data section).
 
         prefix_lm: a recurrence reads left to right and cannot see the rest of the prompt.
-        document: the state would carry one document into the next (no resets are implemented).
+        document: fine where the layers reset at each document's first token (position 0).
         """
         mask = getattr(data, "mask", "causal")
-        if mask != "causal":
+        if mask == "prefix_lm":
             raise ConfigError(
                 "data.mask",
-                f"model.arch={self.arch} supports only data.mask=causal, got {mask} (a recurrent state "
-                + ("cannot see the rest of a prompt" if mask == "prefix_lm" else "is not reset at document starts")
-                + "; use model.arch=transformer or hybrid for prefix_lm)",
+                f"model.arch={self.arch} cannot train with prefix_lm (a recurrent state cannot see the rest of "
+                "a prompt); use causal or document, or model.arch=transformer or hybrid for prefix_lm",
+            )
+        if mask == "document" and not self.resets_at_documents():
+            raise ConfigError(
+                "data.mask",
+                f"model.arch={self.arch} cannot train with document (its state is not reset at document starts); "
+                "use causal",
             )
 
 

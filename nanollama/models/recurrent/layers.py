@@ -44,7 +44,9 @@ class CausalConv1d(nn.Module):
     def state_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
         return {self.state_name: (batch_size, self.width - 1, self.channels)}
 
-    def forward(self, u: torch.Tensor, state=None) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, state=None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """positions (B, S), in training under document packing: tap k reads u[t - k] only if
+        positions[t] >= k (the same document), so each document starts with a zero window."""
         B, S, C = u.shape
         if state is not None and state.decoding:
             window = torch.cat([state.get(self.state_name).to(u.dtype), u], dim=1)  # (B, W, C)
@@ -56,6 +58,11 @@ class CausalConv1d(nn.Module):
             lengths = state.lengths(B, S, u.device)  # (B,) real tokens per row
             idx = lengths[:, None] + torch.arange(self.width - 1, device=u.device)[None, :]  # (B, W - 1)
             state.set(self.state_name, padded.gather(1, idx[:, :, None].expand(-1, -1, C)))
+        if positions is not None and self.width > 1:
+            windows = padded.unfold(1, self.width, 1)  # (B, S, C, W): window j reads u[t - (W - 1 - j)]
+            lag = torch.arange(self.width - 1, -1, -1, device=u.device)  # (W,)
+            keep = (positions[:, :, None] >= lag).to(u.dtype)[:, :, None, :]  # (B, S, 1, W)
+            return (windows * keep * self.weight[:, 0].to(u.dtype)).sum(-1) + self.bias.to(u.dtype)
         out = F.conv1d(padded.transpose(1, 2), self.weight.to(u.dtype), self.bias.to(u.dtype), groups=C)  # (B, C, S)
         return out.transpose(1, 2)
 
@@ -78,7 +85,8 @@ class ResidualBlock(nn.Module):
     """x + mixer(norm(x)), then x + MLP(norm(x)) (Griffin's residual block; Mamba-2's with an MLP).
 
     Called like the Transformer's Block (x, cos, sin, mask, positions, cache) so a hybrid runs both
-    in one loop; a recurrent mixer reads only x and its layer state (`cache`).
+    in one loop; a recurrent mixer reads x, its layer state (`cache`) and, if it supports resets
+    (`mixer.resets`), the positions of packed documents.
     """
 
     def __init__(self, dim: int, hidden_dim: int, norm_eps: float, mixer: nn.Module, activation: str = "silu"):
@@ -90,7 +98,10 @@ class ResidualBlock(nn.Module):
             self.feed_forward = GatedMLP(dim, hidden_dim, activation)
 
     def forward(self, x, cos=None, sin=None, mask=None, positions=None, cache=None):
-        x = x + self.mixer(self.mixer_norm(x), cache)
+        # positions reach a recurrent mixer only to reset it where a packed document starts (position 0);
+        # generation (a state) never packs documents.
+        resets = positions if cache is None and positions is not None and self.mixer.resets else None
+        x = x + self.mixer(self.mixer_norm(x), cache, resets)
         if hasattr(self, "feed_forward"):
             x = x + self.feed_forward(self.ffn_norm(x))
         return x
