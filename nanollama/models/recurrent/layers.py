@@ -100,7 +100,7 @@ class ResidualBlock(nn.Module):
     def forward(self, x, cos=None, sin=None, mask=None, positions=None, cache=None):
         # positions reach a recurrent mixer only to reset it where a packed document starts (position 0);
         # generation (a state) never packs documents.
-        resets = positions if cache is None and positions is not None and self.mixer.resets else None
+        resets = positions if cache is None and positions is not None and getattr(self.mixer, "resets", False) else None
         x = x + self.mixer(self.mixer_norm(x), cache, resets)
         if hasattr(self, "feed_forward"):
             x = x + self.feed_forward(self.ffn_norm(x))
