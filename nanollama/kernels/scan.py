@@ -3,8 +3,8 @@ log-space form, and Mamba-2's SSD (its chunked form lives in ssd.py and is re-ex
 
 Layers, top to bottom: `linear_scan` (public; checks the inputs once and dispatches), then one route:
 `_LinearScan`, an autograd.Function whose forward and backward call either the `nanollama::linear_scan`
-torch ops (Triton, _scan_triton.py; fake impls so torch.compile traces them) or the eager parallel scan
-below. The backward is the reverse scan: dh_t = g_t + a_{t+1} dh_{t+1}, grad_b = dh, grad_a = dh * h_{t-1}.
+torch ops (Triton, _scan_triton.py; fake impls so torch.compile traces them) or the eager chunked scan
+(_scan_eager.py). The backward is the reverse scan: dh_t = g_t + a_{t+1} dh_{t+1}, grad_b = dh, grad_a = dh * h_{t-1}.
 Beside them the sequential references `linear_scan_ref` and `ssd_scan_ref` (loops over T, exact in float64)
 and one-token steps for generation.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from nanollama.kernels._scan_eager import chunked_scan
 from nanollama.kernels._triton import cdiv, launch_device, pow2_at_least
 from nanollama.kernels.dispatch import use_triton
 from nanollama.kernels.ssd import ssd_scan, ssd_scan_ref, ssd_step
@@ -107,46 +108,12 @@ def linear_scan_log_step(
     return lh, lh
 
 
-# ----------------------------------------------------------------------------- eager parallel scan
-
-
-def _parallel_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Inclusive scan of (a, b) over dim 1 (Hillis-Steele): log2(T) vectorised steps, no division or log,
-    so exact for any a (zeros and negatives included). Returns h with h_t = a_t h_{t-1} + b_t, h_{-1} = 0."""
-    T = a.shape[1]
-    d = 1
-    while d < T:
-        # (a, b)_t <- (a_t a_{t-d}, a_t b_{t-d} + b_t) for t >= d; the first d rows are already complete.
-        b = torch.cat((b[:, :d], torch.addcmul(b[:, d:], a[:, d:], b[:, :-d])), 1)
-        if 2 * d < T:  # the last step's products are never read
-            a = torch.cat((a[:, :d], a[:, d:] * a[:, :-d]), 1)
-        d *= 2
-    return b
-
-
-def _log_parallel_scan(la: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
-    """The same scan in log space: log h_t = logaddexp(la_t + log h_{t-1}, lb_t), h_{-1} = 0."""
-    T = la.shape[1]
-    d = 1
-    while d < T:
-        lb = torch.cat((lb[:, :d], torch.logaddexp(la[:, d:] + lb[:, :-d], lb[:, d:])), 1)
-        if 2 * d < T:
-            la = torch.cat((la[:, :d], la[:, d:] + la[:, :-d]), 1)
-        d *= 2
-    return lb
-
-
-def _fold_h0(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
-    """b with the initial state folded into its first step: b_0 <- a_0 h0 + b_0."""
-    if h0 is None:
-        return b
-    return torch.cat((torch.addcmul(b[:, :1], a[:, :1], h0[:, None]), b[:, 1:]), 1)
+# ----------------------------------------------------------------------------- eager path
 
 
 def _eager_forward(a, b, h0):
     compute = _compute_dtype(a.dtype)
-    af, bf = a.to(compute), b.to(compute)
-    h = _parallel_scan(af, _fold_h0(af, bf, None if h0 is None else h0.to(compute)))  # (B, T, C)
+    h = chunked_scan(a.to(compute), b.to(compute), None if h0 is None else h0.to(compute))  # (B, T, C)
     return h.to(a.dtype)
 
 
@@ -154,11 +121,10 @@ def _eager_backward(a, h, h0, grad_h, grad_last):
     """(grad_a, grad_b, grad_h0) of the scan from dL/dh (B, T, C) and dL/dh_last (B, C)."""
     compute = _compute_dtype(a.dtype)
     af = a.to(compute)
-    g = grad_h.to(compute)
-    g = torch.cat((g[:, :-1], g[:, -1:] + grad_last.to(compute)[:, None]), 1)  # h_last is h[:, -1]
-    # dh_t = g_t + a_{t+1} dh_{t+1}: the forward scan on the time-reversed sequence, a shifted by one
-    a_next = torch.cat((af[:, 1:], torch.zeros_like(af[:, :1])), 1)  # (B, T, C); a_T does not exist
-    dh = _parallel_scan(a_next.flip(1), g.flip(1)).flip(1)
+    # dh_t = g_t + a_{t+1} dh_{t+1}, from dh_{T-1} = g_{T-1} + grad_last: the forward scan on the reversed
+    # sequence with a shifted by one (a_T := 1) and grad_last (h_last is h[:, -1]) as its initial state
+    a_next = torch.cat((af[:, 1:], torch.ones_like(af[:, :1])), 1)  # (B, T, C)
+    dh = chunked_scan(a_next.flip(1), grad_h.to(compute).flip(1), grad_last.to(compute)).flip(1)
     first = torch.zeros_like(af[:, 0]) if h0 is None else h0.to(compute)
     h_prev = torch.cat((first[:, None], h[:, :-1].to(compute)), 1)  # (B, T, C): h_{t-1}
     grad_a = dh * h_prev
@@ -245,7 +211,7 @@ def _launch_scan_bwd(a, h, h0, grad_h, grad_last):
 
 # ----------------------------------------------------------------------------- torch ops
 #
-# One route, eager and traced: _LinearScan / _LogScan -> these ops (Triton) or the eager parallel scan.
+# One route, eager and traced: _LinearScan / _LogScan -> these ops (Triton) or the eager chunked scan.
 
 
 @torch.library.custom_op(
@@ -319,8 +285,8 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None
 
     a, b: (B, T, C) of one dtype (fp16/bf16/fp32/fp64; math in fp32 at least); h0: (B, C) or None
     (zeros). h_last = h[:, -1], or h0 (zeros) when T == 0. Differentiable in a, b and h0. Triton on
-    CUDA tensors (NANOLLAMA_KERNELS, nanollama.kernels.dispatch), else the eager parallel scan (log2 T
-    vectorised steps; exact for any a, including zeros and negatives).
+    CUDA tensors (NANOLLAMA_KERNELS, nanollama.kernels.dispatch), else the eager chunked scan (O(T) work
+    in ~2 sqrt(T) vectorised steps; exact for any a, including zeros and negatives).
     """
     _check("linear_scan", a, b, h0)
     if h0 is not None and h0.dtype != a.dtype:
@@ -344,11 +310,7 @@ class _LogScan(torch.autograd.Function):
             lh, _ = torch.ops.nanollama.linear_scan(la, lb, lh0, True)  # (B, T, C) float32
         else:
             compute = _compute_dtype(la.dtype)
-            laf, lbf = la.to(compute), lb.to(compute)
-            if lh0 is not None:  # fold the initial state into the first step
-                first = torch.logaddexp(laf[:, :1] + lh0.to(compute)[:, None], lbf[:, :1])
-                lbf = torch.cat((first, lbf[:, 1:]), 1)
-            lh = _log_parallel_scan(laf, lbf)  # (B, T, C) in the compute dtype
+            lh = chunked_scan(la.to(compute), lb.to(compute), None if lh0 is None else lh0.to(compute), log=True)
         ctx.save_for_backward(la, lb, lh0, lh)
         ctx.triton = triton
         out = lh.to(la.dtype)
@@ -381,8 +343,8 @@ def linear_scan_log(
     """The scan in log space for positive b and h (minGRU/minLSTM's parallel form): returns
     (log_h (B, T, C), log_h_last (B, C)) with log h_t = logaddexp(log_a_t + log h_{t-1}, log_b_t).
 
-    log_a, log_b: (B, T, C); log_h0: (B, C) or None (h0 = 0). Every step is a logaddexp of two numbers
-    no larger than the result, so it stays exact at any T (no cumulative sums that grow with T).
+    log_a, log_b: (B, T, C); log_h0: (B, C) or None (h0 = 0). Only logaddexps and sums of log a over
+    one chunk: no exp of a sum that grows with T (the cumsum form's overflow), so it is stable at any T.
     Differentiable in all three.
     """
     _check("linear_scan_log", log_a, log_b, log_h0)
