@@ -95,6 +95,7 @@ stage gpu_tests 130 -m gpu tests --junitxml="$OUT_DIR/gpu_tests.xml"
 bench rope 50 bench/bench_rope.py
 bench decode 50 bench/bench_decode.py -k "not ref"  # the fp32 reference only informs, and is slow
 bench attention 170 bench/bench_attention.py
+bench scan 60 bench/bench_scan.py
 bench generate 40 bench/bench_generate.py
 bench train 60 bench/bench_train.py
 bench gssm 20 bench/bench_gssm.py

@@ -20,6 +20,8 @@ Targets (issues 4, 5 and 6; H100/H200):
   decode   S_max >= 8K: triton >= 70% of HBM peak; ragged and skewed batches: triton >= 10x eager SDPA;
            time proportional to the sum of lengths: GB/s on a ragged or skewed batch >= 0.7 x GB/s on
            the full batch of the same shape (0.7 is our reading of "proportional")
+  scan     (issue 17) the elementwise linear scan at T >= 4K, forward and forward+backward:
+           triton >= 70% of HBM peak (the scan is memory-bound)
 """
 
 from __future__ import annotations
@@ -148,8 +150,23 @@ def decode_rows(benchmarks: list[dict]) -> list[Row]:
     return rows
 
 
+def scan_rows(benchmarks: list[dict]) -> list[Row]:
+    rows = []
+    for test, passes in (("test_scan_forward", "fwd"), ("test_scan_forward_backward", "fwd+bwd")):
+        for key, v in sorted(by_case(benchmarks, test).items()):
+            B, T, C = dict(key)["shape"]
+            if T < 4096:
+                continue
+            for name in _fast_variants(v):
+                case = f"B{B} T{T} C{C} [{name}]"
+                rows.append(
+                    Row(17, f"scan {passes} fraction of HBM peak", case, _info(v.get(name), "frac_peak_bw"), 0.70)
+                )
+    return rows
+
+
 def all_rows(benchmarks: list[dict]) -> list[Row]:
-    return rope_rows(benchmarks) + attention_rows(benchmarks) + decode_rows(benchmarks)
+    return rope_rows(benchmarks) + attention_rows(benchmarks) + decode_rows(benchmarks) + scan_rows(benchmarks)
 
 
 def format_rows(rows: list[Row], markdown: bool = False) -> str:

@@ -112,3 +112,20 @@ def test_cli_reads_several_files_writes_markdown_and_rejects_other_files(tmp_pat
     assert targets.main([str(path), str(other)]) == 2  # the bad file is skipped, the other still reported
     out = capsys.readouterr()
     assert "bench_attention.json: not a pytest-benchmark JSON file" in out.err and "0 pass, 1 miss" in out.out
+
+
+def test_scan_targets():
+    long, short = [8, 4096, 1536], [4, 512, 128]
+    rows = targets.scan_rows(
+        [
+            bench("test_scan_forward", 1.0, shape=long, variant="triton", extra={"frac_peak_bw": 0.75}),
+            bench("test_scan_forward_backward", 1.0, shape=long, variant="triton-graph", extra={"frac_peak_bw": 0.6}),
+            bench("test_scan_forward", 1.0, shape=short, variant="triton", extra={"frac_peak_bw": 0.1}),  # T < 4K
+        ]
+    )
+    case = "B8 T4096 C1536"
+    assert verdicts(rows) == {
+        ("scan fwd fraction of HBM peak", f"{case} [triton]"): ("PASS", 0.75),
+        ("scan fwd+bwd fraction of HBM peak", f"{case} [triton]"): ("-", None),  # not measured
+        ("scan fwd+bwd fraction of HBM peak", f"{case} [triton-graph]"): ("MISS", 0.6),
+    }

@@ -7,6 +7,7 @@ from nanollama.kernels import masks
 from nanollama.kernels.attention import PreparedMask, attention, attention_ref, prepare
 from nanollama.kernels.decode import decode_attention, decode_attention_ref
 from nanollama.kernels.rope import apply_rope, check_rope_scaling, rope_frequencies, rope_ref
+from nanollama.kernels.scan import linear_scan, linear_scan_log, linear_scan_ref, ssd_scan, ssd_scan_ref
 
 __all__ = [
     "PreparedMask",
@@ -16,8 +17,13 @@ __all__ = [
     "check_rope_scaling",
     "decode_attention",
     "decode_attention_ref",
+    "linear_scan",
+    "linear_scan_log",
+    "linear_scan_ref",
     "masks",
     "prepare",
     "rope_frequencies",
     "rope_ref",
+    "ssd_scan",
+    "ssd_scan_ref",
 ]

@@ -1,10 +1,11 @@
 """Models, selected by `model.arch` through the registry (registry.py).
 
-Built in: `transformer` (models/transformer/). Another family registers its ModelSpec with
+Built in: `transformer` (models/transformer/); the recurrent `mingru`, `minlstm`, `hawk`, `mamba2`
+and `hybrid` (each its own package on models/recurrent/). Another family registers its ModelSpec with
 `nanollama.models.register(...)`, in its own package or even from a script or a test.
 """
 
-from nanollama.models import transformer
+from nanollama.models import hawk, hybrid, mamba2, mingru, minlstm, transformer
 from nanollama.models.registry import (
     ModelSpec,
     archs,
@@ -18,6 +19,8 @@ from nanollama.models.registry import (
 )
 
 register(transformer.SPEC)
+for _arch in (mingru, minlstm, hawk, mamba2, hybrid):
+    register(_arch.SPEC)
 
 __all__ = [
     "ModelSpec",

@@ -130,6 +130,9 @@ class TrainConfig:
         )
         if self.data.vocab_size is not None:  # known from the config alone; else once the source is built
             set_vocab_size(self, self.data.token_vocab_size)
+        check_data = getattr(self.model, "check_data", None)  # a model refusing a layout it cannot honour
+        if check_data is not None:
+            check_data(self.data)
         max_len = getattr(self.model, "max_seq_len", None)  # a recurrent model has no context limit
         if max_len is not None and self.data.seq_len > max_len:
             raise ConfigError("data.seq_len", f"{self.data.seq_len} exceeds model.max_seq_len={max_len}")

@@ -1,0 +1,40 @@
+"""Compile the scan kernels for an H100/H200 (sm_90) without a GPU, every flag combination; print "ok".
+
+Run by test_scan.py in a subprocess with TRITON_INTERPRET unset (the interpreter accepts code the real
+compiler rejects, e.g. tuple-valued associative scans it cannot lower). Arguments are specialised as a
+launch would: unit channel strides, 16-divisible pointers.
+"""
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from nanollama.kernels import _scan_triton
+
+FLAGS = ("HAS_H0", "LOG", "BLOCK_T", "BLOCK_C")
+
+
+def compile_kernel(kernel, dtype: str, **flags) -> int:
+    signature, constexprs, attrs = {}, {}, {}
+    for index, name in enumerate(kernel.arg_names):
+        if name in flags:
+            signature[name], constexprs[name] = "constexpr", flags[name]
+        elif name not in ("T", "C") and not name.startswith("stride"):  # the tensors
+            signature[name] = f"*{dtype}"
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif name.startswith("stride") and name.endswith("_c"):
+            signature[name], constexprs[name] = "constexpr", 1
+        else:
+            signature[name] = "i32"
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    return len(ptx.splitlines())
+
+
+if __name__ == "__main__":
+    for dtype in ("bf16", "fp32"):
+        for has_h0 in (False, True):
+            for log in (False, True):
+                compile_kernel(_scan_triton._scan_fwd_kernel, dtype, HAS_H0=has_h0, LOG=log, BLOCK_T=64, BLOCK_C=32)
+            compile_kernel(_scan_triton._scan_bwd_kernel, dtype, HAS_H0=has_h0, BLOCK_T=64, BLOCK_C=32)
+    print("ok")
