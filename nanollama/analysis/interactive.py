@@ -9,7 +9,6 @@ skipped with a one-line reason, never an error, since the HTML already holds eve
 from __future__ import annotations
 
 import html
-import math
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +98,9 @@ def page(figures: dict, title: str, notes: list[str] = ()) -> str:
 
 def write_html(figures: dict, path: str | Path, title: str, notes: list[str] = ()) -> Path:
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, page(figures, title, notes))
+    path.chmod(0o644)  # a page to share: the temporary file it was renamed from was private
     return path
 
 
@@ -128,7 +129,3 @@ def write_png(figures: dict, out_dir: str | Path, width: int = 900, height: int 
     for t, p in zip(tmp, paths):
         t.replace(p)
     return f"wrote {len(paths)} PNG figures to {out_dir}"
-
-
-def finite_or_none(x) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
