@@ -55,7 +55,7 @@ def table(section: Section):
     cells.append([f"{r['step']}/{r['steps'] if r['steps'] is not None else '?'}" for r in rows])
     cells += [[_fmt(r[k]) for r in rows] for k in ("eval_loss", "excess_loss")]
     fig = go.Figure(go.Table(header={"values": head, "align": "left"}, cells={"values": cells, "align": "left"}))
-    fig.update_layout(title="final losses per task (the last evaluation)", height=min(120 + 28 * len(rows), 900))
+    fig.update_layout(title="final losses per task (the last evaluation)", height=min(160 + 32 * len(rows), 1200))
     return fig
 
 
