@@ -2,7 +2,7 @@
 
 The sweep: a launcher log directory of 25 widths x 4 seeds, each run logging every step for 10,000
 steps (10k train records with lr, grad norm, tokens/s, MFU/HFU, memory) and evaluating every 500
-(nanollama.report.synthetic.write_sweep; ~350 MB of metrics.jsonl, written once per session).
+(nanollama.report.synthetic.write_sweep; ~290 MB of metrics.jsonl, written once per session).
 NANOLLAMA_BENCH_REPORT=RUNSxSTEPS changes the size (e.g. 10x1000 for a quick look).
 
 Group report-sweep:

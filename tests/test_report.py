@@ -157,3 +157,15 @@ def test_the_notebook_runs_its_cells_on_a_fake_run(tmp_path):
     assert scope["figs"]["loss"].data[0].y[-1] == pytest.approx(
         [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line][-1]["loss"]
     )
+
+
+def test_png_export_is_skipped_in_one_line_without_kaleido_or_its_browser(tmp_path, monkeypatch):
+    go = interactive.plotly()
+    figs = {"a": go.Figure(go.Scatter(x=[1, 2], y=[3, 4]))}
+    monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-chromium"))  # kaleido's browser, not found
+    said = interactive.write_png(figs, tmp_path / "png")
+    assert said.startswith("PNG skipped: kaleido could not render") and "\n" not in said
+    assert not (tmp_path / "png").exists()
+    monkeypatch.setitem(sys.modules, "kaleido", None)
+    said = interactive.write_png(figs, tmp_path / "png")
+    assert said == "PNG skipped: kaleido is not installed (pip install kaleido; it also needs Chrome or Chromium)"

@@ -116,6 +116,7 @@ def write_png(figures: dict, out_dir: str | Path, width: int = 900, height: int 
     except ImportError:
         return "PNG skipped: kaleido is not installed (pip install kaleido; it also needs Chrome or Chromium)"
     out_dir = Path(out_dir)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{_file_name(name)}.png" for name in figures]
     tmp = [p.with_name(f".{p.name}.tmp.png") for p in paths]  # renamed once written: no half PNG left behind
@@ -124,6 +125,8 @@ def write_png(figures: dict, out_dir: str | Path, width: int = 900, height: int 
     except Exception as e:  # kaleido's own errors (no browser, browser crashed) vary by version
         for t in tmp:
             t.unlink(missing_ok=True)
+        if created and not any(out_dir.iterdir()):  # leave nothing behind, not even the empty directory
+            out_dir.rmdir()
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return f"PNG skipped: kaleido could not render ({first}); it needs Chrome or Chromium (apt install chromium)"
     for t, p in zip(tmp, paths):
