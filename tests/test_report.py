@@ -60,7 +60,8 @@ def test_figures_of_one_run_with_probes_and_profile(tmp_path):
     assert figs["excess"].layout.xaxis.type == "log" and figs["excess"].layout.yaxis.type == "log"
     assert {t.name for t in figs["probes"].data} == {"embed / hidden", "layer.0.resid / hidden", "final_norm / hidden"}
     assert max(max(t.y) for t in figs["probes"].data) <= 1.0
-    assert {t.name for t in figs["profile_time"].data} == {"run data_s", "run fwd_bwd_s", "run optim_s"}
+    split = {"run step_s", "run data_s", "run fwd_bwd_s", "run optim_s", "run monitor_s"}
+    assert {t.name for t in figs["profile_time"].data} == split  # the profiler's own fields and schema line
     assert len(figs["profile_time"].data[0].x) == 300  # the schema line is not a step
     mem = {t.name for t in figs["memory"].data}
     assert mem == {"run node0 rss_bytes", "run node0 cuda_max_allocated", "run node0 cuda_max_reserved"}

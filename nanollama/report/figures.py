@@ -168,8 +168,11 @@ class Builder:
                 for i, k in enumerate(ks):
                     y = cols[k] / GIB if kind == "memory" else cols[k]
                     suffix = f" {stem} {k}" if len(files) > 1 else f" {k}"
-                    traces.append(self.trace(f"profile_{kind}", r, cols["step"], y, suffix,
-                                             line={"dash": dashes[i % len(dashes)]}))  # fmt: skip
+                    # one run: a colour per field reads better than dashes alone; several: the run's colour
+                    line = {"dash": dashes[i % len(dashes)]}
+                    if len(files) == 1:
+                        line = {"color": sweep.PALETTE[i % len(sweep.PALETTE)]}
+                    traces.append(self.trace(f"profile_{kind}", r, cols["step"], y, suffix, line=line))
             fig = self.figure(traces, title, unit, "step")
             if fig is not None:
                 out[f"profile_{kind}"] = fig

@@ -17,6 +17,7 @@ import yaml
 
 from nanollama.launcher.status import rows
 from nanollama.observe.metrics import read_records
+from nanollama.observe.profile_file import read_profile
 
 TRAIN_KEYS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "hfu", "rss_bytes", "cuda_max_allocated",
               "cuda_max_reserved")  # fmt: skip
@@ -92,8 +93,8 @@ def read_run(run_dir: Path, name: str, grid: dict | None = None, state: str = ""
     train = [r for r in records if isinstance(r.get("loss"), (int, float)) and "step" in r]
     evals = [r for r in records if "eval_loss" in r and "step" in r]
     profiles = {}
-    for path in sorted(run_dir.glob("profile*.jsonl")):
-        steps = [r for r in read_records(path) if isinstance(r.get("step"), (int, float))]  # not the schema line
+    for path in sorted(run_dir.glob("profile*.jsonl")):  # each rank's files, and one per schema on a resume
+        steps = [r for r in read_profile(path)[1] if isinstance(r.get("step"), (int, float))]
         if steps:
             profiles[path.stem] = steps
     return Run(

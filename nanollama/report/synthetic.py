@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from nanollama import config
+from nanollama.observe.profile_file import ProfileFile
 from nanollama.train.config import TrainConfig
 
 BAYES = 1.29
@@ -93,23 +94,15 @@ def write_run(
                 recs.append({"step": step, "layer": layer, "node": "hidden", "acc": 0.9 * frac, "ceiling_acc": 0.9,
                              "acc_frac": frac, "chance_acc": 0.1})  # fmt: skip
         (run_dir / "probes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    if profile:
-        recs = [{"schema": 1, "keys": ["step", "data_s", "fwd_bwd_s", "optim_s", "tokens_per_s", "mfu", "hfu"]}]
+    if profile:  # through the light profiler's own file writer: its schema line, its fields
+        out = ProfileFile(run_dir)
+        out.open(0)
         for step in range(1, upto + 1):
-            recs.append(
-                {
-                    "step": step,
-                    "data_s": 0.001,
-                    "fwd_bwd_s": 0.02 + 0.001 * rng.random(),
-                    "optim_s": 0.004,
-                    "tokens_per_s": 4e4,
-                    "mfu": 0.3,
-                    "hfu": 0.4,
-                    "mem_peak_bytes": 8e8,
-                    "mem_reserved_bytes": 1e9,
-                }
-            )
-        (run_dir / "profile.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+            split = {"data_s": 0.001, "fwd_bwd_s": 0.02 + 0.001 * rng.random(), "optim_s": 0.004,
+                     "monitor_s": 0.05 if step % eval_every == 0 else 0.0}  # fmt: skip
+            rates = {"tokens": tokens_per_step, "tokens_per_s": 4e4, "tflops": 0.03, "mfu": 0.3, "hfu": 0.4}
+            mem = {"mem_peak_bytes": 8e8, "mem_reserved_bytes": 1e9, "mem_kind": "rss", "traced": False}
+            out.write({"step": step, "time": 1.7e9 + step, "step_s": sum(split.values()), **split, **rates, **mem})
     return run_dir
 
 
