@@ -27,6 +27,7 @@ LAYERS = {
     "convert": 7,
     "analysis": 8,
     "scaling": 8,
+    "report": 8,
 }
 
 

@@ -104,7 +104,7 @@ def test_tokens_unique_counts_the_data_budget(tmp_path, sweep):
 def test_the_command_fits_prints_and_writes(sweep, tmp_path, capsys):
     log, other, _ = sweep
     out = tmp_path / "fit"
-    assert main([str(log), str(other), "--form", "N", "--out", str(out), "--boot", "50"]) == 0
+    assert main([str(log), str(other), "--form", "N", "--out", str(out), "--boot", "50", "--no-png"]) == 0
     text = capsys.readouterr().out
     assert "left out:" in text and "diverged (exit 3)" in text and "E known" in text
     result = json.loads((out / "fit.json").read_text())

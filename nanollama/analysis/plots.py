@@ -1,4 +1,7 @@
-"""Standalone SVG figures of a scaling fit (no plotting library in the environment): log-log scatter + curves."""
+"""Standalone SVG figures of a scaling fit (no plotting library needed): log-log scatter + curves.
+
+scaling_specs describes each figure once; figure draws it as SVG, analysis.interactive as plotly.
+"""
 
 from __future__ import annotations
 
@@ -75,6 +78,11 @@ def figure(title: str, xlabel: str, ylabel: str, series: list[dict], logy: bool 
 
 def scaling_figures(fit, n, d, loss, bayes) -> dict[str, str]:
     """name -> SVG: loss against N and D with the fitted curves and the Bayes floor, excess on log-log, residuals."""
+    return {name: figure(*spec) for name, spec in scaling_specs(fit, n, d, loss, bayes).items()}
+
+
+def scaling_specs(fit, n, d, loss, bayes) -> dict[str, tuple]:
+    """name -> (title, xlabel, ylabel, series, logy): the figures of scaling_figures, for any renderer."""
     n, d, loss = (np.asarray(a, float) for a in (n, d, loss))
     floor = None if bayes is None else np.asarray(bayes, float)
     figs = {}
@@ -98,11 +106,11 @@ def scaling_figures(fit, n, d, loss, bayes) -> dict[str, str]:
             series.append(
                 {"y": e, "kind": "hline", "label": "Bayes floor" if floor is not None else "E", "colour": "#000"}
             )
-        figs[f"loss_vs_{name}"] = figure(f"eval loss against {name}", name, "eval loss", series, logy=False)
+        figs[f"loss_vs_{name}"] = (f"eval loss against {name}", name, "eval loss", series, False)
         if floor is not None or "E" in fit.params:
             excess = loss - (floor if floor is not None else fit.params["E"])
             model = fit.excess(n, d)
-            figs[f"excess_vs_{name}"] = figure(
+            figs[f"excess_vs_{name}"] = (
                 f"excess loss against {name} (log-log)",
                 name,
                 "loss - E",
@@ -110,10 +118,15 @@ def scaling_figures(fit, n, d, loss, bayes) -> dict[str, str]:
                     {"x": var, "y": excess, "kind": "points", "label": "runs"},
                     {"x": var, "y": model, "kind": "points", "label": "fit at each run", "colour": "#d62728"},
                 ],
+                True,
             )
         zero = {"y": 0.0, "kind": "hline", "colour": "#000"}
         points = {"x": var, "y": fit.residuals, "kind": "points", "label": ""}
-        figs[f"residuals_vs_{name}"] = figure(
-            f"log residuals against {name}", name, "log(fit) - log(observed)", [points, zero], logy=False
+        figs[f"residuals_vs_{name}"] = (
+            f"log residuals against {name}",
+            name,
+            "log(fit) - log(observed)",
+            [points, zero],
+            False,
         )
     return figs

@@ -3,7 +3,8 @@
 Gathers the finished runs of any mix of sweeps (nanollama.analysis.gather: N non-embedding parameters,
 D tokens), lists the runs left out and why, fits L = E + A / N^alpha + B / D^beta with E the runs'
 Bayes-optimal loss when every run has one (GSSM data; --fit-e to fit E anyway), prints the law with
-bootstrap intervals (clusters: the seeds of one configuration) and writes DIR/fit.json and SVG figures.
+bootstrap intervals (clusters: the seeds of one configuration) and writes DIR/fit.json and SVG figures,
+plus the same figures interactive in DIR/fit.html (plotly installed) and as PNG (kaleido and Chromium).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nanollama.analysis import interactive
 from nanollama.analysis.gather import gather
 from nanollama.analysis.plots import scaling_figures
 from nanollama.analysis.scaling import fit
@@ -31,6 +33,7 @@ def parse(argv):
     p.add_argument("--fit-e", action="store_true", help="fit E (5 parameters) even when Bayes losses are known")
     p.add_argument("--boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--level", type=float, default=0.9, help="interval level (default 0.9)")
+    p.add_argument("--no-png", action="store_true", help="skip the PNG export (kaleido starts a browser: seconds)")
     p.add_argument("--compute", type=float, nargs="*", default=[], help="FLOPs C for N*(C), D*(C) (form ND)")
     return p.parse_args(argv)
 
@@ -69,10 +72,19 @@ def main(argv: list[str] | None = None) -> int:
     where = Path(args.out or args.log_dirs[0])
     where.mkdir(parents=True, exist_ok=True)
     write_atomic(where / "fit.json", json.dumps(out, indent=1) + "\n")
-    figs = scaling_figures(law, points[:, 0], points[:, 1], points[:, 2], np.array(bayes, float) if known else None)
+    floor = np.array(bayes, float) if known else None
+    figs = scaling_figures(law, points[:, 0], points[:, 1], points[:, 2], floor)
     for name, svg in figs.items():
         write_atomic(where / f"{name}.svg", svg)
-    print(f"wrote {where / 'fit.json'} and {len(figs)} SVG figures (no plotting library: PNG/HTML not written)")
+    print(f"wrote {where / 'fit.json'} and {len(figs)} SVG figures")
+    try:
+        plots = interactive.scaling_plotly(law, points[:, 0], points[:, 1], points[:, 2], floor)
+    except ImportError as e:
+        print(f"HTML and PNG skipped: {e}")
+        return 0
+    print(f"wrote {interactive.write_html(plots, where / 'fit.html', 'scaling fit: ' + ', '.join(args.log_dirs))}")
+    if not args.no_png:
+        print(interactive.write_png(plots, where))
     return 0
 
 
