@@ -26,6 +26,7 @@ LAYERS = {
     "probe": 7,
     "analysis": 8,
     "scaling": 8,
+    "track": 8,
 }
 
 
