@@ -98,6 +98,9 @@ class Ledger:
     def rewind(self, step: int) -> None:
         """The tracker dropped everything past `step` (a rewind, a fork, a purge)."""
         self.data["steps"] = {k: min(v, step) for k, v in self.steps.items()}
+        for rows in self.data.get("digests", {}).values():  # the uploader's per-step checksums
+            for key in [key for key in rows if int(key) > step]:
+                del rows[key]
 
     def logged(self, source: str, step: int) -> None:
         if step > self.steps.get(source, -1):
@@ -276,9 +279,7 @@ class Trackers:
         self.trackers = {}
 
 
-def build(
-    log_cfg: Any, run_dir: str | Path, config: dict, resume_step: int, warn: Callable[[str], None]
-) -> Trackers:
+def build(log_cfg: Any, run_dir: str | Path, config: dict, resume_step: int, warn: Callable[[str], None]) -> Trackers:
     """The trackers `log_cfg.trackers` names besides jsonl (the trainer's MetricsFile), started now.
 
     Call on rank 0 only. One that cannot start (not installed, a bad wandb mode or directory, no network
