@@ -280,3 +280,21 @@ def test_wandb_upload_rewinds_for_a_late_probe_and_a_rewritten_metrics_file(tmp_
     assert track(["wandb", str(run), "--offline"]) == 0
     held = offline(run_id(run))
     assert sorted(held) == [1, 2, 3] and held[3]["lr"] == 9.0 and held[1]["lr"] == 1.0
+
+
+@pytest.mark.slow
+def test_only_rank_0_tracks_under_torchrun(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "NANOLLAMA_ATTENTION": "sdpa"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=0"]
+    run = tmp_path / "run"
+    cmd = [*launcher, "-m", "nanollama.train", str(CONFIG), *tiny({"data.batch_size": 4, "eval.batches": 1})]
+    cmd += [f"run_dir={run}", "device=cpu", "steps=4", "log.trackers=[tensorboard]"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(list((run / "tb").glob("events.out.tfevents.*"))) == 1
+    assert sorted(scalars_of(run / "tb", "loss")) == [1, 2, 3, 4]

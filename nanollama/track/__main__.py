@@ -38,8 +38,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no metrics in {', '.join(map(str, args.paths))} (no metrics.jsonl records)", file=sys.stderr)
         return 2
     if args.tracker == "tensorboard":
-        for t in with_metrics:
-            print(upload_tensorboard(t))
+        try:
+            for t in with_metrics:
+                print(upload_tensorboard(t))
+        except ImportError:
+            print(f"error: writing TensorBoard files needs tensorboard: {INSTALL}", file=sys.stderr)
+            return 2
         return 0
     try:
         import wandb  # noqa: F401
