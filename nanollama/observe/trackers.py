@@ -146,7 +146,7 @@ class WandbTracker:
     def __init__(
         self,
         run_dir: str | Path,
-        options: Any,  # a WandbConfig (project, entity, name, group, tags, mode, resume, init_timeout_s)
+        options: Any,  # a WandbConfig (project, entity, name, group, tags, mode, resume, timeouts)
         config: dict,
         resume_step: int = 0,
         source: str = "metrics",
@@ -174,6 +174,7 @@ class WandbTracker:
             Path(wandb_dir).mkdir(parents=True, exist_ok=True)
         settings = wandb.Settings(
             init_timeout=options.init_timeout_s,
+            finish_timeout=getattr(options, "finish_timeout_s", 0.0),  # the end of training never hangs on it
             console="off",  # the trainer's own log and live line stay as they are
             x_disable_stats=True,  # system metrics: the ones the trainer records (memory, GPUs)
             save_code=False,

@@ -25,11 +25,12 @@ def records(wandb_file: str | Path) -> list[dict]:
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
-def segments(wandb_dir: str | Path) -> list[dict]:
-    """Every offline segment under wandb_dir (or wandb_dir/wandb): run id, start time, branch point, rows."""
-    root = Path(wandb_dir)
+def segments(wandb_dir: str | Path, run_id: str = "*") -> list[dict]:
+    """The offline segments of `run_id` (every run: "*") under wandb_dir or wandb_dir/wandb, oldest first:
+    run id, start time, branch point and history rows (step -> row)."""
+    root, pattern = Path(wandb_dir), f"offline-run-*-{run_id}/run-{run_id}.wandb"
     found = []
-    for path in sorted(root.glob("offline-run-*/run-*.wandb")) + sorted(root.glob("wandb/offline-run-*/run-*.wandb")):
+    for path in sorted(root.glob(pattern)) + sorted(root.glob(f"wandb/{pattern}")):
         segment = {"file": path, "id": None, "start": "", "branch": None, "rows": {}}
         for rec in records(path):
             if rec.get("type") == "run":
@@ -43,15 +44,14 @@ def segments(wandb_dir: str | Path) -> list[dict]:
     return sorted(found, key=lambda s: s["start"])
 
 
-def history(wandb_dir: str | Path, run_id: str, _segments: list[dict] | None = None) -> dict[int, dict]:
+def history(wandb_dir: str | Path, run_id: str) -> dict[int, dict]:
     """step -> the row the run holds at that step, once each, after its rewinds (and the fork it came from)."""
-    every = segments(wandb_dir) if _segments is None else _segments
     rows: dict[int, dict] = {}
-    for seg in (s for s in every if s["id"] == run_id):
+    for seg in segments(wandb_dir, run_id):
         branch = seg["branch"]
         if branch:
             point, parent = int(branch.get("value", 0)), branch.get("run")
-            base = rows if parent == run_id else history(wandb_dir, parent, every)
+            base = rows if parent == run_id else history(wandb_dir, parent)
             rows = {step: row for step, row in base.items() if step <= point}
         for step, row in seg["rows"].items():
             rows.setdefault(step, {}).update(row)

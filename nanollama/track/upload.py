@@ -10,6 +10,7 @@ step is held once, with the file's current values. Nothing new: nothing is sent,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zlib
 from dataclasses import dataclass, field
@@ -136,8 +137,6 @@ def _artifact_name(target: Target, path: Path) -> str:
 
 
 def _with(options, **changes):
-    import dataclasses
-
     return dataclasses.replace(options, **{k: v for k, v in changes.items() if v is not None})
 
 
@@ -151,4 +150,5 @@ def wandb_options(target: Target, project: str | None = None, entity: str | None
         options = config.build(WandbConfig, saved, "log.wandb")
     except ValueError:  # a config from another version: the defaults serve
         options = WandbConfig()
-    return _with(options, project=project, entity=entity, group=group)
+    options = _with(options, project=project, entity=entity, group=group)
+    return dataclasses.replace(options, finish_timeout_s=0.0)  # an upload waits for its data to go up

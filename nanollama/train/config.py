@@ -80,10 +80,12 @@ class WandbConfig:
     # A resume from a checkpoint before the last logged step: rewind the same run (resume_from) or fork a new one
     resume: Literal["rewind", "fork"] = "rewind"
     init_timeout_s: float = 30.0  # past it (online mode) training goes on without wandb
+    finish_timeout_s: float = 60.0  # at the end, stop waiting for the upload (the rest stays for wandb sync); 0: wait
 
     def __post_init__(self):
         check(bool(self.project), "project", "must not be empty")
         check(self.init_timeout_s > 0, "init_timeout_s", f"must be > 0, got {self.init_timeout_s}")
+        check(self.finish_timeout_s >= 0, "finish_timeout_s", f"must be >= 0 (0: wait), got {self.finish_timeout_s}")
 
 
 @dataclass
