@@ -261,9 +261,11 @@ def test_wandb_upload_of_a_sweep_is_grouped_incremental_and_idempotent(tmp_path,
 
     fake_run(log_dir / "runs" / "0", range(4, 6))  # task 0 went on
     assert track(["wandb", str(log_dir), "--offline"]) == 0
-    newest = max((tmp_path / "wandb_dir" / "wandb").glob(f"offline-run-*-{ids[0]}"), key=lambda p: p.name)
-    steps = [r["history"]["item"]["_step"] for r in records(next(newest.glob("*.wandb"))) if r["type"] == "history"]
-    assert steps == [4, 5]  # only the new steps, and no trace again
+    from nanollama.track.offline import segments
+
+    newest = segments(tmp_path / "wandb_dir", ids[0])[-1]
+    assert sorted(newest["rows"]) == [4, 5]  # only the new steps
+    assert not any(r["type"] == "artifact" for r in records(newest["file"]))  # and no trace again
     assert sorted(offline(ids[0])) == [1, 2, 3, 4, 5]
 
 
@@ -298,3 +300,21 @@ def test_only_rank_0_tracks_under_torchrun(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(list((run / "tb").glob("events.out.tfevents.*"))) == 1
     assert sorted(scalars_of(run / "tb", "loss")) == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_fork_mode_starts_a_new_run_from_the_checkpoint_step(tmp_path, offline):
+    options = SimpleNamespace(
+        mode="offline", project="p", entity=None, name=None, group=None, tags=[], resume="fork", init_timeout_s=30
+    )
+    run = tmp_path / "run"
+    first = trackers.WandbTracker(run, options, {"optim": {"lr": 1}})
+    for step in range(1, 5):
+        first.log(step, {"loss": float(step)})
+    first.close()
+    second = trackers.WandbTracker(run, options, {}, resume_step=2)  # resumed from step 2 after logging 4
+    second.log(3, {"loss": 30.0})
+    second.close()
+    assert second.id != first.id and run_id(run) == second.id
+    assert {s: row["loss"] for s, row in offline(second.id).items()} == {1: 1.0, 2: 2.0, 3: 30.0}
+    assert sorted(offline(first.id)) == [1, 2, 3, 4]  # the original run is left as it was

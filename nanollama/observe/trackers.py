@@ -179,6 +179,7 @@ class WandbTracker:
             x_disable_stats=True,  # system metrics: the ones the trainer records (memory, GPUs)
             save_code=False,
             disable_git=True,
+            x_save_requirements=False,  # a pip freeze per start: seconds on a busy machine; the run dir has the config
             silent=True,
         )
         self.run = wandb.init(

@@ -28,7 +28,7 @@ def records(wandb_file: str | Path) -> list[dict]:
 def segments(wandb_dir: str | Path, run_id: str = "*") -> list[dict]:
     """The offline segments of `run_id` (every run: "*") under wandb_dir or wandb_dir/wandb, oldest first:
     run id, start time, branch point and history rows (step -> row)."""
-    root, pattern = Path(wandb_dir), f"offline-run-*-{run_id}/run-{run_id}.wandb"
+    root, pattern = Path(wandb_dir), f"offline-run-*/run-{run_id}.wandb"  # a dir per start, "-1" on a clash
     found = []
     for path in sorted(root.glob(pattern)) + sorted(root.glob(f"wandb/{pattern}")):
         segment = {"file": path, "id": None, "start": "", "branch": None, "rows": {}}
