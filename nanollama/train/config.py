@@ -71,14 +71,13 @@ TRACKERS = ("jsonl", "wandb", "tensorboard")
 class WandbConfig:
     """log.trackers=[wandb]: Weights & Biases (offline by default: `wandb sync` later; training never waits on it)."""
 
-    mode: Literal["offline", "online", "disabled"] = "offline"
-    project: str = "nanollama"
+    mode: Literal["offline", "online", "disabled"] = "offline"  # offline: RUN_DIR/wandb/ for a later `wandb sync`
+    project: str = "nanollama"  # the wandb project
     entity: str | None = None  # null: the account's default entity
     name: str | None = None  # null: the run directory's name (in a sweep: the task's)
     group: str | None = None  # null: the launcher's sweep name when the run directory is a sweep task's
-    tags: list[str] = field(default_factory=list)
-    # A resume from a checkpoint before the last logged step: rewind the same run (resume_from) or fork a new one
-    resume: Literal["rewind", "fork"] = "rewind"
+    tags: list[str] = field(default_factory=list)  # wandb tags, e.g. [baseline, gssm]
+    resume: Literal["rewind", "fork"] = "rewind"  # resumed before the last logged step: rewind this run or fork one
     init_timeout_s: float = 30.0  # past it (online mode) training goes on without wandb
     finish_timeout_s: float = 60.0  # at the end, stop waiting for the upload (the rest stays for wandb sync); 0: wait
 
