@@ -74,22 +74,30 @@ class Ledger:
     """RUN_DIR/track/{name}.json: what a tracker holds of the run (the wandb id, the last step per source).
 
     Shared by the live trackers and `python -m nanollama.track`, so either one continues the other's
-    run and neither sends a record twice. Written atomically; a torn or missing file reads as empty.
+    run and neither sends a record twice. The uploader's per-step checksums live beside it in
+    {name}.sums.json (large, so rewritten only by an upload or a rewind). Written atomically; a torn
+    or missing file reads as empty.
     """
 
     def __init__(self, run_dir: str | Path, name: str):
         self.path = Path(run_dir) / "track" / f"{name}.json"
-        try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            data = {}
-        self.data: dict = data if isinstance(data, dict) else {}
+        self.sums_path = self.path.with_suffix(".sums.json")
+        self.data: dict = _read_json(self.path)
         self.data.setdefault("steps", {})
         self.data.setdefault("artifacts", [])
+        self.autosave = True  # save at every new step (live); the uploader saves once at the end
+        self._sums: dict | None = None
 
     @property
     def steps(self) -> dict[str, int]:
         return self.data["steps"]
+
+    @property
+    def sums(self) -> dict[str, dict[str, int]]:
+        """source -> step (a string) -> the checksum of the values sent at that step."""
+        if self._sums is None:
+            self._sums = _read_json(self.sums_path)
+        return self._sums
 
     def last(self) -> int:
         """The highest step the tracker holds from any source (-1: none)."""
@@ -98,18 +106,30 @@ class Ledger:
     def rewind(self, step: int) -> None:
         """The tracker dropped everything past `step` (a rewind, a fork, a purge)."""
         self.data["steps"] = {k: min(v, step) for k, v in self.steps.items()}
-        for rows in self.data.get("digests", {}).values():  # the uploader's per-step checksums
+        for rows in self.sums.values():
             for key in [key for key in rows if int(key) > step]:
                 del rows[key]
 
     def logged(self, source: str, step: int) -> None:
         if step > self.steps.get(source, -1):
             self.steps[source] = step
-            self.save()
+            if self.autosave:
+                self.save()
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(self.path, json.dumps(self.data, indent=1, sort_keys=True) + "\n")
+        if self._sums is not None:
+            write_atomic(self.sums_path, json.dumps(self._sums, sort_keys=True) + "\n")
+            self._sums = None  # written: the live path never rewrites it again
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def sweep_name(run_dir: str | Path) -> str | None:

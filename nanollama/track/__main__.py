@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     code = 0
     for t in with_metrics:
-        options = wandb_options(t, project=args.project, entity=args.entity, group=args.group)
+        options = lambda t=t: wandb_options(t, project=args.project, entity=args.entity, group=args.group)
         try:
             print(upload_wandb(t, options, "offline" if args.offline else "online", args.wandb_dir))
         except Exception as e:  # wandb refused (no network, no login): the next run may still go

@@ -68,7 +68,7 @@ def _digest(values: dict) -> int:
 def plan(run_dir: Path, ledger: Ledger) -> tuple[int, list[tuple[int, str, dict]]]:
     """(step the tracker must hold nothing past, [(step, source, values)] to send in order)."""
     data = replay.read(run_dir)
-    digests = ledger.data.get("digests", {})
+    digests = ledger.sums
     first = None  # the first step to send
     for source, rows in data.items():
         sent, sums = ledger.steps.get(source, -1), digests.get(source, {})
@@ -88,7 +88,9 @@ def plan(run_dir: Path, ledger: Ledger) -> tuple[int, list[tuple[int, str, dict]
 
 
 def _send(tracker, rows: list[tuple[int, str, dict]]) -> None:
-    sums = tracker.ledger.data.setdefault("digests", {})
+    """Log the rows; the ledger is saved once at the end (a crash before: the next upload sends them again)."""
+    tracker.ledger.autosave = False
+    sums = tracker.ledger.sums
     for step, source, values in rows:
         tracker.log(step, values, source=source)
         sums.setdefault(source, {})[str(step)] = _digest(values)
@@ -96,7 +98,10 @@ def _send(tracker, rows: list[tuple[int, str, dict]]) -> None:
 
 
 def upload_wandb(target: Target, options, mode: str, wandb_dir: Path | None = None) -> str:
-    """Send a run's new records (and new traces) to its wandb run; returns a one-line account."""
+    """Send a run's new records (and new traces) to its wandb run; returns a one-line account.
+
+    options: a WandbConfig, or a function making one (it imports the training config, i.e. torch).
+    """
     ledger = Ledger(target.run_dir, "wandb")
     start, rows = plan(target.run_dir, ledger)
     traces = [
@@ -104,6 +109,7 @@ def upload_wandb(target: Target, options, mode: str, wandb_dir: Path | None = No
     ]
     if not rows and not traces:
         return f"{target.run_dir}: up to date (wandb run {ledger.data.get('id')}, step {ledger.last()})"
+    options = options() if callable(options) else options  # built only when there is something to send
     opts = _with(options, group=options.group or target.group, name=options.name or target.name)
     tracker = WandbTracker(target.run_dir, opts, target.config, start, mode=mode, wandb_dir=wandb_dir)
     try:

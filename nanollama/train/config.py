@@ -76,7 +76,7 @@ class WandbConfig:
     entity: str | None = None  # null: the account's default entity
     name: str | None = None  # null: the run directory's name (in a sweep: the task's)
     group: str | None = None  # null: the launcher's sweep name when the run directory is a sweep task's
-    tags: list[str] = field(default_factory=list)  # wandb tags, e.g. [baseline, gssm]
+    tags: list[str] = field(default_factory=list)  # wandb tags, e.g. [baseline, lr_sweep]
     resume: Literal["rewind", "fork"] = "rewind"  # resumed before the last logged step: rewind this run or fork one
     init_timeout_s: float = 30.0  # past it (online mode) training goes on without wandb
     finish_timeout_s: float = 60.0  # at the end, stop waiting for the upload (the rest stays for wandb sync); 0: wait
