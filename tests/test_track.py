@@ -100,6 +100,20 @@ def test_a_tracker_that_cannot_start_is_one_warning(tmp_path):
     assert len(warnings) == 1 and warnings[0].startswith("log.trackers: wandb could not start")
 
 
+def test_without_wandb_or_tensorboard_installed_training_is_told_what_to_install(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    warnings = []
+    log_cfg = SimpleNamespace(trackers=["wandb", "tensorboard"], wandb=SimpleNamespace(mode="offline"))
+    assert trackers.build(log_cfg, tmp_path, {}, 0, warnings.append).trackers == {}
+    assert len(warnings) == 2 and all("not installed" in w and "nanollama[track]" in w for w in warnings)
+    run = fake_run(tmp_path / "run", range(1, 3))
+    assert track(["wandb", str(run), "--offline"]) == 2 and track(["tensorboard", str(run)]) == 2
+    assert capsys.readouterr().err.count("nanollama[track]") == 2
+
+
 def test_sweep_tasks_are_grouped_by_the_launchers_name(tmp_path):
     task = tmp_path / "logs" / "sweep7" / "runs" / "3"
     task.mkdir(parents=True)
