@@ -28,6 +28,7 @@ LAYERS = {
     "analysis": 8,
     "scaling": 8,
     "report": 8,
+    "track": 8,
 }
 
 

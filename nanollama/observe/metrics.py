@@ -37,6 +37,7 @@ class MetricsFile:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.sinks: list = []  # trackers (nanollama.observe.trackers): each gets a copy of every record written
 
     def truncate_after(self, step: int) -> None:
         """Drop records past `step` (logged after the checkpoint a resumed run restarts from)."""
@@ -48,6 +49,8 @@ class MetricsFile:
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink.log(record["step"], record)
 
     def read(self) -> list[dict]:
         return read_records(self.path)

@@ -65,12 +65,39 @@ class ParallelConfig:
         check(self.timeout_s > 0, "timeout_s", f"must be > 0, got {self.timeout_s}")
 
 
+TRACKERS = ("jsonl", "wandb", "tensorboard")
+
+
+@dataclass
+class WandbConfig:
+    """log.trackers=[wandb]: Weights & Biases (offline by default: `wandb sync` later; training never waits on it)."""
+
+    mode: Literal["offline", "online", "disabled"] = "offline"  # offline: RUN_DIR/wandb/ for a later `wandb sync`
+    project: str = "nanollama"  # the wandb project
+    entity: str | None = None  # null: the account's default entity
+    name: str | None = None  # null: the run directory's name (in a sweep: the task's)
+    group: str | None = None  # null: the launcher's sweep name when the run directory is a sweep task's
+    tags: list[str] = field(default_factory=list)  # wandb tags, e.g. [baseline, lr_sweep]
+    resume: Literal["rewind", "fork"] = "rewind"  # resumed before the last logged step: rewind this run or fork one
+    init_timeout_s: float = 30.0  # past it (online mode) training goes on without wandb
+    finish_timeout_s: float = 60.0  # at the end, stop waiting for the upload (the rest stays for wandb sync); 0: wait
+
+    def __post_init__(self):
+        check(bool(self.project), "project", "must not be empty")
+        check(self.init_timeout_s > 0, "init_timeout_s", f"must be > 0, got {self.init_timeout_s}")
+        check(self.finish_timeout_s >= 0, "finish_timeout_s", f"must be >= 0 (0: wait), got {self.finish_timeout_s}")
+
+
 @dataclass
 class LogConfig:
     every: int = 10  # steps between log lines (and metrics.jsonl records)
+    trackers: list[str] = field(default_factory=lambda: ["jsonl"])  # jsonl (always on), wandb, tensorboard
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # used when "wandb" is in trackers
 
     def __post_init__(self):
         check(self.every >= 1, "every", f"must be >= 1, got {self.every}")
+        for i, name in enumerate(self.trackers):
+            check(name in TRACKERS, f"trackers.{i}", f"must be one of {', '.join(TRACKERS)}; got {name!r}")
 
 
 @dataclass

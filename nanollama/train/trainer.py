@@ -24,7 +24,7 @@ from nanollama import config, data, distributed, models
 from nanollama.data import seeds
 from nanollama.data.batch import Batch, rows_needed
 from nanollama.data.heldout import HeldOut
-from nanollama.observe import flops
+from nanollama.observe import flops, trackers
 from nanollama.observe.metrics import MetricsFile
 from nanollama.observe.profile import Profiler
 from nanollama.observe.system import hostname, memory_record, rss_bytes
@@ -283,6 +283,8 @@ class Trainer:
                 self.checkpointer.wait()
             finally:
                 self.profiler.close()
+                if getattr(self, "trackers", None) is not None:
+                    self.trackers.close()
                 self.stream.close()
                 self.dist.close()
                 self.lock.release()
@@ -319,6 +321,9 @@ class Trainer:
         if self.step >= cfg.steps:
             self.info(f"already at step {self.step} >= steps={cfg.steps}: nothing to do (raise steps to go on)")
             return 0
+        if self.dist.is_main:  # log.trackers: every record of metrics.jsonl also goes to wandb / TensorBoard
+            self.trackers = trackers.build(cfg.log, self.run_dir, config.to_dict(cfg), self.step, self.info)
+            self.metrics.sinks.append(self.trackers)
         if self.held_out.bayes_loss is not None:
             self.info(f"Bayes-optimal loss on the eval batches: {self.held_out.bayes_loss:.4f}")
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.optim.accum_steps * world
