@@ -32,11 +32,11 @@ def chunked_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, log:
     a4, b4 = a.reshape(B, K, L, C), b.reshape(B, K, L, C)  # (B, K, L, C)
     h = torch.empty_like(b4, memory_format=torch.contiguous_format)
     h[:, :, 0] = b4[:, :, 0]
-    for pos in range(1, L):  # 1) within every chunk at once, from a zero state
+    for pos in range(1, L):  # 1) within every chunk at once, from a zero state (setitem: Dynamo refuses out=)
         if log:
-            torch.logaddexp(a4[:, :, pos] + h[:, :, pos - 1], b4[:, :, pos], out=h[:, :, pos])
+            h[:, :, pos] = torch.logaddexp(a4[:, :, pos] + h[:, :, pos - 1], b4[:, :, pos])
         else:
-            torch.addcmul(b4[:, :, pos], a4[:, :, pos], h[:, :, pos - 1], out=h[:, :, pos])
+            h[:, :, pos] = torch.addcmul(b4[:, :, pos], a4[:, :, pos], h[:, :, pos - 1])
     prefix = torch.cumsum(a4, 2) if log else torch.cumprod(a4, 2)  # (B, K, L, C): a_start..a_pos per chunk
     if h0 is not None:
         carry = h0.to(h.dtype)

@@ -38,12 +38,13 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _check(name: str, a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> None:
-    """Shape, dtype and device checks shared by every path (shape-only: safe while tracing)."""
+def _check(name: str, a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> torch.dtype:
+    """Shape, dtype and device checks shared by every path (shape-only: safe while tracing); returns the
+    dtype a, b and h0 are cast to: the promotion of a's and b's (under autocast they may differ)."""
     if a.dim() != 3 or a.shape != b.shape:
         raise ValueError(f"{name}: a and b must be (B, T, C) of one shape; got {tuple(a.shape)}, {tuple(b.shape)}")
-    if a.dtype != b.dtype or a.dtype not in _DTYPES:
-        raise ValueError(f"{name}: a and b must share a float dtype (fp16/bf16/fp32/fp64); got {a.dtype}, {b.dtype}")
+    if a.dtype not in _DTYPES or b.dtype not in _DTYPES:
+        raise ValueError(f"{name}: a and b must have a float dtype (fp16/bf16/fp32/fp64); got {a.dtype}, {b.dtype}")
     if a.device != b.device:
         raise ValueError(f"{name}: a and b must be on one device; got {a.device}, {b.device}")
     if h0 is not None:
@@ -52,6 +53,7 @@ def _check(name: str, a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None)
             raise ValueError(
                 f"{name}: h0 must be (B, C) = ({B}, {C}) on {a.device}; got {tuple(h0.shape)} on {h0.device}"
             )
+    return torch.promote_types(a.dtype, b.dtype)
 
 
 # ----------------------------------------------------------------------------- sequential references
@@ -61,23 +63,23 @@ def linear_scan_ref(
     a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """h_t = a_t * h_{t-1} + b_t by a loop over T (math in float32, float64 for float64 inputs)."""
-    _check("linear_scan_ref", a, b, h0)
-    compute = _compute_dtype(a.dtype)
+    dtype = _check("linear_scan_ref", a, b, h0)
+    compute = _compute_dtype(dtype)
     h = torch.zeros(a.shape[0], a.shape[2], dtype=compute, device=a.device) if h0 is None else h0.to(compute)
     out = []
     for t in range(a.shape[1]):
         h = a[:, t].to(compute) * h + b[:, t].to(compute)
         out.append(h)
     hs = torch.stack(out, 1) if out else a.new_empty(a.shape, dtype=compute)  # (B, T, C)
-    return hs.to(a.dtype), h.to(a.dtype)
+    return hs.to(dtype), h.to(dtype)
 
 
 def linear_scan_log_ref(
     log_a: torch.Tensor, log_b: torch.Tensor, log_h0: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log h_t = logaddexp(log_a_t + log h_{t-1}, log_b_t) by a loop over T (h0 = 0 when log_h0 is None)."""
-    _check("linear_scan_log_ref", log_a, log_b, log_h0)
-    compute = _compute_dtype(log_a.dtype)
+    dtype = _check("linear_scan_log_ref", log_a, log_b, log_h0)
+    compute = _compute_dtype(dtype)
     B, T, C = log_a.shape
     lh = None if log_h0 is None else log_h0.to(compute)
     out = []
@@ -88,7 +90,7 @@ def linear_scan_log_ref(
     if lh is None:  # T == 0 and no initial state: h = 0
         lh = torch.full((B, C), float("-inf"), dtype=compute, device=log_a.device)
     hs = torch.stack(out, 1) if out else log_a.new_empty(log_a.shape, dtype=compute)
-    return hs.to(log_a.dtype), lh.to(log_a.dtype)
+    return hs.to(dtype), lh.to(dtype)
 
 
 # ----------------------------------------------------------------------------- one-token steps
@@ -283,14 +285,15 @@ class _LinearScan(torch.autograd.Function):
 def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """h_t = a_t * h_{t-1} + b_t elementwise; returns (h (B, T, C), h_last (B, C)).
 
-    a, b: (B, T, C) of one dtype (fp16/bf16/fp32/fp64; math in fp32 at least); h0: (B, C) or None
-    (zeros). h_last = h[:, -1], or h0 (zeros) when T == 0. Differentiable in a, b and h0. Triton on
-    CUDA tensors (NANOLLAMA_KERNELS, nanollama.kernels.dispatch), else the eager chunked scan (O(T) work
-    in ~2 sqrt(T) vectorised steps; exact for any a, including zeros and negatives).
+    a, b: (B, T, C), fp16/bf16/fp32/fp64 (two dtypes are promoted to one, as under autocast; math in
+    fp32 at least; results in that dtype); h0: (B, C) or None (zeros). h_last = h[:, -1], or h0
+    (zeros) when T == 0. Differentiable in a, b and h0. Triton on CUDA tensors (NANOLLAMA_KERNELS,
+    nanollama.kernels.dispatch), else the eager chunked scan (O(T) work in ~2 sqrt(T) vectorised steps;
+    exact for any a, including zeros and negatives).
     """
-    _check("linear_scan", a, b, h0)
-    if h0 is not None and h0.dtype != a.dtype:
-        h0 = h0.to(a.dtype)
+    dtype = _check("linear_scan", a, b, h0)
+    a, b = a.to(dtype), b.to(dtype)
+    h0 = None if h0 is None else h0.to(dtype)
     B, T, C = a.shape
     if T == 0:
         last = torch.zeros(B, C, dtype=a.dtype, device=a.device) if h0 is None else h0
@@ -347,9 +350,9 @@ def linear_scan_log(
     one chunk: no exp of a sum that grows with T (the cumsum form's overflow), so it is stable at any T.
     Differentiable in all three.
     """
-    _check("linear_scan_log", log_a, log_b, log_h0)
-    if log_h0 is not None and log_h0.dtype != log_a.dtype:
-        log_h0 = log_h0.to(log_a.dtype)
+    dtype = _check("linear_scan_log", log_a, log_b, log_h0)
+    log_a, log_b = log_a.to(dtype), log_b.to(dtype)
+    log_h0 = None if log_h0 is None else log_h0.to(dtype)
     B, T, C = log_a.shape
     if T == 0:
         last = torch.full((B, C), float("-inf"), dtype=log_a.dtype, device=log_a.device) if log_h0 is None else log_h0
