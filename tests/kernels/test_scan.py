@@ -289,6 +289,31 @@ def test_ssd_chunked_equals_stepwise_and_halves_carry_the_state():
     torch.testing.assert_close(last2, last, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_ssd_resets_match_float64_loop(dtype):
+    """Resets at the start, at a chunk border (16), just before it (15) and at random inside chunks."""
+    inputs = _ssd_inputs(2, 37, 4, 3, 2, 5, dtype, seed=19)
+    reset = torch.rand(2, 37, generator=torch.Generator().manual_seed(19)) < 0.1
+    reset[0, 0] = reset[1, 15] = reset[1, 16] = True
+    reset = reset.to(DEVICE)
+    got = _grads(lambda *t: ssd_scan(*t, chunk_size=8, reset=reset), inputs)
+    assert not any(torch.isnan(t).any() for t in got)
+    _assert_close(got, _grads(lambda *t: ssd_scan_ref(*t, reset=reset), _as64(inputs)), dtype)
+
+
+def test_ssd_packed_documents_equal_each_alone():
+    x, dt, A, Bm, Cm, _ = (
+        t.detach() if t is not None else None for t in _ssd_inputs(1, 30, 2, 3, 1, 4, torch.float32, seed=20)
+    )
+    reset = torch.zeros(1, 30, dtype=torch.bool, device=DEVICE)
+    reset[0, 11] = True  # documents [0, 11) and [11, 30)
+    y, last = ssd_scan(x, dt, A, Bm, Cm, chunk_size=8, reset=reset)
+    y1, _ = ssd_scan(x[:, :11], dt[:, :11], A, Bm[:, :11], Cm[:, :11], chunk_size=8)
+    y2, last2 = ssd_scan(x[:, 11:], dt[:, 11:], A, Bm[:, 11:], Cm[:, 11:], chunk_size=8)
+    torch.testing.assert_close(y, torch.cat((y1, y2), 1), **TOL[torch.float32])
+    torch.testing.assert_close(last, last2, **TOL[torch.float32])
+
+
 def test_ssd_chunk_size_does_not_change_the_result():
     inputs = [t.detach() for t in _ssd_inputs(1, 50, 2, 3, 2, 4, torch.float64, seed=13)]
     want = ssd_scan(*inputs, chunk_size=1)
@@ -354,8 +379,9 @@ def test_dispatch_rule(monkeypatch):
         (lambda: ssd_scan(*_bad_ssd(H=3, G=2)), "multiple of the groups"),
         (lambda: ssd_scan(*_bad_ssd(H=2, G=1, A_shape=(3,))), "A must be (H,)"),
         (lambda: ssd_scan(*_bad_ssd(H=2, G=1), chunk_size=0), "chunk_size must be a positive int"),
+        (lambda: ssd_scan(*_bad_ssd(H=2, G=1), reset=torch.zeros(1, 4)), "reset must be a (B, T) = (1, 4) bool"),
     ],
-    ids=["rank", "shapes", "h0", "int", "groups", "A", "chunk"],
+    ids=["rank", "shapes", "h0", "int", "groups", "A", "chunk", "reset"],
 )
 def test_bad_input_is_a_clear_error(make, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
