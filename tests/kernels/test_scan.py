@@ -229,6 +229,31 @@ def test_log_scan_is_stable_where_cumsums_are_not(monkeypatch, path, request):
     torch.testing.assert_close(log_h[0, -1, 0].double(), fixed.to(DEVICE), **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("path", ["reference", "triton"])
+def test_log_scan_resets_and_left_padding(monkeypatch, path, request):
+    """As minGRU packs and pads: log a = -inf restarts the state; leading (log a, log b) = (0, -inf) pads
+    keep h = 0 (log h = -inf). Gradients stay finite and equal those of the unpadded sequence."""
+    if path == "triton":
+        request.getfixturevalue("triton_kernels")
+    else:
+        monkeypatch.setenv("NANOLLAMA_KERNELS", "reference")
+    la, lb = (t.detach() for t in _log_inputs(1, 12, 3, torch.float32, with_h0=False, seed=21)[:2])
+    la[:, 6] = float("-inf")  # a document starts at 6
+    la64, lb64 = la.double().requires_grad_(), lb.double().requires_grad_()
+    want = _grads(linear_scan_log_ref, [la64, lb64])
+    pad_a = torch.cat((torch.zeros(1, 4, 3, device=DEVICE), la), 1).requires_grad_()
+    pad_b = torch.cat((torch.full((1, 4, 3), float("-inf"), device=DEVICE), lb), 1).requires_grad_()
+    log_h, last = linear_scan_log(pad_a, pad_b)
+    assert torch.isneginf(log_h[:, :4]).all()
+    g = torch.Generator().manual_seed(1)  # the upstream gradients _grads draws, with zeros on the pads
+    gh = torch.randn(1, 12, 3, generator=g).to(DEVICE, torch.float64)
+    gl = torch.randn(1, 3, generator=g).to(DEVICE, torch.float64)
+    loss = (log_h[:, 4:].double() * gh).sum() + (last.double() * gl).sum()
+    grad_a, grad_b = torch.autograd.grad(loss, (pad_a, pad_b))
+    assert torch.isfinite(grad_a).all() and torch.isfinite(grad_b).all()
+    _assert_close([log_h[:, 4:], last, grad_a[:, 4:], grad_b[:, 4:]], want, torch.float32)
+
+
 def test_log_step_matches_the_scan(eager):
     la, lb, lh0 = (t.detach() for t in _log_inputs(2, 9, 3, torch.float32, seed=9))
     log_h, last = linear_scan_log(la, lb, lh0)
