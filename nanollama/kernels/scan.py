@@ -137,13 +137,18 @@ def _eager_backward(a, h, h0, grad_h, grad_last):
 # ----------------------------------------------------------------------------- launcher
 
 
-def _blocks(T: int, C: int, on_gpu: bool) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_C, num_warps). On a GPU, 32 channels (128 contiguous bytes of fp32 per row) keep
-    B * C / 32 programs in flight, each streaming 64-row chunks; under the interpreter, whose cost is per
-    operation, whole blocks as large as the input allows."""
+GPU_TILE = (64, 32, 4, 1)  # (BLOCK_T, BLOCK_C, num_warps, num_stages); bench_scan's test_scan_tiles sweeps others
+
+
+def _blocks(T: int, C: int, on_gpu: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_C, num_warps, num_stages). On a GPU, 32 channels (128 contiguous bytes of fp32 per
+    row) keep B * C / 32 programs in flight, each streaming 64-row chunks: a fixed tile, not autotuned, so
+    the rounding (the scan's association order) is the same on every run and resume. Under the
+    interpreter, whose cost is per operation, whole blocks as large as the input allows."""
     if on_gpu:
-        return min(64, pow2_at_least(T)), min(32, pow2_at_least(C)), 4
-    return min(256, pow2_at_least(T)), min(128, pow2_at_least(C)), 1
+        block_t, block_c, warps, stages = GPU_TILE
+        return min(block_t, pow2_at_least(T)), min(block_c, pow2_at_least(C)), warps, stages
+    return min(256, pow2_at_least(T)), min(128, pow2_at_least(C)), 1, 1
 
 
 def _check_kernel_side(a: torch.Tensor) -> None:
@@ -175,13 +180,13 @@ def _launch_scan(a, b, h0, log: bool):
     out_dtype = torch.float32 if log else a.dtype
     h = torch.empty((B, T, C), dtype=out_dtype, device=a.device)
     h_last = torch.empty((B, C), dtype=out_dtype, device=a.device)
-    block_t, block_c, warps = _blocks(T, C, a.is_cuda)
+    block_t, block_c, warps, stages = _blocks(T, C, a.is_cuda)
     h0_strides = h0.stride() if h0 is not None else (0, 0)
     with launch_device(a):
         _scan_fwd_kernel[(B, cdiv(C, block_c))](
             a, b, h0 if h0 is not None else a, h, h_last,
             T, C, *a.stride(), *b.stride(), *h0_strides, *h.stride(), *h_last.stride(),
-            HAS_H0=h0 is not None, LOG=log, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps,
+            HAS_H0=h0 is not None, LOG=log, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps, num_stages=stages,
         )  # fmt: skip
     return h, h_last
 
@@ -199,14 +204,14 @@ def _launch_scan_bwd(a, h, h0, grad_h, grad_last):
     grad_a = torch.empty((B, T, C), dtype=a.dtype, device=a.device)
     grad_b = torch.empty((B, T, C), dtype=a.dtype, device=a.device)
     grad_h0 = torch.empty((B, C), dtype=a.dtype, device=a.device)
-    block_t, block_c, warps = _blocks(T, C, a.is_cuda)
+    block_t, block_c, warps, stages = _blocks(T, C, a.is_cuda)
     h0_strides = h0.stride() if h0 is not None else (0, 0)
     with launch_device(a):
         _scan_bwd_kernel[(B, cdiv(C, block_c))](
             a, h, h0 if h0 is not None else a, grad_h, grad_last, grad_a, grad_b, grad_h0,
             T, C, *a.stride(), *h.stride(), *h0_strides, *grad_h.stride(), *grad_last.stride(),
             *grad_a.stride(), *grad_b.stride(), *grad_h0.stride(),
-            HAS_H0=h0 is not None, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps,
+            HAS_H0=h0 is not None, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps, num_stages=stages,
         )  # fmt: skip
     return grad_a, grad_b, grad_h0
 

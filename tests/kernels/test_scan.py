@@ -108,7 +108,7 @@ def test_triton_matches_float64_loop_long(triton_kernels, dtype):
 
 def test_triton_gpu_tiling_under_interpreter(triton_kernels, monkeypatch):
     """The GPU's small chunks (many chunks, channel blocks, partial last ones), with strided inputs."""
-    monkeypatch.setattr(scan_mod, "_blocks", lambda T, C, on_gpu: (4, 2, 1))
+    monkeypatch.setattr(scan_mod, "_blocks", lambda T, C, on_gpu: (4, 2, 1, 1))
     a, b, h0 = (t.detach() for t in _inputs(2, 11, 10, torch.float32, seed=4))
     ab = torch.cat((a, b), -1).transpose(0, 1).contiguous().transpose(0, 1)  # (B, T, 2C) view, T-major storage
     a_v = ab[..., 1:6].requires_grad_()  # (B, T, 5) views: no dimension contiguous in the usual order
