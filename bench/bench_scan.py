@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from harness import DEVICE, graphed_inputs, measure, replay_graph, requires_gpu, tensor_bytes
 
+from nanollama.kernels import _scan_launch
 from nanollama.kernels import scan as scan_mod
 
 if DEVICE.type == "cuda":
@@ -122,10 +123,10 @@ TILES = [(64, 32, 4, 1), (64, 32, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (256,
 @pytest.mark.parametrize("tile", TILES, ids=lambda t: "T{}-C{}-w{}-s{}".format(*t))
 def test_scan_tiles(benchmark, tile, monkeypatch):
     """GPU only: forward+backward of the first shape with other (BLOCK_T, BLOCK_C, num_warps, num_stages)
-    tiles than scan.GPU_TILE, to choose that fixed tile from data. GB/s = 8 B T C e / time."""
+    tiles than _scan_launch.GPU_TILE, to choose that fixed tile from data. GB/s = 8 B T C e / time."""
     requires_gpu("tile sweeps")
     monkeypatch.setenv("NANOLLAMA_KERNELS", "triton")
-    monkeypatch.setattr(scan_mod, "GPU_TILE", tile)
+    monkeypatch.setattr(_scan_launch, "GPU_TILE", tile)
     shape = SHAPES[0]
     benchmark.group = f"scan-tiles-{_shape_id(shape)}"
     make = _make(*shape, requires_grad=True)

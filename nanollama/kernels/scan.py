@@ -3,7 +3,8 @@ log-space form, and Mamba-2's SSD (its chunked form lives in ssd.py and is re-ex
 
 Layers, top to bottom: `linear_scan` (public; checks the inputs once and dispatches), then one route:
 `_LinearScan`, an autograd.Function whose forward and backward call either the `nanollama::linear_scan`
-torch ops (Triton, _scan_triton.py; fake impls so torch.compile traces them) or the eager chunked scan
+torch ops (Triton: launchers and ops in _scan_launch.py, kernels in _scan_triton.py; fake impls so
+torch.compile traces them) or the eager chunked scan
 (_scan_eager.py). The backward is the reverse scan: dh_t = g_t + a_{t+1} dh_{t+1}, grad_b = dh, grad_a = dh * h_{t-1}.
 Beside them the sequential references `linear_scan_ref` and `ssd_scan_ref` (loops over T, exact in float64)
 and one-token steps for generation.
@@ -13,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from nanollama.kernels._scan_eager import chunked_scan
-from nanollama.kernels._triton import cdiv, launch_device, pow2_at_least
+from nanollama.kernels import _scan_launch  # noqa: F401  (registers the nanollama::linear_scan ops)
+from nanollama.kernels._scan_eager import chunked_scan, eager_backward, eager_forward
 from nanollama.kernels.dispatch import use_triton
 from nanollama.kernels.ssd import ssd_scan, ssd_scan_ref, ssd_step
 
@@ -110,157 +111,17 @@ def linear_scan_log_step(
     return lh, lh
 
 
-# ----------------------------------------------------------------------------- eager path
-
-
-def _eager_forward(a, b, h0):
-    compute = _compute_dtype(a.dtype)
-    h = chunked_scan(a.to(compute), b.to(compute), None if h0 is None else h0.to(compute))  # (B, T, C)
-    return h.to(a.dtype)
-
-
-def _eager_backward(a, h, h0, grad_h, grad_last):
-    """(grad_a, grad_b, grad_h0) of the scan from dL/dh (B, T, C) and dL/dh_last (B, C)."""
-    compute = _compute_dtype(a.dtype)
-    af = a.to(compute)
-    # dh_t = g_t + a_{t+1} dh_{t+1}, from dh_{T-1} = g_{T-1} + grad_last: the forward scan on the reversed
-    # sequence with a shifted by one (a_T := 1) and grad_last (h_last is h[:, -1]) as its initial state
-    a_next = torch.cat((af[:, 1:], torch.ones_like(af[:, :1])), 1)  # (B, T, C)
-    dh = chunked_scan(a_next.flip(1), grad_h.to(compute).flip(1), grad_last.to(compute)).flip(1)
-    first = torch.zeros_like(af[:, 0]) if h0 is None else h0.to(compute)
-    h_prev = torch.cat((first[:, None], h[:, :-1].to(compute)), 1)  # (B, T, C): h_{t-1}
-    grad_a = dh * h_prev
-    grad_h0 = af[:, 0] * dh[:, 0]
-    return grad_a.to(a.dtype), dh.to(a.dtype), grad_h0
-
-
-# ----------------------------------------------------------------------------- launcher
-
-
-GPU_TILE = (64, 32, 4, 1)  # (BLOCK_T, BLOCK_C, num_warps, num_stages); bench_scan's test_scan_tiles sweeps others
-
-
-def _blocks(T: int, C: int, on_gpu: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_T, BLOCK_C, num_warps, num_stages). On a GPU, 32 channels (128 contiguous bytes of fp32 per
-    row) keep B * C / 32 programs in flight, each streaming 64-row chunks: a fixed tile, not autotuned, so
-    the rounding (the scan's association order) is the same on every run and resume. Under the
-    interpreter, whose cost is per operation, whole blocks as large as the input allows."""
-    if on_gpu:
-        block_t, block_c, warps, stages = GPU_TILE
-        return min(block_t, pow2_at_least(T)), min(block_c, pow2_at_least(C)), warps, stages
-    return min(256, pow2_at_least(T)), min(128, pow2_at_least(C)), 1, 1
-
-
-def _check_kernel_side(a: torch.Tensor) -> None:
-    if not a.is_cuda:
-        from nanollama.kernels import _scan_triton
-
-        # decorated while TRITON_INTERPRET was off
-        if type(_scan_triton._scan_fwd_kernel).__name__ != "InterpretedFunction":
-            raise RuntimeError(
-                "the scan Triton kernel was defined before TRITON_INTERPRET=1 was set: "
-                "set it before the first Triton call (and before importing triton)"
-            )
-
-
-def _launch_scan(a, b, h0, log: bool):
-    """Forward scan; returns (h, h_last), new contiguous tensors.
-
-    Shape contract:
-      a, b (B, T, C): any strides, one float dtype (fp16/bf16/fp32); T >= 1
-      h0 (B, C) of a's dtype, any strides, or None (h0 = 0; log: log h0 = -inf)
-      log: a, b, h0 are log a, log b, log h0 and h is log h (then h and h_last are float32)
-      h (B, T, C), h_last (B, C): a's dtype (float32 when log)
-    linear_scan checks shapes first (_check).
-    """
-    from nanollama.kernels._scan_triton import _scan_fwd_kernel
-
-    _check_kernel_side(a)
-    B, T, C = a.shape
-    out_dtype = torch.float32 if log else a.dtype
-    h = torch.empty((B, T, C), dtype=out_dtype, device=a.device)
-    h_last = torch.empty((B, C), dtype=out_dtype, device=a.device)
-    block_t, block_c, warps, stages = _blocks(T, C, a.is_cuda)
-    h0_strides = h0.stride() if h0 is not None else (0, 0)
-    with launch_device(a):
-        _scan_fwd_kernel[(B, cdiv(C, block_c))](
-            a, b, h0 if h0 is not None else a, h, h_last,
-            T, C, *a.stride(), *b.stride(), *h0_strides, *h.stride(), *h_last.stride(),
-            HAS_H0=h0 is not None, LOG=log, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps, num_stages=stages,
-        )  # fmt: skip
-    return h, h_last
-
-
-def _launch_scan_bwd(a, h, h0, grad_h, grad_last):
-    """Reverse scan; returns (grad_a, grad_b, grad_h0), new contiguous tensors of a's dtype.
-
-    Shape contract: a, h, grad_h (B, T, C), any strides, T >= 1; h0 None or (B, C); grad_last (B, C).
-    grad_h0 = a_0 * dh_0 (the gradient of a zero initial state when h0 is None).
-    """
-    from nanollama.kernels._scan_triton import _scan_bwd_kernel
-
-    _check_kernel_side(a)
-    B, T, C = a.shape
-    grad_a = torch.empty((B, T, C), dtype=a.dtype, device=a.device)
-    grad_b = torch.empty((B, T, C), dtype=a.dtype, device=a.device)
-    grad_h0 = torch.empty((B, C), dtype=a.dtype, device=a.device)
-    block_t, block_c, warps, stages = _blocks(T, C, a.is_cuda)
-    h0_strides = h0.stride() if h0 is not None else (0, 0)
-    with launch_device(a):
-        _scan_bwd_kernel[(B, cdiv(C, block_c))](
-            a, h, h0 if h0 is not None else a, grad_h, grad_last, grad_a, grad_b, grad_h0,
-            T, C, *a.stride(), *h.stride(), *h0_strides, *grad_h.stride(), *grad_last.stride(),
-            *grad_a.stride(), *grad_b.stride(), *grad_h0.stride(),
-            HAS_H0=h0 is not None, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps, num_stages=stages,
-        )  # fmt: skip
-    return grad_a, grad_b, grad_h0
-
-
-# ----------------------------------------------------------------------------- torch ops
-#
-# One route, eager and traced: _LinearScan / _LogScan -> these ops (Triton) or the eager chunked scan.
-
-
-@torch.library.custom_op(
-    "nanollama::linear_scan", mutates_args=(), schema="(Tensor a, Tensor b, Tensor? h0, bool log) -> (Tensor, Tensor)"
-)
-def _linear_scan_op(a, b, h0, log):
-    return _launch_scan(a, b, h0, log)
-
-
-@_linear_scan_op.register_fake
-def _linear_scan_fake(a, b, h0, log):
-    dtype = torch.float32 if log else a.dtype
-    B, T, C = a.shape
-    return a.new_empty((B, T, C), dtype=dtype), a.new_empty((B, C), dtype=dtype)
-
-
-@torch.library.custom_op(
-    "nanollama::linear_scan_bwd",
-    mutates_args=(),
-    schema="(Tensor a, Tensor h, Tensor? h0, Tensor grad_h, Tensor grad_last) -> (Tensor, Tensor, Tensor)",
-)
-def _linear_scan_bwd_op(a, h, h0, grad_h, grad_last):
-    return _launch_scan_bwd(a, h, h0, grad_h, grad_last)
-
-
-@_linear_scan_bwd_op.register_fake
-def _linear_scan_bwd_fake(a, h, h0, grad_h, grad_last):
-    B, T, C = a.shape
-    return a.new_empty((B, T, C)), a.new_empty((B, T, C)), a.new_empty((B, C))
-
-
 def _forward(a, b, h0, triton: bool):
     if triton:
         return torch.ops.nanollama.linear_scan(a, b, h0, False)
-    h = _eager_forward(a, b, h0)
+    h = eager_forward(a, b, h0)
     return h, h[:, -1].clone()
 
 
 def _backward(a, h, h0, grad_h, grad_last, triton: bool):
     if triton:
         return torch.ops.nanollama.linear_scan_bwd(a, h, h0, grad_h, grad_last)
-    return _eager_backward(a, h, h0, grad_h, grad_last)
+    return eager_backward(a, h, h0, grad_h, grad_last)
 
 
 class _LinearScan(torch.autograd.Function):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanollama.kernels import dispatch
+from nanollama.kernels import _scan_launch, dispatch
 from nanollama.kernels import scan as scan_mod
 from nanollama.kernels.scan import (
     linear_scan,
@@ -108,7 +108,7 @@ def test_triton_matches_float64_loop_long(triton_kernels, dtype):
 
 def test_triton_gpu_tiling_under_interpreter(triton_kernels, monkeypatch):
     """The GPU's small chunks (many chunks, channel blocks, partial last ones), with strided inputs."""
-    monkeypatch.setattr(scan_mod, "_blocks", lambda T, C, on_gpu: (4, 2, 1, 1))
+    monkeypatch.setattr(_scan_launch, "_blocks", lambda T, C, on_gpu: (4, 2, 1, 1))
     a, b, h0 = (t.detach() for t in _inputs(2, 11, 10, torch.float32, seed=4))
     ab = torch.cat((a, b), -1).transpose(0, 1).contiguous().transpose(0, 1)  # (B, T, 2C) view, T-major storage
     a_v = ab[..., 1:6].requires_grad_()  # (B, T, 5) views: no dimension contiguous in the usual order
@@ -117,6 +117,28 @@ def test_triton_gpu_tiling_under_interpreter(triton_kernels, monkeypatch):
     inputs = [a_v, b_v, h0_v]
     assert not a_v.is_contiguous() and not h0_v.is_contiguous()
     _assert_close(_grads(linear_scan, inputs), _grads(linear_scan_ref, _as64(inputs)), torch.float32)
+
+
+@pytest.mark.parametrize(
+    "segments, with_h0",
+    [(3, True), pytest.param(2, False, marks=pytest.mark.slow), pytest.param(7, True, marks=pytest.mark.slow)],
+    ids=["S3-h0", "S2-zeros", "S7-h0"],
+)
+def test_triton_sequence_split_into_segments(triton_kernels, monkeypatch, segments, with_h0):
+    """A GPU short of programs splits T into segments (first pass, carry scan, second pass), forward and
+    backward: 23 steps in 4-step chunks give 2, 3 and 6 segments, the last one partial."""
+    monkeypatch.setattr(_scan_launch, "_blocks", lambda T, C, on_gpu: (4, 2, 1, 1))
+    monkeypatch.setattr(_scan_launch, "_segments", lambda *args: segments)
+    inputs = _inputs(1, 23, 3, torch.float32, with_h0, seed=22)
+    _assert_close(_grads(linear_scan, inputs), _grads(linear_scan_ref, _as64(inputs)), torch.float32)
+    log_inputs = _log_inputs(1, 23, 3, torch.float32, with_h0, seed=22)
+    _assert_close(_grads(linear_scan_log, log_inputs), _grads(linear_scan_log_ref, _as64(log_inputs)), torch.float32)
+
+
+def test_segment_count_rule():
+    """1 on the CPU; on a GPU only when B * C leaves it short of programs, each segment >= 4 chunks."""
+    a = torch.zeros(1, 1, 1)
+    assert _scan_launch._segments(1, 8192, 64, 64, 32, a) == 1  # CPU tensors: never split
 
 
 def test_eager_and_triton_agree(triton_kernels, monkeypatch):
@@ -384,7 +406,7 @@ def test_compile_has_no_graph_break(monkeypatch, path):
 
 def test_dispatch_rule(monkeypatch):
     calls = []
-    monkeypatch.setattr(scan_mod, "_eager_forward", lambda *a: calls.append("eager") or torch.zeros(a[0].shape))
+    monkeypatch.setattr(scan_mod, "eager_forward", lambda *a: calls.append("eager") or torch.zeros(a[0].shape))
     a, b, _ = (t.detach() for t in _inputs(1, 3, 2, torch.float32))
     monkeypatch.setenv("NANOLLAMA_KERNELS", "auto")
     linear_scan(a.cpu(), b.cpu())  # auto on CPU tensors: eager
@@ -438,15 +460,17 @@ def test_kernels_compile_for_sm90():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
-def test_cuda_scan_training_shape(monkeypatch, dtype):
-    """auto on CUDA runs the Triton ops; a model-like shape (many chunks, C not a multiple of 32)."""
+@pytest.mark.parametrize("shape", [(3, 1031, 200), (16, 300, 2050)], ids=["split", "one-segment"])
+def test_cuda_scan_training_shape(monkeypatch, dtype, shape):
+    """auto on CUDA runs the Triton ops; model-like shapes (many chunks, C not a multiple of 32): 3 x 200
+    channels leave the GPU short of programs (the sequence is split into segments), 16 x 2050 do not."""
     monkeypatch.setenv("NANOLLAMA_KERNELS", "auto")
     calls = []
-    launch = scan_mod._launch_scan
-    monkeypatch.setattr(scan_mod, "_launch_scan", lambda *a: calls.append(a[-1]) or launch(*a))
-    inputs = _inputs(3, 1031, 200, dtype, seed=16)
+    launch = _scan_launch._launch_scan
+    monkeypatch.setattr(_scan_launch, "_launch_scan", lambda *a: calls.append(a[-1]) or launch(*a))
+    inputs = _inputs(*shape, dtype, seed=16)
     _assert_close(_grads(linear_scan, inputs), _grads(linear_scan_ref, _as64(inputs)), dtype)
-    log_inputs = _log_inputs(3, 1031, 200, dtype, seed=16)
+    log_inputs = _log_inputs(*shape, dtype, seed=16)
     _assert_close(_grads(linear_scan_log, log_inputs), _grads(linear_scan_log_ref, _as64(log_inputs)), dtype)
     assert calls == [False, True]
 
