@@ -50,13 +50,16 @@ def _sm_count(index: int) -> int:
 
 
 def _segments(B: int, T: int, C: int, block_t: int, block_c: int, a: torch.Tensor) -> int:
-    """How many sequence segments run in parallel: 1, unless B * C leaves the GPU short of ~4 programs per
-    SM (a small model, e.g. 8 x 512 channels: 128 programs); each segment keeps >= 4 chunks. Splitting
-    costs one more read of the inputs (a first pass finds each segment's product and final state)."""
+    """How many sequence segments run in parallel: 1, unless B * C leaves the GPU under 2 programs per SM
+    (a small model, e.g. 8 x 512 channels: 128 programs on 132 SMs), then about 4 per SM, each segment
+    >= 4 chunks long. Splitting costs one more read of the inputs (a first pass finds each segment's
+    product and final state), so the issue's (8, 4096, 1536), 384 programs, runs unsplit."""
     if not a.is_cuda:
         return 1
-    programs = B * cdiv(C, block_c)
-    return max(1, min(cdiv(4 * _sm_count(a.get_device()), programs), T // (4 * block_t)))
+    programs, sms = B * cdiv(C, block_c), _sm_count(a.get_device())
+    if programs >= 2 * sms:
+        return 1
+    return max(1, min(cdiv(4 * sms, programs), T // (4 * block_t)))
 
 
 def _seg_strides(t: torch.Tensor | None) -> tuple[int, int, int]:

@@ -4,10 +4,10 @@ log-space form, and Mamba-2's SSD (its chunked form lives in ssd.py and is re-ex
 Layers, top to bottom: `linear_scan` (public; checks the inputs once and dispatches), then one route:
 `_LinearScan`, an autograd.Function whose forward and backward call either the `nanollama::linear_scan`
 torch ops (Triton: launchers and ops in _scan_launch.py, kernels in _scan_triton.py; fake impls so
-torch.compile traces them) or the eager chunked scan
-(_scan_eager.py). The backward is the reverse scan: dh_t = g_t + a_{t+1} dh_{t+1}, grad_b = dh, grad_a = dh * h_{t-1}.
-Beside them the sequential references `linear_scan_ref` and `ssd_scan_ref` (loops over T, exact in float64)
-and one-token steps for generation.
+torch.compile traces them) or the eager chunked scan (_scan_eager.py). The backward is the reverse scan:
+dh_t = g_t + a_{t+1} dh_{t+1}, grad_b = dh, grad_a = dh * h_{t-1}. `linear_scan_log` (_LogScan) reuses
+that backward with a = d log h_t / d log h_{t-1}. Beside them the sequential references `linear_scan_ref`,
+`linear_scan_log_ref` and `ssd_scan_ref` (loops over T, exact in float64) and one-token steps for generation.
 """
 
 from __future__ import annotations
