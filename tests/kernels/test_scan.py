@@ -9,6 +9,7 @@ B * T * C small; the long ones are marked slow.
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -135,10 +136,14 @@ def test_triton_sequence_split_into_segments(triton_kernels, monkeypatch, segmen
     _assert_close(_grads(linear_scan_log, log_inputs), _grads(linear_scan_log_ref, _as64(log_inputs)), torch.float32)
 
 
-def test_segment_count_rule():
-    """1 on the CPU; on a GPU only when B * C leaves it short of programs, each segment >= 4 chunks."""
-    a = torch.zeros(1, 1, 1)
-    assert _scan_launch._segments(1, 8192, 64, 64, 32, a) == 1  # CPU tensors: never split
+def test_segment_count_rule(monkeypatch):
+    """1 on the CPU; on a GPU only under 2 programs per SM, then ~4 per SM, each segment >= 4 chunks."""
+    assert _scan_launch._segments(1, 8192, 64, 64, 32, torch.zeros(1)) == 1  # CPU tensors: never split
+    monkeypatch.setattr(_scan_launch, "_sm_count", lambda index: 132)  # an H200
+    gpu = types.SimpleNamespace(is_cuda=True, get_device=lambda: 0)
+    assert _scan_launch._segments(8, 4096, 1536, 64, 32, gpu) == 1  # the issue's shape: 384 programs
+    assert _scan_launch._segments(8, 4096, 512, 64, 32, gpu) == 5  # 128 programs -> 4 * 132 / 128
+    assert _scan_launch._segments(8, 512, 512, 64, 32, gpu) == 2  # capped: segments of >= 4 chunks
 
 
 def test_eager_and_triton_agree(triton_kernels, monkeypatch):
