@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from harness import DEVICE, graphed_inputs, measure, replay_graph, requires_gpu, tensor_bytes
 
+from nanollama.kernels import _scan_launch
 from nanollama.kernels import scan as scan_mod
 
 if DEVICE.type == "cuda":
@@ -114,6 +115,28 @@ def test_scan_forward_backward(benchmark, shape, variant, monkeypatch):
     moved = 8 * tensor_bytes(a)
     fn, sets = (replay_graph, graphed_inputs(step, make)) if variant == "triton-graph" else (step, make)
     measure(benchmark, fn, sets, bytes=moved, dtype=DTYPE, shapes={"a": a.shape}, variant=variant)
+
+
+TILES = [(64, 32, 4, 1), (64, 32, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (256, 32, 8, 2), (32, 32, 2, 3)]
+
+
+@pytest.mark.parametrize("tile", TILES, ids=lambda t: "T{}-C{}-w{}-s{}".format(*t))
+def test_scan_tiles(benchmark, tile, monkeypatch):
+    """GPU only: forward+backward of the first shape with other (BLOCK_T, BLOCK_C, num_warps, num_stages)
+    tiles than _scan_launch.GPU_TILE, to choose that fixed tile from data. GB/s = 8 B T C e / time."""
+    requires_gpu("tile sweeps")
+    monkeypatch.setenv("NANOLLAMA_KERNELS", "triton")
+    monkeypatch.setattr(_scan_launch, "GPU_TILE", tile)
+    shape = SHAPES[0]
+    benchmark.group = f"scan-tiles-{_shape_id(shape)}"
+    make = _make(*shape, requires_grad=True)
+
+    def step(a, b, g):
+        h, _ = scan_mod.linear_scan(a, b)
+        return torch.autograd.grad(h, (a, b), g)
+
+    a = make()[0]
+    measure(benchmark, step, make, bytes=8 * tensor_bytes(a), dtype=DTYPE, shapes={"a": a.shape}, tile=list(tile))
 
 
 # ----------------------------------------------------------------------------- SSD vs attention

@@ -15,7 +15,11 @@ import math
 
 import torch
 
-__all__ = ["chunked_scan"]
+__all__ = ["chunked_scan", "eager_backward", "eager_forward"]
+
+
+def _compute(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
 
 
 def chunked_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, log: bool = False) -> torch.Tensor:
@@ -32,11 +36,11 @@ def chunked_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, log:
     a4, b4 = a.reshape(B, K, L, C), b.reshape(B, K, L, C)  # (B, K, L, C)
     h = torch.empty_like(b4, memory_format=torch.contiguous_format)
     h[:, :, 0] = b4[:, :, 0]
-    for pos in range(1, L):  # 1) within every chunk at once, from a zero state
+    for pos in range(1, L):  # 1) within every chunk at once, from a zero state (setitem: Dynamo refuses out=)
         if log:
-            torch.logaddexp(a4[:, :, pos] + h[:, :, pos - 1], b4[:, :, pos], out=h[:, :, pos])
+            h[:, :, pos] = torch.logaddexp(a4[:, :, pos] + h[:, :, pos - 1], b4[:, :, pos])
         else:
-            torch.addcmul(b4[:, :, pos], a4[:, :, pos], h[:, :, pos - 1], out=h[:, :, pos])
+            h[:, :, pos] = torch.addcmul(b4[:, :, pos], a4[:, :, pos], h[:, :, pos - 1])
     prefix = torch.cumsum(a4, 2) if log else torch.cumprod(a4, 2)  # (B, K, L, C): a_start..a_pos per chunk
     if h0 is not None:
         carry = h0.to(h.dtype)
@@ -54,3 +58,28 @@ def chunked_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, log:
     else:
         h.addcmul_(prefix, carried)
     return h.view(B, K * L, C)[:, :T]
+
+
+# ----------------------------------------------------------------------------- the scan's eager forward and backward
+
+
+def eager_forward(a, b, h0):
+    """h (B, T, C) in a's dtype; math in float32 at least."""
+    compute = _compute(a.dtype)
+    h = chunked_scan(a.to(compute), b.to(compute), None if h0 is None else h0.to(compute))  # (B, T, C)
+    return h.to(a.dtype)
+
+
+def eager_backward(a, h, h0, grad_h, grad_last):
+    """(grad_a, grad_b, grad_h0) of the scan from dL/dh (B, T, C) and dL/dh_last (B, C)."""
+    compute = _compute(a.dtype)
+    af = a.to(compute)
+    # dh_t = g_t + a_{t+1} dh_{t+1}, from dh_{T-1} = g_{T-1} + grad_last: the forward scan on the reversed
+    # sequence with a shifted by one (a_T := 1) and grad_last (h_last is h[:, -1]) as its initial state
+    a_next = torch.cat((af[:, 1:], torch.ones_like(af[:, :1])), 1)  # (B, T, C)
+    dh = chunked_scan(a_next.flip(1), grad_h.to(compute).flip(1), grad_last.to(compute)).flip(1)
+    first = torch.zeros_like(af[:, 0]) if h0 is None else h0.to(compute)
+    h_prev = torch.cat((first[:, None], h[:, :-1].to(compute)), 1)  # (B, T, C): h_{t-1}
+    grad_a = dh * h_prev
+    grad_h0 = af[:, 0] * dh[:, 0]
+    return grad_a.to(a.dtype), dh.to(a.dtype), grad_h0

@@ -3,18 +3,19 @@ log-space form, and Mamba-2's SSD (its chunked form lives in ssd.py and is re-ex
 
 Layers, top to bottom: `linear_scan` (public; checks the inputs once and dispatches), then one route:
 `_LinearScan`, an autograd.Function whose forward and backward call either the `nanollama::linear_scan`
-torch ops (Triton, _scan_triton.py; fake impls so torch.compile traces them) or the eager chunked scan
-(_scan_eager.py). The backward is the reverse scan: dh_t = g_t + a_{t+1} dh_{t+1}, grad_b = dh, grad_a = dh * h_{t-1}.
-Beside them the sequential references `linear_scan_ref` and `ssd_scan_ref` (loops over T, exact in float64)
-and one-token steps for generation.
+torch ops (Triton: launchers and ops in _scan_launch.py, kernels in _scan_triton.py; fake impls so
+torch.compile traces them) or the eager chunked scan (_scan_eager.py). The backward is the reverse scan:
+dh_t = g_t + a_{t+1} dh_{t+1}, grad_b = dh, grad_a = dh * h_{t-1}. `linear_scan_log` (_LogScan) reuses
+that backward with a = d log h_t / d log h_{t-1}. Beside them the sequential references `linear_scan_ref`,
+`linear_scan_log_ref` and `ssd_scan_ref` (loops over T, exact in float64) and one-token steps for generation.
 """
 
 from __future__ import annotations
 
 import torch
 
-from nanollama.kernels._scan_eager import chunked_scan
-from nanollama.kernels._triton import cdiv, launch_device, pow2_at_least
+from nanollama.kernels import _scan_launch  # noqa: F401  (registers the nanollama::linear_scan ops)
+from nanollama.kernels._scan_eager import chunked_scan, eager_backward, eager_forward
 from nanollama.kernels.dispatch import use_triton
 from nanollama.kernels.ssd import ssd_scan, ssd_scan_ref, ssd_step
 
@@ -38,12 +39,13 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _check(name: str, a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> None:
-    """Shape, dtype and device checks shared by every path (shape-only: safe while tracing)."""
+def _check(name: str, a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> torch.dtype:
+    """Shape, dtype and device checks shared by every path (shape-only: safe while tracing); returns the
+    dtype a, b and h0 are cast to: the promotion of a's and b's (under autocast they may differ)."""
     if a.dim() != 3 or a.shape != b.shape:
         raise ValueError(f"{name}: a and b must be (B, T, C) of one shape; got {tuple(a.shape)}, {tuple(b.shape)}")
-    if a.dtype != b.dtype or a.dtype not in _DTYPES:
-        raise ValueError(f"{name}: a and b must share a float dtype (fp16/bf16/fp32/fp64); got {a.dtype}, {b.dtype}")
+    if a.dtype not in _DTYPES or b.dtype not in _DTYPES:
+        raise ValueError(f"{name}: a and b must have a float dtype (fp16/bf16/fp32/fp64); got {a.dtype}, {b.dtype}")
     if a.device != b.device:
         raise ValueError(f"{name}: a and b must be on one device; got {a.device}, {b.device}")
     if h0 is not None:
@@ -52,6 +54,7 @@ def _check(name: str, a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None)
             raise ValueError(
                 f"{name}: h0 must be (B, C) = ({B}, {C}) on {a.device}; got {tuple(h0.shape)} on {h0.device}"
             )
+    return torch.promote_types(a.dtype, b.dtype)
 
 
 # ----------------------------------------------------------------------------- sequential references
@@ -61,23 +64,23 @@ def linear_scan_ref(
     a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """h_t = a_t * h_{t-1} + b_t by a loop over T (math in float32, float64 for float64 inputs)."""
-    _check("linear_scan_ref", a, b, h0)
-    compute = _compute_dtype(a.dtype)
+    dtype = _check("linear_scan_ref", a, b, h0)
+    compute = _compute_dtype(dtype)
     h = torch.zeros(a.shape[0], a.shape[2], dtype=compute, device=a.device) if h0 is None else h0.to(compute)
     out = []
     for t in range(a.shape[1]):
         h = a[:, t].to(compute) * h + b[:, t].to(compute)
         out.append(h)
     hs = torch.stack(out, 1) if out else a.new_empty(a.shape, dtype=compute)  # (B, T, C)
-    return hs.to(a.dtype), h.to(a.dtype)
+    return hs.to(dtype), h.to(dtype)
 
 
 def linear_scan_log_ref(
     log_a: torch.Tensor, log_b: torch.Tensor, log_h0: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log h_t = logaddexp(log_a_t + log h_{t-1}, log_b_t) by a loop over T (h0 = 0 when log_h0 is None)."""
-    _check("linear_scan_log_ref", log_a, log_b, log_h0)
-    compute = _compute_dtype(log_a.dtype)
+    dtype = _check("linear_scan_log_ref", log_a, log_b, log_h0)
+    compute = _compute_dtype(dtype)
     B, T, C = log_a.shape
     lh = None if log_h0 is None else log_h0.to(compute)
     out = []
@@ -88,7 +91,7 @@ def linear_scan_log_ref(
     if lh is None:  # T == 0 and no initial state: h = 0
         lh = torch.full((B, C), float("-inf"), dtype=compute, device=log_a.device)
     hs = torch.stack(out, 1) if out else log_a.new_empty(log_a.shape, dtype=compute)
-    return hs.to(log_a.dtype), lh.to(log_a.dtype)
+    return hs.to(dtype), lh.to(dtype)
 
 
 # ----------------------------------------------------------------------------- one-token steps
@@ -108,152 +111,17 @@ def linear_scan_log_step(
     return lh, lh
 
 
-# ----------------------------------------------------------------------------- eager path
-
-
-def _eager_forward(a, b, h0):
-    compute = _compute_dtype(a.dtype)
-    h = chunked_scan(a.to(compute), b.to(compute), None if h0 is None else h0.to(compute))  # (B, T, C)
-    return h.to(a.dtype)
-
-
-def _eager_backward(a, h, h0, grad_h, grad_last):
-    """(grad_a, grad_b, grad_h0) of the scan from dL/dh (B, T, C) and dL/dh_last (B, C)."""
-    compute = _compute_dtype(a.dtype)
-    af = a.to(compute)
-    # dh_t = g_t + a_{t+1} dh_{t+1}, from dh_{T-1} = g_{T-1} + grad_last: the forward scan on the reversed
-    # sequence with a shifted by one (a_T := 1) and grad_last (h_last is h[:, -1]) as its initial state
-    a_next = torch.cat((af[:, 1:], torch.ones_like(af[:, :1])), 1)  # (B, T, C)
-    dh = chunked_scan(a_next.flip(1), grad_h.to(compute).flip(1), grad_last.to(compute)).flip(1)
-    first = torch.zeros_like(af[:, 0]) if h0 is None else h0.to(compute)
-    h_prev = torch.cat((first[:, None], h[:, :-1].to(compute)), 1)  # (B, T, C): h_{t-1}
-    grad_a = dh * h_prev
-    grad_h0 = af[:, 0] * dh[:, 0]
-    return grad_a.to(a.dtype), dh.to(a.dtype), grad_h0
-
-
-# ----------------------------------------------------------------------------- launcher
-
-
-def _blocks(T: int, C: int, on_gpu: bool) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_C, num_warps). On a GPU, 32 channels (128 contiguous bytes of fp32 per row) keep
-    B * C / 32 programs in flight, each streaming 64-row chunks; under the interpreter, whose cost is per
-    operation, whole blocks as large as the input allows."""
-    if on_gpu:
-        return min(64, pow2_at_least(T)), min(32, pow2_at_least(C)), 4
-    return min(256, pow2_at_least(T)), min(128, pow2_at_least(C)), 1
-
-
-def _check_kernel_side(a: torch.Tensor) -> None:
-    if not a.is_cuda:
-        from nanollama.kernels import _scan_triton
-
-        # decorated while TRITON_INTERPRET was off
-        if type(_scan_triton._scan_fwd_kernel).__name__ != "InterpretedFunction":
-            raise RuntimeError(
-                "the scan Triton kernel was defined before TRITON_INTERPRET=1 was set: "
-                "set it before the first Triton call (and before importing triton)"
-            )
-
-
-def _launch_scan(a, b, h0, log: bool):
-    """Forward scan; returns (h, h_last), new contiguous tensors.
-
-    Shape contract:
-      a, b (B, T, C): any strides, one float dtype (fp16/bf16/fp32); T >= 1
-      h0 (B, C) of a's dtype, any strides, or None (h0 = 0; log: log h0 = -inf)
-      log: a, b, h0 are log a, log b, log h0 and h is log h (then h and h_last are float32)
-      h (B, T, C), h_last (B, C): a's dtype (float32 when log)
-    linear_scan checks shapes first (_check).
-    """
-    from nanollama.kernels._scan_triton import _scan_fwd_kernel
-
-    _check_kernel_side(a)
-    B, T, C = a.shape
-    out_dtype = torch.float32 if log else a.dtype
-    h = torch.empty((B, T, C), dtype=out_dtype, device=a.device)
-    h_last = torch.empty((B, C), dtype=out_dtype, device=a.device)
-    block_t, block_c, warps = _blocks(T, C, a.is_cuda)
-    h0_strides = h0.stride() if h0 is not None else (0, 0)
-    with launch_device(a):
-        _scan_fwd_kernel[(B, cdiv(C, block_c))](
-            a, b, h0 if h0 is not None else a, h, h_last,
-            T, C, *a.stride(), *b.stride(), *h0_strides, *h.stride(), *h_last.stride(),
-            HAS_H0=h0 is not None, LOG=log, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps,
-        )  # fmt: skip
-    return h, h_last
-
-
-def _launch_scan_bwd(a, h, h0, grad_h, grad_last):
-    """Reverse scan; returns (grad_a, grad_b, grad_h0), new contiguous tensors of a's dtype.
-
-    Shape contract: a, h, grad_h (B, T, C), any strides, T >= 1; h0 None or (B, C); grad_last (B, C).
-    grad_h0 = a_0 * dh_0 (the gradient of a zero initial state when h0 is None).
-    """
-    from nanollama.kernels._scan_triton import _scan_bwd_kernel
-
-    _check_kernel_side(a)
-    B, T, C = a.shape
-    grad_a = torch.empty((B, T, C), dtype=a.dtype, device=a.device)
-    grad_b = torch.empty((B, T, C), dtype=a.dtype, device=a.device)
-    grad_h0 = torch.empty((B, C), dtype=a.dtype, device=a.device)
-    block_t, block_c, warps = _blocks(T, C, a.is_cuda)
-    h0_strides = h0.stride() if h0 is not None else (0, 0)
-    with launch_device(a):
-        _scan_bwd_kernel[(B, cdiv(C, block_c))](
-            a, h, h0 if h0 is not None else a, grad_h, grad_last, grad_a, grad_b, grad_h0,
-            T, C, *a.stride(), *h.stride(), *h0_strides, *grad_h.stride(), *grad_last.stride(),
-            *grad_a.stride(), *grad_b.stride(), *grad_h0.stride(),
-            HAS_H0=h0 is not None, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps,
-        )  # fmt: skip
-    return grad_a, grad_b, grad_h0
-
-
-# ----------------------------------------------------------------------------- torch ops
-#
-# One route, eager and traced: _LinearScan / _LogScan -> these ops (Triton) or the eager chunked scan.
-
-
-@torch.library.custom_op(
-    "nanollama::linear_scan", mutates_args=(), schema="(Tensor a, Tensor b, Tensor? h0, bool log) -> (Tensor, Tensor)"
-)
-def _linear_scan_op(a, b, h0, log):
-    return _launch_scan(a, b, h0, log)
-
-
-@_linear_scan_op.register_fake
-def _linear_scan_fake(a, b, h0, log):
-    dtype = torch.float32 if log else a.dtype
-    B, T, C = a.shape
-    return a.new_empty((B, T, C), dtype=dtype), a.new_empty((B, C), dtype=dtype)
-
-
-@torch.library.custom_op(
-    "nanollama::linear_scan_bwd",
-    mutates_args=(),
-    schema="(Tensor a, Tensor h, Tensor? h0, Tensor grad_h, Tensor grad_last) -> (Tensor, Tensor, Tensor)",
-)
-def _linear_scan_bwd_op(a, h, h0, grad_h, grad_last):
-    return _launch_scan_bwd(a, h, h0, grad_h, grad_last)
-
-
-@_linear_scan_bwd_op.register_fake
-def _linear_scan_bwd_fake(a, h, h0, grad_h, grad_last):
-    B, T, C = a.shape
-    return a.new_empty((B, T, C)), a.new_empty((B, T, C)), a.new_empty((B, C))
-
-
 def _forward(a, b, h0, triton: bool):
     if triton:
         return torch.ops.nanollama.linear_scan(a, b, h0, False)
-    h = _eager_forward(a, b, h0)
+    h = eager_forward(a, b, h0)
     return h, h[:, -1].clone()
 
 
 def _backward(a, h, h0, grad_h, grad_last, triton: bool):
     if triton:
         return torch.ops.nanollama.linear_scan_bwd(a, h, h0, grad_h, grad_last)
-    return _eager_backward(a, h, h0, grad_h, grad_last)
+    return eager_backward(a, h, h0, grad_h, grad_last)
 
 
 class _LinearScan(torch.autograd.Function):
@@ -283,14 +151,15 @@ class _LinearScan(torch.autograd.Function):
 def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """h_t = a_t * h_{t-1} + b_t elementwise; returns (h (B, T, C), h_last (B, C)).
 
-    a, b: (B, T, C) of one dtype (fp16/bf16/fp32/fp64; math in fp32 at least); h0: (B, C) or None
-    (zeros). h_last = h[:, -1], or h0 (zeros) when T == 0. Differentiable in a, b and h0. Triton on
-    CUDA tensors (NANOLLAMA_KERNELS, nanollama.kernels.dispatch), else the eager chunked scan (O(T) work
-    in ~2 sqrt(T) vectorised steps; exact for any a, including zeros and negatives).
+    a, b: (B, T, C), fp16/bf16/fp32/fp64 (two dtypes are promoted to one, as under autocast; math in
+    fp32 at least; results in that dtype); h0: (B, C) or None (zeros). h_last = h[:, -1], or h0
+    (zeros) when T == 0. Differentiable in a, b and h0. Triton on CUDA tensors (NANOLLAMA_KERNELS,
+    nanollama.kernels.dispatch), else the eager chunked scan (O(T) work in ~2 sqrt(T) vectorised steps;
+    exact for any a, including zeros and negatives).
     """
-    _check("linear_scan", a, b, h0)
-    if h0 is not None and h0.dtype != a.dtype:
-        h0 = h0.to(a.dtype)
+    dtype = _check("linear_scan", a, b, h0)
+    a, b = a.to(dtype), b.to(dtype)
+    h0 = None if h0 is None else h0.to(dtype)
     B, T, C = a.shape
     if T == 0:
         last = torch.zeros(B, C, dtype=a.dtype, device=a.device) if h0 is None else h0
@@ -347,9 +216,9 @@ def linear_scan_log(
     one chunk: no exp of a sum that grows with T (the cumsum form's overflow), so it is stable at any T.
     Differentiable in all three.
     """
-    _check("linear_scan_log", log_a, log_b, log_h0)
-    if log_h0 is not None and log_h0.dtype != log_a.dtype:
-        log_h0 = log_h0.to(log_a.dtype)
+    dtype = _check("linear_scan_log", log_a, log_b, log_h0)
+    log_a, log_b = log_a.to(dtype), log_b.to(dtype)
+    log_h0 = None if log_h0 is None else log_h0.to(dtype)
     B, T, C = log_a.shape
     if T == 0:
         last = torch.full((B, C), float("-inf"), dtype=log_a.dtype, device=log_a.device) if log_h0 is None else log_h0

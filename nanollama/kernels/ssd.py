@@ -15,7 +15,7 @@ import torch.nn.functional as F
 __all__ = ["ssd_scan", "ssd_scan_ref", "ssd_step"]
 
 
-def _check(name, x, dt, A, B, C, h0, chunk_size=1) -> None:
+def _check(name, x, dt, A, B, C, h0, chunk_size=1, reset=None) -> None:
     if x.dim() != 4:
         raise ValueError(f"{name}: x must be (B, T, H, P); got {tuple(x.shape)}")
     b, T, H, P = x.shape
@@ -32,9 +32,13 @@ def _check(name, x, dt, A, B, C, h0, chunk_size=1) -> None:
         raise ValueError(f"{name}: the heads H = {H} must be a multiple of the groups G = {G}")
     if h0 is not None and h0.shape != (b, H, P, B.shape[3]):
         raise ValueError(f"{name}: h0 must be (B, H, P, N) = ({b}, {H}, {P}, {B.shape[3]}); got {tuple(h0.shape)}")
+    if reset is not None and (reset.shape != (b, T) or reset.dtype != torch.bool):
+        raise ValueError(
+            f"{name}: reset must be a (B, T) = ({b}, {T}) bool tensor; got {reset.dtype} {tuple(reset.shape)}"
+        )
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{name}: chunk_size must be a positive int; got {chunk_size!r}")
-    devices = {t.device for t in (x, dt, A, B, C, h0) if t is not None}
+    devices = {t.device for t in (x, dt, A, B, C, h0, reset) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"{name}: all tensors must be on one device; got {sorted(map(str, devices))}")
 
@@ -65,9 +69,10 @@ def ssd_scan_ref(
     C: torch.Tensor,
     h0: torch.Tensor | None = None,
     chunk_size: int = 64,
+    reset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The SSD recurrence by a loop over T (math in float32, float64 for float64 x); chunk_size is ignored."""
-    _check("ssd_scan_ref", x, dt, A, B, C, h0, chunk_size)
+    _check("ssd_scan_ref", x, dt, A, B, C, h0, chunk_size, reset)
     b, T, H, P = x.shape
     N = B.shape[3]
     compute = torch.promote_types(x.dtype, torch.float32)
@@ -76,6 +81,8 @@ def ssd_scan_ref(
     S = torch.zeros(b, H, P, N, dtype=compute, device=x.device) if h0 is None else h0.to(compute)
     ys = []
     for t in range(T):
+        if reset is not None:  # the sequence restarts at t: the state before it is dropped
+            S = torch.where(reset[:, t, None, None, None], 0.0, S)
         y, S = _step(S, xf[:, t], dtf[:, t], Af, Bh[:, t], Ch[:, t])
         ys.append(y)
     y = torch.stack(ys, 1) if ys else xf.new_empty(x.shape)
@@ -110,6 +117,7 @@ def ssd_scan(
     C: torch.Tensor,
     h0: torch.Tensor | None = None,
     chunk_size: int = 64,
+    reset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mamba-2's SSD, chunked: returns (y (B, T, H, P), h_last (B, H, P, N)).
 
@@ -118,8 +126,11 @@ def ssd_scan(
     last chunk is padded with dt = 0, which leaves the state unchanged. Math in float32 at least,
     results in x's dtype; differentiable in every input. Memory per chunk is O(L^2 H) for the decay
     matrix, so chunk_size trades that against the K^2 chunk-to-chunk matrix.
+
+    reset: (B, T) bool or None: where True the sequence restarts (the state before t, h0 included, is
+    dropped), for packed documents; the decay there becomes exp(-inf) = 0 inside and across chunks.
     """
-    _check("ssd_scan", x, dt, A, B, C, h0, chunk_size)
+    _check("ssd_scan", x, dt, A, B, C, h0, chunk_size, reset)
     b, T, H, P = x.shape
     N = B.shape[3]
     compute = torch.promote_types(x.dtype, torch.float32)
@@ -134,9 +145,13 @@ def ssd_scan(
     if pad:  # dt = 0 and x = 0 past the end: decay 1, no input, so the state passes through unchanged
         xf, Bh, Ch = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (xf, Bh, Ch))
         dtf = F.pad(dtf, (0, 0, 0, pad))
+    log_decay = dtf * A.to(compute)  # (B, T + pad, H), <= 0
+    if reset is not None:
+        cut = F.pad(reset, (0, pad))[..., None]  # (B, T + pad, 1)
+        log_decay = log_decay.masked_fill(cut, float("-inf"))
     X = (xf * dtf[..., None]).view(b, K, L, H, P)  # (B, K, L, H, P): the discretised input dt x
     Bc, Cc = Bh.view(b, K, L, H, N), Ch.view(b, K, L, H, N)
-    Adt = (dtf * A.to(compute)).view(b, K, L, H).permute(0, 3, 1, 2)  # (B, H, K, L): log decays, <= 0
+    Adt = log_decay.view(b, K, L, H).permute(0, 3, 1, 2)  # (B, H, K, L): log decays, <= 0 (-inf at resets)
     A_cum = torch.cumsum(Adt, dim=-1)  # (B, H, K, L)
 
     # 1. within each chunk: y = (C B^T o decay) X, the quadratic form
@@ -145,7 +160,8 @@ def ssd_scan(
     y = torch.einsum("bhcls,bcshp->bclhp", scores, X)  # (B, K, L, H, P)
 
     # 2. each chunk's final state from a zero start
-    to_end = torch.exp(A_cum[..., -1:] - A_cum)  # (B, H, K, L): decay from l+1 to the chunk's end
+    to_end = decay[..., -1, :]  # (B, H, K, L): decay from l+1 to the chunk's end (a sum, not a difference of
+    # cumsums: -inf - -inf would be nan after a reset)
     states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bc, to_end, X)  # (B, K, H, P, N)
 
     # 3. carry states across chunks: a scan over K with the chunks' total decays

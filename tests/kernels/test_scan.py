@@ -9,12 +9,13 @@ B * T * C small; the long ones are marked slow.
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
-from nanollama.kernels import dispatch
+from nanollama.kernels import _scan_launch, dispatch
 from nanollama.kernels import scan as scan_mod
 from nanollama.kernels.scan import (
     linear_scan,
@@ -108,7 +109,7 @@ def test_triton_matches_float64_loop_long(triton_kernels, dtype):
 
 def test_triton_gpu_tiling_under_interpreter(triton_kernels, monkeypatch):
     """The GPU's small chunks (many chunks, channel blocks, partial last ones), with strided inputs."""
-    monkeypatch.setattr(scan_mod, "_blocks", lambda T, C, on_gpu: (4, 2, 1))
+    monkeypatch.setattr(_scan_launch, "_blocks", lambda T, C, on_gpu: (4, 2, 1, 1))
     a, b, h0 = (t.detach() for t in _inputs(2, 11, 10, torch.float32, seed=4))
     ab = torch.cat((a, b), -1).transpose(0, 1).contiguous().transpose(0, 1)  # (B, T, 2C) view, T-major storage
     a_v = ab[..., 1:6].requires_grad_()  # (B, T, 5) views: no dimension contiguous in the usual order
@@ -117,6 +118,32 @@ def test_triton_gpu_tiling_under_interpreter(triton_kernels, monkeypatch):
     inputs = [a_v, b_v, h0_v]
     assert not a_v.is_contiguous() and not h0_v.is_contiguous()
     _assert_close(_grads(linear_scan, inputs), _grads(linear_scan_ref, _as64(inputs)), torch.float32)
+
+
+@pytest.mark.parametrize(
+    "segments, with_h0",
+    [(3, True), pytest.param(2, False, marks=pytest.mark.slow), pytest.param(7, True, marks=pytest.mark.slow)],
+    ids=["S3-h0", "S2-zeros", "S7-h0"],
+)
+def test_triton_sequence_split_into_segments(triton_kernels, monkeypatch, segments, with_h0):
+    """A GPU short of programs splits T into segments (first pass, carry scan, second pass), forward and
+    backward: 23 steps in 4-step chunks give 2, 3 and 6 segments, the last one partial."""
+    monkeypatch.setattr(_scan_launch, "_blocks", lambda T, C, on_gpu: (4, 2, 1, 1))
+    monkeypatch.setattr(_scan_launch, "_segments", lambda *args: segments)
+    inputs = _inputs(1, 23, 3, torch.float32, with_h0, seed=22)
+    _assert_close(_grads(linear_scan, inputs), _grads(linear_scan_ref, _as64(inputs)), torch.float32)
+    log_inputs = _log_inputs(1, 23, 3, torch.float32, with_h0, seed=22)
+    _assert_close(_grads(linear_scan_log, log_inputs), _grads(linear_scan_log_ref, _as64(log_inputs)), torch.float32)
+
+
+def test_segment_count_rule(monkeypatch):
+    """1 on the CPU; on a GPU only under 2 programs per SM, then ~4 per SM, each segment >= 4 chunks."""
+    assert _scan_launch._segments(1, 8192, 64, 64, 32, torch.zeros(1)) == 1  # CPU tensors: never split
+    monkeypatch.setattr(_scan_launch, "_sm_count", lambda index: 132)  # an H200
+    gpu = types.SimpleNamespace(is_cuda=True, get_device=lambda: 0)
+    assert _scan_launch._segments(8, 4096, 1536, 64, 32, gpu) == 1  # the issue's shape: 384 programs
+    assert _scan_launch._segments(8, 4096, 512, 64, 32, gpu) == 5  # 128 programs -> 4 * 132 / 128
+    assert _scan_launch._segments(8, 512, 512, 64, 32, gpu) == 2  # capped: segments of >= 4 chunks
 
 
 def test_eager_and_triton_agree(triton_kernels, monkeypatch):
@@ -144,6 +171,18 @@ def test_chunked_equals_stepwise_and_halves_carry_the_state(monkeypatch, path, r
     h2, last2 = linear_scan(a[:, 8:], b[:, 8:], mid)
     torch.testing.assert_close(torch.cat((h1, h2), 1), h, **TOL[torch.float32])
     torch.testing.assert_close(last2, last, **TOL[torch.float32])
+
+
+def test_mixed_dtypes_are_promoted(eager):
+    """Under autocast a (from an fp32 parameter) and b (from a bf16 matmul) can differ: both go to fp32."""
+    a, b, h0 = _inputs(2, 5, 3, torch.float32, seed=18)
+    b16 = b.detach().to(torch.bfloat16).requires_grad_()
+    h, last = linear_scan(a, b16, h0)
+    assert h.dtype == last.dtype == torch.float32
+    want, _ = linear_scan_ref(a, b16.float(), h0)
+    torch.testing.assert_close(h, want)
+    (grad_b,) = torch.autograd.grad(h.sum(), b16)
+    assert grad_b.dtype == torch.bfloat16
 
 
 def test_empty_sequence_returns_the_initial_state(eager):
@@ -217,6 +256,31 @@ def test_log_scan_is_stable_where_cumsums_are_not(monkeypatch, path, request):
     torch.testing.assert_close(log_h[0, -1, 0].double(), fixed.to(DEVICE), **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("path", ["reference", "triton"])
+def test_log_scan_resets_and_left_padding(monkeypatch, path, request):
+    """As minGRU packs and pads: log a = -inf restarts the state; leading (log a, log b) = (0, -inf) pads
+    keep h = 0 (log h = -inf). Gradients stay finite and equal those of the unpadded sequence."""
+    if path == "triton":
+        request.getfixturevalue("triton_kernels")
+    else:
+        monkeypatch.setenv("NANOLLAMA_KERNELS", "reference")
+    la, lb = (t.detach() for t in _log_inputs(1, 12, 3, torch.float32, with_h0=False, seed=21)[:2])
+    la[:, 6] = float("-inf")  # a document starts at 6
+    la64, lb64 = la.double().requires_grad_(), lb.double().requires_grad_()
+    want = _grads(linear_scan_log_ref, [la64, lb64])
+    pad_a = torch.cat((torch.zeros(1, 4, 3, device=DEVICE), la), 1).requires_grad_()
+    pad_b = torch.cat((torch.full((1, 4, 3), float("-inf"), device=DEVICE), lb), 1).requires_grad_()
+    log_h, last = linear_scan_log(pad_a, pad_b)
+    assert torch.isneginf(log_h[:, :4]).all()
+    g = torch.Generator().manual_seed(1)  # the upstream gradients _grads draws, with zeros on the pads
+    gh = torch.randn(1, 12, 3, generator=g).to(DEVICE, torch.float64)
+    gl = torch.randn(1, 3, generator=g).to(DEVICE, torch.float64)
+    loss = (log_h[:, 4:].double() * gh).sum() + (last.double() * gl).sum()
+    grad_a, grad_b = torch.autograd.grad(loss, (pad_a, pad_b))
+    assert torch.isfinite(grad_a).all() and torch.isfinite(grad_b).all()
+    _assert_close([log_h[:, 4:], last, grad_a[:, 4:], grad_b[:, 4:]], want, torch.float32)
+
+
 def test_log_step_matches_the_scan(eager):
     la, lb, lh0 = (t.detach() for t in _log_inputs(2, 9, 3, torch.float32, seed=9))
     log_h, last = linear_scan_log(la, lb, lh0)
@@ -277,6 +341,31 @@ def test_ssd_chunked_equals_stepwise_and_halves_carry_the_state():
     torch.testing.assert_close(last2, last, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_ssd_resets_match_float64_loop(dtype):
+    """Resets at the start, at a chunk border (16), just before it (15) and at random inside chunks."""
+    inputs = _ssd_inputs(2, 37, 4, 3, 2, 5, dtype, seed=19)
+    reset = torch.rand(2, 37, generator=torch.Generator().manual_seed(19)) < 0.1
+    reset[0, 0] = reset[1, 15] = reset[1, 16] = True
+    reset = reset.to(DEVICE)
+    got = _grads(lambda *t: ssd_scan(*t, chunk_size=8, reset=reset), inputs)
+    assert not any(torch.isnan(t).any() for t in got)
+    _assert_close(got, _grads(lambda *t: ssd_scan_ref(*t, reset=reset), _as64(inputs)), dtype)
+
+
+def test_ssd_packed_documents_equal_each_alone():
+    x, dt, A, Bm, Cm, _ = (
+        t.detach() if t is not None else None for t in _ssd_inputs(1, 30, 2, 3, 1, 4, torch.float32, seed=20)
+    )
+    reset = torch.zeros(1, 30, dtype=torch.bool, device=DEVICE)
+    reset[0, 11] = True  # documents [0, 11) and [11, 30)
+    y, last = ssd_scan(x, dt, A, Bm, Cm, chunk_size=8, reset=reset)
+    y1, _ = ssd_scan(x[:, :11], dt[:, :11], A, Bm[:, :11], Cm[:, :11], chunk_size=8)
+    y2, last2 = ssd_scan(x[:, 11:], dt[:, 11:], A, Bm[:, 11:], Cm[:, 11:], chunk_size=8)
+    torch.testing.assert_close(y, torch.cat((y1, y2), 1), **TOL[torch.float32])
+    torch.testing.assert_close(last, last2, **TOL[torch.float32])
+
+
 def test_ssd_chunk_size_does_not_change_the_result():
     inputs = [t.detach() for t in _ssd_inputs(1, 50, 2, 3, 2, 4, torch.float64, seed=13)]
     want = ssd_scan(*inputs, chunk_size=1)
@@ -322,7 +411,7 @@ def test_compile_has_no_graph_break(monkeypatch, path):
 
 def test_dispatch_rule(monkeypatch):
     calls = []
-    monkeypatch.setattr(scan_mod, "_eager_forward", lambda *a: calls.append("eager") or torch.zeros(a[0].shape))
+    monkeypatch.setattr(scan_mod, "eager_forward", lambda *a: calls.append("eager") or torch.zeros(a[0].shape))
     a, b, _ = (t.detach() for t in _inputs(1, 3, 2, torch.float32))
     monkeypatch.setenv("NANOLLAMA_KERNELS", "auto")
     linear_scan(a.cpu(), b.cpu())  # auto on CPU tensors: eager
@@ -337,14 +426,14 @@ def test_dispatch_rule(monkeypatch):
     [
         (lambda: linear_scan(torch.zeros(2, 3), torch.zeros(2, 3)), "must be (B, T, C)"),
         (lambda: linear_scan(torch.zeros(1, 3, 2), torch.zeros(1, 3, 4)), "of one shape"),
-        (lambda: linear_scan(torch.zeros(1, 3, 2), torch.zeros(1, 3, 2).half()), "share a float dtype"),
         (lambda: linear_scan(torch.zeros(1, 3, 2), torch.zeros(1, 3, 2), torch.zeros(2, 2)), "h0 must be (B, C)"),
         (lambda: linear_scan_log(torch.zeros(1, 3, 2, dtype=torch.int64), torch.zeros(1, 3, 2)), "float dtype"),
         (lambda: ssd_scan(*_bad_ssd(H=3, G=2)), "multiple of the groups"),
         (lambda: ssd_scan(*_bad_ssd(H=2, G=1, A_shape=(3,))), "A must be (H,)"),
         (lambda: ssd_scan(*_bad_ssd(H=2, G=1), chunk_size=0), "chunk_size must be a positive int"),
+        (lambda: ssd_scan(*_bad_ssd(H=2, G=1), reset=torch.zeros(1, 4)), "reset must be a (B, T) = (1, 4) bool"),
     ],
-    ids=["rank", "shapes", "dtypes", "h0", "int", "groups", "A", "chunk"],
+    ids=["rank", "shapes", "h0", "int", "groups", "A", "chunk", "reset"],
 )
 def test_bad_input_is_a_clear_error(make, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -376,15 +465,17 @@ def test_kernels_compile_for_sm90():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
-def test_cuda_scan_training_shape(monkeypatch, dtype):
-    """auto on CUDA runs the Triton ops; a model-like shape (many chunks, C not a multiple of 32)."""
+@pytest.mark.parametrize("shape", [(3, 1031, 200), (16, 300, 2050)], ids=["split", "one-segment"])
+def test_cuda_scan_training_shape(monkeypatch, dtype, shape):
+    """auto on CUDA runs the Triton ops; model-like shapes (many chunks, C not a multiple of 32): 3 x 200
+    channels leave the GPU short of programs (the sequence is split into segments), 16 x 2050 do not."""
     monkeypatch.setenv("NANOLLAMA_KERNELS", "auto")
     calls = []
-    launch = scan_mod._launch_scan
-    monkeypatch.setattr(scan_mod, "_launch_scan", lambda *a: calls.append(a[-1]) or launch(*a))
-    inputs = _inputs(3, 1031, 200, dtype, seed=16)
+    launch = _scan_launch._launch_scan
+    monkeypatch.setattr(_scan_launch, "_launch_scan", lambda *a: calls.append(a[-1]) or launch(*a))
+    inputs = _inputs(*shape, dtype, seed=16)
     _assert_close(_grads(linear_scan, inputs), _grads(linear_scan_ref, _as64(inputs)), dtype)
-    log_inputs = _log_inputs(3, 1031, 200, dtype, seed=16)
+    log_inputs = _log_inputs(*shape, dtype, seed=16)
     _assert_close(_grads(linear_scan_log, log_inputs), _grads(linear_scan_log_ref, _as64(log_inputs)), dtype)
     assert calls == [False, True]
 
