@@ -12,12 +12,10 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from nanollama.kernels.scan import linear_scan_log
 from nanollama.models.recurrent import RecurrentConfig, RecurrentLM, ResidualBlock
 from nanollama.models.recurrent.config import positive
-from nanollama.models.recurrent.layers import g, log_g, padding_to_identity
+from nanollama.models.recurrent.layers import gated_log_scan
 
 
 @dataclass
@@ -51,20 +49,8 @@ class MinGRU(nn.Module):
     resets = True  # at packed document starts (positions == 0): log a = -inf, h_t = b_t
 
     def forward(self, x: torch.Tensor, state=None, positions: torch.Tensor | None = None) -> torch.Tensor:
-        k, pre = self.in_proj(x).float().chunk(2, dim=-1)  # (B, S, E) each, in float32
-        if state is not None and state.decoding:
-            z = torch.sigmoid(k[:, 0])
-            h = (1 - z) * state.get("h") + z * g(pre[:, 0])  # (B, E)
-            state.set("h", h)
-            return self.out_proj(h[:, None].to(x.dtype))
-        log_a, log_b = -F.softplus(k), -F.softplus(-k) + log_g(pre)  # log(1 - z), log(z h~)
-        log_a, log_b = padding_to_identity(None if state is None else state.valid, log_a, log_b, 0.0, float("-inf"))
-        if positions is not None:
-            log_a = log_a.masked_fill((positions == 0)[..., None], float("-inf"))
-        log_h, log_last = linear_scan_log(log_a, log_b)  # (B, S, E), (B, E)
-        if state is not None:
-            state.set("h", log_last.exp())
-        return self.out_proj(log_h.exp().to(x.dtype))
+        k, pre = self.in_proj(x).float().chunk(2, dim=-1)
+        return self.out_proj(gated_log_scan(k, pre, state, positions).to(x.dtype))
 
 
 ACTIVATION = "silu"  # of the gated MLP

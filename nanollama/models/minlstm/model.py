@@ -15,10 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanollama.kernels.scan import linear_scan_log
 from nanollama.models.recurrent import RecurrentConfig, RecurrentLM, ResidualBlock
 from nanollama.models.recurrent.config import positive
-from nanollama.models.recurrent.layers import g, log_g, padding_to_identity
+from nanollama.models.recurrent.layers import gated_log_scan
 
 
 @dataclass
@@ -53,20 +52,8 @@ class MinLSTM(nn.Module):
 
     def forward(self, x: torch.Tensor, state=None, positions: torch.Tensor | None = None) -> torch.Tensor:
         kf, ki, pre = self.in_proj(x).float().chunk(3, dim=-1)  # (B, S, E) each, in float32
-        d = F.softplus(-kf) - F.softplus(-ki)
-        if state is not None and state.decoding:
-            f, i = torch.sigmoid(-d[:, 0]), torch.sigmoid(d[:, 0])  # normalised gates, f + i = 1
-            h = f * state.get("h") + i * g(pre[:, 0])  # (B, E)
-            state.set("h", h)
-            return self.out_proj(h[:, None].to(x.dtype))
-        log_a, log_b = -F.softplus(d), -F.softplus(-d) + log_g(pre)
-        log_a, log_b = padding_to_identity(None if state is None else state.valid, log_a, log_b, 0.0, float("-inf"))
-        if positions is not None:
-            log_a = log_a.masked_fill((positions == 0)[..., None], float("-inf"))
-        log_h, log_last = linear_scan_log(log_a, log_b)  # (B, S, E), (B, E)
-        if state is not None:
-            state.set("h", log_last.exp())
-        return self.out_proj(log_h.exp().to(x.dtype))
+        d = F.softplus(-kf) - F.softplus(-ki)  # the input gate i' = sigmoid(d), the forget gate 1 - i'
+        return self.out_proj(gated_log_scan(d, pre, state, positions).to(x.dtype))
 
 
 ACTIVATION = "silu"  # of the gated MLP

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanollama.kernels.scan import linear_scan_log
 from nanollama.models.transformer.model import RMSNorm
 
 
@@ -26,6 +27,28 @@ def padding_to_identity(valid: torch.Tensor | None, a: torch.Tensor, b: torch.Te
         return a, b
     v = valid.view(*valid.shape, *([1] * (a.dim() - 2)))
     return torch.where(v, a, one), torch.where(v, b, zero)
+
+
+def gated_log_scan(gate: torch.Tensor, pre: torch.Tensor, state=None, positions: torch.Tensor | None = None):
+    """h_t = (1 - z_t) h_{t-1} + z_t g(pre_t) with z = sigmoid(gate), the recurrence minGRU and minLSTM share.
+
+    gate, pre: (B, S, E) float32. Training runs the log-space scan (log(1 - z) = -softplus(gate),
+    log z = -softplus(-gate)), restarting at packed document starts (positions == 0: log a = -inf);
+    generation (state.decoding) takes one sequential step. Returns h (B, S, E) float32; sets state "h".
+    """
+    if state is not None and state.decoding:
+        z = torch.sigmoid(gate[:, 0])
+        h = (1 - z) * state.get("h") + z * g(pre[:, 0])  # (B, E)
+        state.set("h", h)
+        return h[:, None]
+    log_a, log_b = -F.softplus(gate), -F.softplus(-gate) + log_g(pre)  # log(1 - z), log(z h~)
+    log_a, log_b = padding_to_identity(None if state is None else state.valid, log_a, log_b, 0.0, float("-inf"))
+    if positions is not None:
+        log_a = log_a.masked_fill((positions == 0)[..., None], float("-inf"))
+    log_h, log_last = linear_scan_log(log_a, log_b)  # (B, S, E), (B, E)
+    if state is not None:
+        state.set("h", log_last.exp())
+    return log_h.exp()
 
 
 class CausalConv1d(nn.Module):
