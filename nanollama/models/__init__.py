@@ -7,8 +7,10 @@ Built in: `transformer` (models/transformer/). Another family registers its Mode
 from nanollama.models import transformer
 from nanollama.models.registry import (
     ModelSpec,
+    TensorParallelPlan,
     archs,
     build,
+    check_tensor_parallel,
     config_class,
     default_config,
     get,
@@ -21,8 +23,10 @@ register(transformer.SPEC)
 
 __all__ = [
     "ModelSpec",
+    "TensorParallelPlan",
     "archs",
     "build",
+    "check_tensor_parallel",
     "config_class",
     "default_config",
     "get",

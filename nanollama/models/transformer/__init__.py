@@ -1,6 +1,7 @@
 """The Llama-style Transformer (model.py) and its generation state, the static KV cache (cache.py)."""
 
-from nanollama.models.registry import ModelSpec
+from nanollama.models.registry import ModelSpec, TensorParallelPlan
+from nanollama.models.transformer import parallelize
 from nanollama.models.transformer.cache import KVCache
 from nanollama.models.transformer.model import Transformer, TransformerConfig
 
@@ -15,6 +16,7 @@ SPEC = ModelSpec(
     num_params=lambda model, embeddings=True: model.num_params(embeddings),
     reset_buffers=lambda model: model.reset_buffers(),
     new_state=lambda model, batch_size, max_len, dtype=None: KVCache.for_model(model, batch_size, max_len, dtype),
+    tensor_parallel=TensorParallelPlan(check=parallelize.check, apply=parallelize.apply),
 )
 
 __all__ = ["SPEC", "KVCache", "Transformer", "TransformerConfig"]
