@@ -99,7 +99,12 @@ def test_dp2_tp2_sequence_parallel_matches_one_process(tmp_path):
     steps = ("steps=4", "checkpoint.every=100")
     mesh = tmp_path / "mesh"
     out = train(
-        mesh, 4, *steps, "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.activation_checkpointing=selective"
+        mesh,
+        4,
+        *steps,
+        "parallel.tp=2",
+        "parallel.sequence_parallel=true",
+        "parallel.activation_checkpointing=selective",
     )
     assert "mesh dp=2 x tp=2" in out.stdout and "tokens per step: 128" in out.stdout
     one = tmp_path / "one"
@@ -176,3 +181,19 @@ def test_clip_grad_norm_matches_torch_on_plain_tensors():
     assert abs(tensor_parallel.clip_grad_norm(b, 0.5) - expected) < 1e-6
     for p, q in zip(a, b):
         torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_launcher_tp_asks_for_whole_groups_per_node():
+    from nanollama.launcher.scripts import sbatch_lines
+    from nanollama.launcher.spec import parse
+
+    launch = parse([str(DEBUG), "tp=8", "nodes=2", "torchrun=true"])
+    assert launch.cfg.gpus_per_node == 8 and launch.run["parallel"]["tp"] == 8
+    lines = sbatch_lines(launch.cfg, 1, Path("logs"))
+    assert "--gpus-per-node=8" in lines and "--nodes=2" in lines
+    with pytest.raises(ConfigError, match="gpus_per_node: 4 must be a multiple of tp=8"):
+        parse([str(DEBUG), "tp=8", "gpus_per_node=4", "torchrun=true"])
+    with pytest.raises(ConfigError, match="tp=2 needs torchrun"):
+        parse([str(DEBUG), "tp=2", "launcher=bash"])
+    with pytest.raises(ConfigError, match="the run sets parallel.tp=4"):
+        parse([str(DEBUG), "tp=2", "torchrun=true", "parallel.tp=4"])

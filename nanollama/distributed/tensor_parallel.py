@@ -77,7 +77,11 @@ def _entries(state: dict, name: str) -> Iterator[tuple[dict, str]]:
     """(holder, key) of parameter `name`'s tensors in {"model": ..., "optimizer": ...} state dicts."""
     if name in state.get("model", {}):
         yield state["model"], name
-    per_param = state.get("optimizer", {}).get("state", {}).get(name, {})
+    states = state.get("optimizer", {}).get("state", {})
+    if name not in states:
+        return
+    # get_state_dict hands out the optimizer's own per-parameter dicts: replace entries in a copy only
+    per_param = states[name] = dict(states[name])
     for key, value in per_param.items():
         if isinstance(value, torch.Tensor) and value.dim() >= 1:  # exp_avg, exp_avg_sq (not `step`)
             yield per_param, key
