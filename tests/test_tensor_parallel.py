@@ -197,3 +197,13 @@ def test_launcher_tp_asks_for_whole_groups_per_node():
         parse([str(DEBUG), "tp=2", "launcher=bash"])
     with pytest.raises(ConfigError, match="the run sets parallel.tp=4"):
         parse([str(DEBUG), "tp=2", "torchrun=true", "parallel.tp=4"])
+
+
+@pytest.mark.slow
+@linux_only
+def test_tp2_forward_and_head_sharded_decode_match_one_piece():
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=0"]
+    worker = str(Path(__file__).parent / "tp_worker.py")
+    proc = subprocess.run([sys.executable, *launcher, worker], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "head-sharded decode match" in proc.stdout
