@@ -135,6 +135,11 @@ def test_refused_tp3_names_both_head_fields(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_compile_with_tp_is_refused(tmp_path, capsys):
+    assert main([str(DEBUG), *TINY, f"run_dir={tmp_path / 'r'}", "parallel.tp=2", "parallel.compile=true"]) == 2
+    assert "parallel.compile: is not supported with tp=2" in capsys.readouterr().err
+
+
 def test_tp_needs_torchrun_and_a_divisible_world(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID"):
         monkeypatch.delenv(key, raising=False)
