@@ -112,6 +112,8 @@ def test_dp2_tp2_sequence_parallel_matches_one_process(tmp_path):
     assert sorted(losses(mesh)) == [1, 2, 3, 4]
     close(losses(mesh), losses(one), [1, 2, 3, 4])
     close(grad_norms(mesh), grad_norms(one), [1, 2, 3, 4])
+    record = [r for r in MetricsFile(mesh / "metrics.jsonl").read() if "loss" in r][-1]
+    assert record["tokens_per_s_per_device"] == pytest.approx(record["tokens_per_s"] / 4)  # MFU per device: / world
     # the checkpoint it wrote loads into one unsharded model (generation, probing and evaluation read it so)
     model = models.build(TransformerConfig(**_model_fields(mesh)))
     checkpoint.load_model(checkpoint.step_dir(mesh / "checkpoints", 4), model)
