@@ -137,9 +137,12 @@ def test_refused_tp3_names_both_head_fields(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-def test_compile_with_tp_is_refused(tmp_path, capsys):
+def test_compile_with_tp_and_an_unsplittable_sequence_are_refused(tmp_path, capsys):
     assert main([str(DEBUG), *TINY, f"run_dir={tmp_path / 'r'}", "parallel.tp=2", "parallel.compile=true"]) == 2
     assert "parallel.compile: is not supported with tp=2" in capsys.readouterr().err
+    sp = ("parallel.tp=2", "parallel.sequence_parallel=true", "data.seq_len=15")
+    assert main([str(DEBUG), *TINY, f"run_dir={tmp_path / 'r'}", *sp]) == 2
+    assert "data.seq_len: 15 must be divisible by parallel.tp=2" in capsys.readouterr().err
 
 
 def test_tp_needs_torchrun_and_a_divisible_world(monkeypatch):

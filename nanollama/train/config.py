@@ -132,6 +132,12 @@ class TrainConfig:
             f"got {self.probe.every}",
         )
         models.check_tensor_parallel(self.model, self.parallel.tp)  # heads divisible by tp, an arch with a plan
+        if self.parallel.tp > 1 and self.parallel.sequence_parallel and self.data.seq_len % self.parallel.tp:
+            raise ConfigError(  # the residual stream is split evenly over the sequence
+                "data.seq_len",
+                f"{self.data.seq_len} must be divisible by parallel.tp={self.parallel.tp} "
+                "with parallel.sequence_parallel=true",
+            )
         if self.data.vocab_size is not None:  # known from the config alone; else once the source is built
             set_vocab_size(self, self.data.token_vocab_size)
         max_len = getattr(self.model, "max_seq_len", None)  # a recurrent model has no context limit
