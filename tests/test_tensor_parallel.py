@@ -94,8 +94,8 @@ def test_resume_across_mesh_shapes_and_tp2_parity(tmp_path):
 @pytest.mark.slow
 @linux_only
 def test_dp2_tp2_sequence_parallel_matches_one_process(tmp_path):
-    """4 processes, mesh (2, 2), sequence parallelism and selective activation checkpointing, against one
-    process with twice the accumulation: the same global batch."""
+    """4 processes, mesh (2, 2), sequence parallelism, selective activation checkpointing and compiled
+    blocks, against one process with twice the accumulation: the same global batch."""
     steps = ("steps=4", "checkpoint.every=100")
     mesh = tmp_path / "mesh"
     out = train(
@@ -105,6 +105,7 @@ def test_dp2_tp2_sequence_parallel_matches_one_process(tmp_path):
         "parallel.tp=2",
         "parallel.sequence_parallel=true",
         "parallel.activation_checkpointing=selective",
+        "parallel.compile=true",
     )
     assert "mesh dp=2 x tp=2" in out.stdout and "tokens per step: 128" in out.stdout
     one = tmp_path / "one"
@@ -137,9 +138,7 @@ def test_refused_tp3_names_both_head_fields(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-def test_compile_with_tp_and_an_unsplittable_sequence_are_refused(tmp_path, capsys):
-    assert main([str(DEBUG), *TINY, f"run_dir={tmp_path / 'r'}", "parallel.tp=2", "parallel.compile=true"]) == 2
-    assert "parallel.compile: is not supported with tp=2" in capsys.readouterr().err
+def test_an_unsplittable_sequence_is_refused(tmp_path, capsys):
     sp = ("parallel.tp=2", "parallel.sequence_parallel=true", "data.seq_len=15")
     assert main([str(DEBUG), *TINY, f"run_dir={tmp_path / 'r'}", *sp]) == 2
     assert "data.seq_len: 15 must be divisible by parallel.tp=2" in capsys.readouterr().err

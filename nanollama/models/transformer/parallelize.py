@@ -72,6 +72,10 @@ def apply(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
     if sequence_parallel:
         top["norm"] = SequenceParallel()
     parallelize_module(model, tp_mesh, top)
+    # The embedding's output is the local view of a DTensor (to_local); a compiled block fed that view
+    # hands back no gradient to it (measured, torch 2.13: a zero embedding gradient). A copy of the
+    # (B, S, dim) activations, once per forward, is the cheap way out.
+    model.tok_embeddings.register_forward_hook(lambda module, args, out: out.clone())
     for block in model.layers:
         plan = {
             "attention.wqkv": ColwiseParallel(),
