@@ -433,3 +433,54 @@ def test_train_step_profiler(benchmark, size: Size, profiler: str, tmp_path, mon
                 f"light profiler: {rounds} interleaved rounds, off {off:.4g} s, light {light:.4g} s, "
                 f"overhead {light / off - 1:+.2%}; its own cost {cost * 1e6:.0f} us a step = {cost / off:.3%}"
             )
+
+
+# ---------------------------------------------------------------- tensor parallelism (issue 19)
+# Groups `train-tp-<n>gpu`, variants [tp1] [tp2] [tp4] [tp8]: the trainer itself under torchrun on all n
+# GPUs of the machine, mesh (n / tp, tp), at one fixed global batch (TP_GLOBAL_BATCH sequences of
+# TP_SEQ_LEN tokens a step; batch_size per rank = global / dp), bf16. extra_info: `step_s` and `mfu` from the
+# trainer's own metrics (the last log record, steps 11-20, after the warm-up); the benchmark's own time
+# is the whole launch (start-up included). Skipped on one GPU or the CPU: TP needs several devices.
+TP_MODEL = ["model.dim=2048", "model.n_layers=8", "model.n_heads=16", "model.n_kv_heads=8", "model.max_seq_len=2048"]
+TP_GLOBAL_BATCH, TP_SEQ_LEN = 8, 2048
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8], ids=lambda tp: f"tp{tp}")
+def test_train_step_tensor_parallel(benchmark, tp: int, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n < 2:
+        pytest.skip(f"tensor parallelism needs several GPUs (found {n})")
+    if tp > n or n % tp or TP_GLOBAL_BATCH % (n // tp):
+        pytest.skip(f"tp={tp} does not fit {n} GPUs at a global batch of {TP_GLOBAL_BATCH}")
+    benchmark.group = f"train-tp-{n}gpu"
+    root = Path(__file__).resolve().parents[1]
+    args = [
+        *("-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"),
+        *("-m", "nanollama.train", str(root / "configs" / "gssm" / "debug.yaml"), *TP_MODEL),
+        *(f"data.batch_size={TP_GLOBAL_BATCH // (n // tp)}", f"data.seq_len={TP_SEQ_LEN}", "precision=bf16"),
+        *(f"parallel.tp={tp}", "steps=20", "log.every=10", "eval.every=0", "eval.batches=1", "device=cuda"),
+        f"run_dir={tmp_path / 'run'}",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    run = benchmark.pedantic(
+        lambda: subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=600),
+        rounds=1,
+        iterations=1,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if "tokens_per_s" in r][-1]
+    benchmark.extra_info.update(
+        tp=tp,
+        dp=n // tp,
+        gpus=n,
+        device=device_name(),
+        global_tokens_per_step=TP_GLOBAL_BATCH * TP_SEQ_LEN,
+        step_s=round(TP_GLOBAL_BATCH * TP_SEQ_LEN / last["tokens_per_s"], 4),
+        mfu=last["mfu"],
+        tokens_per_s=last["tokens_per_s"],
+    )

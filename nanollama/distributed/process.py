@@ -1,8 +1,9 @@
 """Where a process stands: the process group and device mesh under torchrun (or srun), or one process alone.
 
 Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK in the environment) the processes join one group
-over an explicit 1-D device mesh: NCCL on GPUs, gloo on CPUs. A plain `python -m nanollama.train`
-runs one process without any of it.
+over an explicit 1-D device mesh ("dp",): NCCL on GPUs, gloo on CPUs; with tensor parallelism
+(tp > 1) over a 2-D mesh ("dp", "tp"), tp innermost so that a tensor-parallel group sits inside a
+node. A plain `python -m nanollama.train` runs one process without any of it.
 """
 
 from __future__ import annotations
@@ -26,8 +27,19 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    mesh: object | None = None  # a DeviceMesh under torchrun
+    mesh: object | None = None  # a DeviceMesh under torchrun: ("dp",), or ("dp", "tp") when tp > 1
     _save_group: object | None = None
+    tp: int = 1  # tensor-parallel degree: ranks r with the same r // tp share the data (one dp rank)
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's place among the data-parallel replicas (what the data stream is keyed by)."""
+        return self.rank // self.tp
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel replicas: world_size / tp."""
+        return self.world_size // self.tp
 
     @property
     def save_group(self):
@@ -89,15 +101,22 @@ class Dist:
             dist.destroy_process_group()
 
 
-def init(device: str = "auto", timeout_s: float = 300.0) -> Dist:
-    """Join the process group when launched by torchrun; otherwise a single process on `device`."""
+def init(device: str = "auto", timeout_s: float = 300.0, tp: int = 1) -> Dist:
+    """Join the process group when launched by torchrun; otherwise a single process on `device`.
+
+    tp > 1: a ("dp", "tp") mesh of world_size / tp x tp ranks (torchrun required, world_size % tp == 0).
+    """
     want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if want_cuda and not torch.cuda.is_available():
         raise ConfigError("device", "cuda was asked for but no CUDA device is available")
     _adopt_slurm_environment()
     if "RANK" not in os.environ:
+        if tp > 1:
+            raise ConfigError("parallel.tp", f"tp={tp} needs several processes: launch with torchrun (or srun)")
         return Dist(device=torch.device("cuda" if want_cuda else "cpu"))
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if world % tp:
+        raise ConfigError("parallel.tp", f"tp={tp} does not divide the world size {world} (world = dp x tp)")
     if want_cuda:
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
@@ -108,8 +127,11 @@ def init(device: str = "auto", timeout_s: float = 300.0) -> Dist:
     dist.init_process_group("nccl" if want_cuda else "gloo", timeout=timeout, device_id=dev if want_cuda else None)
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(dev.type, (world,), mesh_dim_names=("dp",))
-    return Dist(rank=rank, world_size=world, local_rank=local, device=dev, mesh=mesh)
+    if tp > 1:  # tp innermost: consecutive ranks (one node's GPUs) form a tensor-parallel group
+        mesh = init_device_mesh(dev.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
+    else:
+        mesh = init_device_mesh(dev.type, (world,), mesh_dim_names=("dp",))
+    return Dist(rank=rank, world_size=world, local_rank=local, device=dev, mesh=mesh, tp=tp)
 
 
 def _adopt_slurm_environment() -> None:

@@ -73,6 +73,7 @@ class LauncherConfig:
     torchrun: bool = False
     nodes: int = 1
     gpus_per_node: int = 1  # processes per node under torchrun (0: CPU, one process per node)
+    tp: int = 1  # tensor-parallel degree, set as the run's parallel.tp; a node holds whole groups (gpus_per_node)
     overwrite: bool = False  # replace an existing log directory
     # relaunch into an existing log directory: keep its tasks (ids, run dirs, code snapshot), add the new
     # grid points, and run only the tasks not done (unfinished ones resume from their checkpoints)
@@ -97,6 +98,7 @@ class LauncherConfig:
             "extend=true keeps the log directory and overwrite=true replaces it: choose one",
         )
         check(self.progress_every >= 0, "progress_every", f"must be >= 0 seconds, got {self.progress_every}")
+        self._check_tp()
         check(
             self.launcher == "slurm" or self.nodes == 1,
             "nodes",
@@ -109,6 +111,20 @@ class LauncherConfig:
             check(isinstance(values, list), f"grid.{key}", f"expected a list of values, got {values!r}")
             check(len(values) > 0, f"grid.{key}", "is an empty list: give at least one value")
         check("run_dir" not in self.grid, "grid.run_dir", "is set by the launcher (log_dir/runs/{id}/)")
+
+    def _check_tp(self) -> None:
+        """tp > 1: each node runs whole tensor-parallel groups, so it asks for a multiple of tp GPUs."""
+        check(self.tp >= 1, "tp", f"must be >= 1, got {self.tp}")
+        if self.tp == 1:
+            return
+        check(self.torchrun or self.launcher == "slurm", "tp", f"tp={self.tp} needs torchrun=true (or launcher=slurm)")
+        if self.gpus_per_node == 1:  # the default: raised to one group per node
+            self.gpus_per_node = self.tp
+        check(
+            self.gpus_per_node >= self.tp and self.gpus_per_node % self.tp == 0,
+            "gpus_per_node",
+            f"{self.gpus_per_node} must be a multiple of tp={self.tp} (a tensor-parallel group stays inside a node)",
+        )
 
     @property
     def procs_per_node(self) -> int:
@@ -264,6 +280,8 @@ def parse(argv: list[str]) -> Launch:
 
     run_class = run_class_for(cfg.script)
     run = copy.deepcopy(data["run"])
+    if cfg.tp > 1:  # the launcher's tp is the run's (a run override below may not contradict it)
+        set_plain(run, "parallel.tp", cfg.tp)
     for dotted, value, explicit in run_overrides:
         try:
             if run_class is not None:
@@ -278,6 +296,8 @@ def parse(argv: list[str]) -> Launch:
                 if error is not None:
                     raise error from None
             raise e.under("run") from None
+    if cfg.tp > 1 and (run.get("parallel") or {}).get("tp", cfg.tp) != cfg.tp:
+        raise ConfigError("tp", f"is {cfg.tp} but the run sets parallel.tp={run['parallel']['tp']}: set one of them")
     return Launch(cfg=cfg, run=run, run_class=run_class, run_source=run_source)
 
 

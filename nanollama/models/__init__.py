@@ -8,8 +8,10 @@ and `hybrid` (each its own package on models/recurrent/). Another family registe
 from nanollama.models import hawk, hybrid, mamba2, mingru, minlstm, transformer
 from nanollama.models.registry import (
     ModelSpec,
+    TensorParallelPlan,
     archs,
     build,
+    check_tensor_parallel,
     config_class,
     default_config,
     get,
@@ -24,8 +26,10 @@ for _arch in (mingru, minlstm, hawk, mamba2, hybrid):
 
 __all__ = [
     "ModelSpec",
+    "TensorParallelPlan",
     "archs",
     "build",
+    "check_tensor_parallel",
     "config_class",
     "default_config",
     "get",

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nanollama.utils.checks import ConfigError
 from nanollama.utils.registry import Registry
 
 
@@ -33,6 +34,7 @@ class ModelSpec:
         block, then the root.
     new_state: (model, batch_size, max_len) -> a generation state on the model's device and dtype (see
         models/transformer/cache.py for the interface); None: no cached generation.
+    tensor_parallel: the model's tensor-parallel plan (TensorParallelPlan); None: parallel.tp must be 1.
     """
 
     arch: str
@@ -48,6 +50,22 @@ class ModelSpec:
     reset_buffers: Callable[[nn.Module], None] = lambda model: None
     parallelize: Callable[..., None] | None = None
     new_state: Callable[..., Any] | None = None
+    tensor_parallel: TensorParallelPlan | None = None
+
+
+@dataclass(frozen=True)
+class TensorParallelPlan:
+    """How an architecture splits over a tensor-parallel mesh dimension (torch.distributed.tensor.parallel).
+
+    check: (model config, tp) -> None, or a ConfigError naming the fields that do not divide by tp.
+    apply: (model on the meta device, 1-D "tp" DeviceMesh, sequence_parallel) -> None, in place, before
+        FSDP2 shards over "dp". It may set `model.tp_row_order = {parameter name: LongTensor}`: rows of a
+        parameter whose layout under TP differs from its checkpoint layout (param_tp = param_ckpt[order]),
+        so checkpoints stay in one layout whatever the mesh.
+    """
+
+    check: Callable[[Any, int], None]
+    apply: Callable[[nn.Module, Any, bool], None]
 
 
 SPECS: Registry[ModelSpec] = Registry("architecture", default="transformer")
@@ -79,6 +97,18 @@ def config_class(arch: str) -> type:
 def default_config() -> Any:
     """The `model` section of a config that names no architecture."""
     return config_class(SPECS.default)()
+
+
+def check_tensor_parallel(cfg: Any, tp: int) -> None:
+    """A ConfigError unless model config `cfg` can run with tensor-parallel degree `tp`."""
+    if tp == 1:
+        return
+    plan = get(cfg.arch).tensor_parallel
+    if plan is None:
+        raise ConfigError(
+            "parallel.tp", f"model.arch={cfg.arch} has no tensor-parallel plan (ModelSpec.tensor_parallel): use tp=1"
+        )
+    plan.check(cfg, tp)
 
 
 def build(cfg: Any) -> nn.Module:

@@ -34,6 +34,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from nanollama.distributed import tensor_parallel
 from nanollama.train.checkpoint_files import (
     _STEP_DIR,
     EVAL_PENDING,
@@ -221,6 +222,7 @@ class Checkpointer:
         tmp = self.root / f".tmp-step_{step:08d}"
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optimizer": optim_sd}
+        tensor_parallel.to_checkpoint_layout(model, state)  # one layout on disk whatever the mesh
         needed = self._estimate(state)
         failure = None
         if self.dist.is_main:
@@ -305,7 +307,10 @@ class Checkpointer:
         if self.dist.is_main:
             files = dict(sorted(kv for part in parts for kv in part.items()))
             try:
-                self._publish(tmp, step, {"step": step, "world_size": world, "files": files})
+                marker = {"step": step, "world_size": world, "files": files}
+                if getattr(self.dist, "tp", 1) > 1:  # the mesh: world_size / tp data-parallel ranks
+                    marker["tp"] = self.dist.tp
+                self._publish(tmp, step, marker)
             except OSError as e:  # e.g. no space left for the marker
                 failure = e
         if self.dist.any(failure is not None):  # (a collective: nobody reads `latest` before the rename)
@@ -346,15 +351,20 @@ class Checkpointer:
         return newest_intact(self.root, report if main else lambda _: None, check, steps, set_aside=main)
 
     def load(self, path: Path, model, optimizer) -> tuple[dict, int]:
-        """Restore model and optimizer (resharding if needed); returns (train state, saved world size).
+        """Restore model and optimizer (resharding if needed); returns (train state, saved data-parallel size).
 
-        The train state is this rank's own when the world size is unchanged, else rank 0's (whose
-        step is what a resharded run continues from).
+        The data-parallel size is the world size without tensor parallelism (world / tp with it). The
+        train state is this rank's data-parallel replica's when that size is unchanged (its first
+        tensor-parallel rank's), else rank 0's (whose step is what a resharded run continues from).
         """
-        saved_world = info(path)["world_size"]
+        marker = info(path)
+        saved_tp = marker.get("tp", 1)
+        saved_dp = marker["world_size"] // saved_tp
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optimizer": optim_sd}
+        restore = tensor_parallel.from_checkpoint_layout(model, state)
         dcp.load(state, checkpoint_id=path / "dcp", no_dist=not self.dist.distributed)
+        restore()
         set_state_dict(
             model,
             optimizer,
@@ -362,9 +372,10 @@ class Checkpointer:
             optim_state_dict=state["optimizer"],
             options=StateDictOptions(strict=True),
         )
-        rank = self.dist.rank if saved_world == self.dist.world_size else 0
+        tp, dp = getattr(self.dist, "tp", 1), self.dist.world_size // getattr(self.dist, "tp", 1)
+        rank = (self.dist.rank // tp) * saved_tp if saved_dp == dp else 0
         train_state = torch.load(path / f"train_state_rank{rank}.pt", weights_only=False)
-        return train_state, saved_world
+        return train_state, saved_dp
 
 
 def _leaves(tree):

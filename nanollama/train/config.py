@@ -60,9 +60,12 @@ class ParallelConfig:
     reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # gradient reduction dtype under bf16 FSDP
     defer_grad_sync: bool = True  # with accumulation, reduce gradients on the last micro-step only (more memory)
     timeout_s: float = 300.0  # collectives fail after this long, e.g. when another rank died
+    tp: int = 1  # tensor-parallel degree under torchrun: a ("dp", "tp") mesh, world = dp x tp (docs/parallel.md)
+    sequence_parallel: bool = False  # with tp > 1: norms (and the residual stream) sharded over the sequence
 
     def __post_init__(self):
         check(self.timeout_s > 0, "timeout_s", f"must be > 0, got {self.timeout_s}")
+        check(self.tp >= 1, "tp", f"must be >= 1, got {self.tp}")
 
 
 TRACKERS = ("jsonl", "wandb", "tensorboard")
@@ -155,6 +158,13 @@ class TrainConfig:
             f"must be a multiple of checkpoint.every={self.checkpoint.every} (it probes checkpoints), "
             f"got {self.probe.every}",
         )
+        models.check_tensor_parallel(self.model, self.parallel.tp)  # heads divisible by tp, an arch with a plan
+        if self.parallel.tp > 1 and self.parallel.sequence_parallel and self.data.seq_len % self.parallel.tp:
+            raise ConfigError(  # the residual stream is split evenly over the sequence
+                "data.seq_len",
+                f"{self.data.seq_len} must be divisible by parallel.tp={self.parallel.tp} "
+                "with parallel.sequence_parallel=true",
+            )
         if self.data.vocab_size is not None:  # known from the config alone; else once the source is built
             set_vocab_size(self, self.data.token_vocab_size)
         check_data = getattr(self.model, "check_data", None)  # a model refusing a layout it cannot honour

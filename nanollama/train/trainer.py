@@ -24,6 +24,7 @@ from nanollama import config, data, distributed, models
 from nanollama.data import seeds
 from nanollama.data.batch import Batch, rows_needed
 from nanollama.data.heldout import HeldOut
+from nanollama.distributed import tensor_parallel
 from nanollama.observe import flops, trackers
 from nanollama.observe.metrics import MetricsFile
 from nanollama.observe.profile import Profiler
@@ -76,7 +77,7 @@ class Trainer:
         self.threads_line = set_threads(cfg.threads)  # before any torch work spawns its thread pool
         self.progress: Progress | None = None
         self._params_logged = False  # params / params_no_embed go into the first metrics record
-        self.dist = distributed.init(cfg.device, cfg.parallel.timeout_s)
+        self.dist = distributed.init(cfg.device, cfg.parallel.timeout_s, cfg.parallel.tp)
         self._take_run_dir()
         self.device = self.dist.device
         self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
@@ -89,8 +90,8 @@ class Trainer:
         self.stream = self.source.train_stream(
             d.batch_size * rows_needed(d.mask, d.seq_len, d.doc_min),  # document packing takes more rows
             seed=cfg.seed,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
+            rank=self.dist.dp_rank,  # the ranks of one tensor-parallel group read the same data
+            world_size=self.dist.dp_size,
             pin_memory=self.device.type == "cuda",
         )
         self.spec = models.get(cfg.model.arch)
@@ -172,7 +173,7 @@ class Trainer:
         if p.compile:
             distributed.compile_blocks(model)
         if self.dist.distributed:
-            distributed.shard(model, self.dist.mesh, self.cfg.precision, p.reduce_dtype)
+            distributed.shard(model, self.dist.mesh, self.cfg.precision, p.reduce_dtype, p.sequence_parallel)
             model.to_empty(device=self.device)
             self.spec.reset_buffers(model)
             distributed.init_weights(model, self.cfg.seed)
@@ -184,7 +185,7 @@ class Trainer:
         """The next micro-batch, laid out for the run's mask (random lengths drawn from the step's seed)."""
         # Keyed by the global micro-batch index (as the data stream is), so 2 ranks with accumulation A
         # lay out exactly what 1 rank with 2A does.
-        index = micro * self.dist.world_size + self.dist.rank
+        index = micro * self.dist.dp_size + self.dist.dp_rank
         seed = seeds.derive_seed(self.cfg.seed, seeds.LAYOUT, self.step, index)
         return self.source.lay_out(next(self.stream), seed)
 
@@ -197,7 +198,7 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def loss_on(self, batch: Batch) -> torch.Tensor:
-        with self.autocast():
+        with self.autocast(), tensor_parallel.loss_context(self.dist.tp > 1):
             return lm_loss(self.model, batch.to(self.device))
 
     def train_step(self) -> dict:
@@ -214,7 +215,8 @@ class Trainer:
             batch = self.train_batch(micro)
             self.profiler.mark("fwd_bwd")
             loss = self.loss_on(batch)
-            self.scaler.scale(loss / cfg.accum_steps).backward()
+            with tensor_parallel.loss_context(self.dist.tp > 1):  # the loss-parallel backward too
+                self.scaler.scale(loss / cfg.accum_steps).backward()
             total += loss.item() / cfg.accum_steps
         self.profiler.mark("optim")
         total = self.dist.mean(total)  # every rank sees the same loss, so all stop together on NaN
@@ -222,8 +224,11 @@ class Trainer:
             raise NonFiniteLoss(f"the loss became {total} at step {self.step + 1}")
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # global, over shards
+        if self.dist.tp > 1:  # parameters on two meshes ("dp", "tp") and ("dp",)
+            grad_norm = tensor_parallel.clip_grad_norm(self.model.parameters(), max_norm)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # global, over shards
         if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
             # (with fp16 the scaler skips such a step and lowers its scale instead)
             raise NonFiniteLoss(f"the gradient norm became {grad_norm} at step {self.step + 1}")
@@ -257,7 +262,7 @@ class Trainer:
             return False
         state, saved_world = self.checkpointer.load(path, self.model, self.optimizer)
         self.step = state["step"]
-        if saved_world == self.dist.world_size:
+        if saved_world == self.dist.dp_size:  # (data-parallel size: tp alone may differ)
             self.stream.load_state_dict(state["data"])
             self.scaler.load_state_dict(state["scaler"])
             rng.restore(state["rng"])
@@ -266,7 +271,8 @@ class Trainer:
             how = self.stream.restart_resharded(state["data"])
             self.info(
                 f"resumed from {path} at step {self.step}, resharded from world size {saved_world} to "
-                f"{self.dist.world_size}: model and optimizer resharded; {how}"
+                f"{self.dist.dp_size}{' data-parallel ranks' if self.dist.tp > 1 else ''}: "
+                f"model and optimizer resharded; {how}"
             )
         if self.dist.is_main:
             self.metrics.truncate_after(self.step)
@@ -309,6 +315,7 @@ class Trainer:
         self.info(
             f"host {hostname()} | pid rss {rss_bytes() / 2**20:.0f} MiB | device {self.device} | {cfg.precision} | "
             f"world size {world}{' (FSDP2)' if self.dist.distributed else ''}"
+            + (f" | mesh dp={self.dist.dp_size} x tp={self.dist.tp}" if self.dist.tp > 1 else "")
         )
         self.info(
             f"model: {cfg.model.arch}, {self.params[0] / 1e6:.3f}M parameters "
@@ -326,8 +333,9 @@ class Trainer:
             self.metrics.sinks.append(self.trackers)
         if self.held_out.bayes_loss is not None:
             self.info(f"Bayes-optimal loss on the eval batches: {self.held_out.bayes_loss:.4f}")
-        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.optim.accum_steps * world
-        self.info(f"tokens per step: {tokens_per_step} (batch_size x seq_len x accum_steps x world_size)")
+        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.optim.accum_steps * self.dist.dp_size
+        dp = "world_size" if self.dist.tp == 1 else "dp"
+        self.info(f"tokens per step: {tokens_per_step} (batch_size x seq_len x accum_steps x {dp})")
         self.profiler.start(self.step, tokens_per_step, world, self.info)
         if cfg.optim.warmup >= cfg.steps:
             self.info(

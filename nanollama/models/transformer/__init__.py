@@ -1,7 +1,8 @@
 """The Llama-style Transformer (model.py), its generation state, the static KV cache (cache.py), and
 Llama-format weights in and out (hf.py: Hugging Face; meta.py: Meta's consolidated checkpoints)."""
 
-from nanollama.models.registry import ModelSpec
+from nanollama.models.registry import ModelSpec, TensorParallelPlan
+from nanollama.models.transformer import parallelize
 from nanollama.models.transformer.cache import KVCache
 from nanollama.models.transformer.checkpoint_io import ConvertError
 from nanollama.models.transformer.hf import from_hf, hf_config, save_hf, to_hf
@@ -18,6 +19,7 @@ SPEC = ModelSpec(
     num_params=lambda model, embeddings=True: model.num_params(embeddings),
     reset_buffers=lambda model: model.reset_buffers(),
     new_state=lambda model, batch_size, max_len, dtype=None: KVCache.for_model(model, batch_size, max_len, dtype),
+    tensor_parallel=TensorParallelPlan(check=parallelize.check, apply=parallelize.apply),
 )
 
 __all__ = [

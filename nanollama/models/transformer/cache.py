@@ -64,7 +64,8 @@ class KVCache:
         """A cache shaped for `model` (a nanollama Transformer), in its parameters' dtype and device by default."""
         cfg = model.config
         p = next(model.parameters())
-        return cls(cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim, dtype or p.dtype, p.device)
+        heads = model.layers[0].attention.n_kv_heads  # this rank's heads under tensor parallelism
+        return cls(cfg.n_layers, batch_size, heads, max_len, cfg.head_dim, dtype or p.dtype, p.device)
 
     @property
     def batch_size(self) -> int:

@@ -214,22 +214,24 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.config.max_seq_len}")
         h = self.tok_embeddings(tokens)  # (B, S, dim)
         if step is None or not step.decoding:  # decode steps attend through decode_attention, without a mask
-            mask = self._prepare_mask(masks.causal() if mask is None else mask, h)  # once for every layer
+            # (B, S) from the tokens: under sequence parallelism h holds only this rank's share of S
+            mask = self._prepare_mask(masks.causal() if mask is None else mask, h, (B, S))  # once for every layer
         for i, layer in enumerate(self.layers):
             h = layer(h, self.rope_cos, self.rope_sin, mask, positions, None if step is None else step.layer(i))
         if cache is not None:
             h = cache.end(step, h)  # a prefill may keep only each prompt's last token
         return self.output(self.norm(h)).float()  # logits in float32 for a stable cross-entropy
 
-    def _prepare_mask(self, mask, h: torch.Tensor):
+    def _prepare_mask(self, mask, h: torch.Tensor, batch_seq: tuple[int, int] | None = None):
         """The mask made ready for attention (backend chosen, BlockMask or dense mask built) at h's shapes."""
         cfg = self.config
-        B, S = h.shape[:2]
+        B, S = h.shape[:2] if batch_seq is None else batch_seq
         device = h.device
         # q's dtype is the projection's output: autocast's dtype when autocast is on, else h's
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else h.dtype
         grad = torch.is_grad_enabled() and self.layers[0].attention.wqkv.weight.requires_grad
-        q_shape, k_shape = (B, cfg.n_heads, S, cfg.head_dim), (B, cfg.n_kv_heads, S, cfg.head_dim)
+        heads = self.layers[0].attention  # its head counts are the local ones under tensor parallelism
+        q_shape, k_shape = (B, heads.n_heads, S, cfg.head_dim), (B, heads.n_kv_heads, S, cfg.head_dim)
         return prepare(mask, q_shape, k_shape, dtype, device, grad)
 
     def num_params(self, embeddings: bool = True) -> int:
