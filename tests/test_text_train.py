@@ -23,6 +23,13 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "NANOLLAMA
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def same_attention_in_process(monkeypatch):
+    """The in-process runs use the subprocesses' attention backend: auto picks by timing, and two backends
+    differ in the last bits, which a bit-exact comparison of the two would see."""
+    monkeypatch.setenv("NANOLLAMA_ATTENTION", ENV["NANOLLAMA_ATTENTION"])
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in MetricsFile(run_dir / "metrics.jsonl").read() if "loss" in r}
 
