@@ -38,9 +38,6 @@ class Mamba2Config(RecurrentConfig):
         super().__post_init__()
         check_fields(self)
 
-    def resets_at_documents(self) -> bool:
-        return False  # see SSD.resets
-
 
 def check_fields(cfg) -> None:
     """The mixer's fields (shared with a hybrid's config)."""
@@ -92,12 +89,12 @@ class SSD(nn.Module):
             return torch.ones(shape)
         return None
 
-    resets = False  # a reset inside an SSD chunk needs the kernel's support: document packing is refused
+    resets = True  # at packed document starts (positions == 0): a fresh conv window and the SSD state dropped
 
     def forward(self, u: torch.Tensor, state=None, positions=None) -> torch.Tensor:
         Bsz, S, _ = u.shape
         z, xbc, dt = self.in_proj(u).split([self.width, self.conv_channels, self.H], dim=-1)
-        xbc = F.silu(self.conv(xbc, state))  # (B, S, E + 2GN)
+        xbc = F.silu(self.conv(xbc, state, positions))  # (B, S, E + 2GN)
         x, Bm, Cm = xbc.float().split([self.width, self.G * self.N, self.G * self.N], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float())  # (B, S, H)
         A = -torch.exp(self.A_log.float())  # (H,)
@@ -110,7 +107,8 @@ class SSD(nn.Module):
         else:
             if state is not None and state.valid is not None:
                 dt = torch.where(state.valid[..., None], dt, 0.0)  # dt = 0: decay 1, no input at padding
-            y, last = ssd_scan(x, dt, A, Bm, Cm, chunk_size=self.chunk)  # (B, S, H, P), (B, H, P, N)
+            reset = None if positions is None else positions == 0  # (B, S): a document starts, its state is zero
+            y, last = ssd_scan(x, dt, A, Bm, Cm, chunk_size=self.chunk, reset=reset)  # (B, S, H, P), (B, H, P, N)
             if state is not None:
                 state.set("h", last)
         y = y + self.D.float()[:, None] * x  # the D skip
