@@ -66,6 +66,18 @@ def test_probing_activations_of_recurrent_and_attention_blocks(tmp_path):
     torch.testing.assert_close(acts["layer.0.resid"], mixed + acts["layer.0.mlp"])
 
 
+def test_the_probe_cli_scores_the_recurrent_state(tmp_path, capsys):
+    from nanollama.probe.cli import main as probe
+
+    run_dir = tmp_path / "mamba2"
+    _train("mamba2", run_dir, 2)
+    assert probe([str(run_dir), "--sites", "state", "--layers", "0", "--sequences", "16", "--no-controls"]) == 0
+    assert "layer.0.state" in capsys.readouterr().out
+    records = [json.loads(line) for line in (run_dir / "probes.jsonl").read_text().splitlines()]
+    assert {(r["layer"], r["node"]) for r in records} == {("layer.0.state", n) for n in ("clock", "fast", "joint")}
+    assert all(0 < r["acc_frac"] <= 1.05 for r in records)
+
+
 def test_activation_checkpointing_leaves_the_losses_unchanged(tmp_path):
     """full and selective recompute each recurrent block's forward in backward: same losses as none."""
     runs = {}
