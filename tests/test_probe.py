@@ -188,6 +188,7 @@ def test_cli_writes_one_record_per_layer_and_node(run_dir, capsys):
         (["--sequences", "4"], "too few"),
         (["--checkpoint", "7"], "--checkpoint '7'"),
         (["--sites", "ffn"], "unknown site"),
+        (["--sites", "state"], "site 'state' does not exist in model.arch=transformer"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(run_dir, capsys, args, message):

@@ -4,6 +4,7 @@ activations can be probed; FSDP on 2 gloo ranks matches one rank (slow)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -40,9 +41,11 @@ def test_loss_falls_on_a_tiny_cpu_config(arch, tmp_path):
     assert last < first - 0.3, (first, last)  # log 32 = 3.47 at the start
 
 
-def test_document_packing_trains_with_resets(tmp_path):
-    records = _train("minlstm", tmp_path / "doc", 30, {"data.mask": "document", "data.doc_min": 4})
+@pytest.mark.parametrize("arch", ["minlstm", "mamba2"])
+def test_document_packing_trains_with_resets(arch, tmp_path):
+    records = _train(arch, tmp_path / "doc", 30, {"data.mask": "document", "data.doc_min": 4})
     train = [r for r in records if "loss" in r]
+    assert all(math.isfinite(r["loss"]) for r in train)  # no nan from the -inf log decays at resets
     assert train[-1]["loss"] < train[0]["loss"] - 0.3, (train[0]["loss"], train[-1]["loss"])
 
 
@@ -61,6 +64,18 @@ def test_probing_activations_of_recurrent_and_attention_blocks(tmp_path):
     x = acts["embed"]
     mixed = x + block.mixer(block.mixer_norm(x))
     torch.testing.assert_close(acts["layer.0.resid"], mixed + acts["layer.0.mlp"])
+
+
+def test_the_probe_cli_scores_the_recurrent_state(tmp_path, capsys):
+    from nanollama.probe.cli import main as probe
+
+    run_dir = tmp_path / "mamba2"
+    _train("mamba2", run_dir, 2)
+    assert probe([str(run_dir), "--sites", "state", "--layers", "0", "--sequences", "16", "--no-controls"]) == 0
+    assert "layer.0.state" in capsys.readouterr().out
+    records = [json.loads(line) for line in (run_dir / "probes.jsonl").read_text().splitlines()]
+    assert {(r["layer"], r["node"]) for r in records} == {("layer.0.state", n) for n in ("clock", "fast", "joint")}
+    assert all(0 < r["acc_frac"] <= 1.05 for r in records)
 
 
 def test_activation_checkpointing_leaves_the_losses_unchanged(tmp_path):

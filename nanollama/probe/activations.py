@@ -2,10 +2,13 @@
 
 Keys: "embed" (the input of the first block), "layer.{i}.resid" (block i's output), and for
 blocks that have them "layer.{i}.attn" / "layer.{i}.mlp" (the outputs of `attention` and
-`feed_forward`: what each adds to the residual stream, not the stream itself), and "final_norm"
-(the model's `norm` output, where it has one). The blocks are the spec's `blocks(model)`, so every
-`model.arch` the registry has works; the model's forward is not changed, hooks sit only on the
-modules asked for, and each tensor is the module's own output (detached, no copy).
+`feed_forward`: what each adds to the residual stream, not the stream itself), "layer.{i}.state"
+for blocks whose mixer shows its recurrent state (a `mixer.state_site` module, models/recurrent:
+(B, S, F) with F the numbers carried from one step to the next, e.g. minGRU's h, Mamba-2's
+flattened S_t), and "final_norm" (the model's `norm` output, where it has one). The blocks are the
+spec's `blocks(model)`, so every `model.arch` the registry has works; the model's forward is not
+changed (Mamba-2 builds its per-step states only while hooked), hooks sit only on the modules asked
+for, and each tensor is the module's own output (detached, no copy).
 
 Under FSDP2 a hook sees the block's full (unsharded) output for its rank's own rows: each rank gets
 the activations of the tokens it was given. The probing CLI runs on an unsharded model loaded from
@@ -21,9 +24,18 @@ from torch import nn
 
 from nanollama.models import spec_of
 
-SITES = ("resid", "attn", "mlp")
-# The submodule of a block whose output is a site (the Transformer's names).
-_SUBMODULE = {"attn": "attention", "mlp": "feed_forward"}
+SITES = ("resid", "attn", "mlp", "state")
+# The submodule of a block whose output is a site (the Transformer's names; "state" the recurrent mixers').
+_SUBMODULE = {"attn": "attention", "mlp": "feed_forward", "state": "mixer.state_site"}
+
+
+def _site_module(block: nn.Module, site: str) -> nn.Module | None:
+    if site == "resid":
+        return block
+    try:
+        return block.get_submodule(_SUBMODULE[site])
+    except AttributeError:
+        return None
 
 
 def layer_names(model: nn.Module, sites: Sequence[str] = ("resid",)) -> list[str]:
@@ -32,7 +44,7 @@ def layer_names(model: nn.Module, sites: Sequence[str] = ("resid",)) -> list[str
     names = ["embed"]
     for i, block in enumerate(blocks):
         for site in SITES:
-            if site in sites and (site == "resid" or hasattr(block, _SUBMODULE[site])):
+            if site in sites and _site_module(block, site) is not None:
                 names.append(f"layer.{i}.{site}")
     if isinstance(getattr(model, "norm", None), nn.Module):
         names.append("final_norm")
@@ -45,7 +57,11 @@ def resolve_layers(model: nn.Module, layers: Iterable[int | str] | None, sites: 
     bad = [s for s in sites if s not in SITES]
     if bad:
         raise ValueError(f"unknown site {bad[0]!r}: choose from {', '.join(SITES)}")
-    n_blocks = len(spec_of(model).blocks(model))
+    blocks = spec_of(model).blocks(model)
+    n_blocks = len(blocks)
+    if "state" in sites and all(_site_module(b, "state") is None for b in blocks):
+        arch = getattr(getattr(model, "config", None), "arch", type(model).__name__)
+        raise ValueError(f"site 'state' does not exist in model.arch={arch}: no block keeps a recurrent state")
     available = layer_names(model, sites)
     if layers is None:
         return available
@@ -81,7 +97,8 @@ def activations(
     **forward_kwargs,
 ) -> dict[str, torch.Tensor]:
     """Activations (B, S, dim) of `model` on tokens (B, S) at `layers` (see resolve_layers), keyed
-    "embed", "layer.{i}.{site}", "final_norm", in the model's dtype on its device (no grad)."""
+    "embed", "layer.{i}.{site}", "final_norm", in the model's dtype on its device (no grad); a "state"
+    site's are (B, S, F) float32, F its state's numbers per step."""
     keys = resolve_layers(model, layers, sites)
     blocks = spec_of(model).blocks(model)
     out: dict[str, torch.Tensor] = {}
@@ -102,7 +119,7 @@ def activations(
             else:
                 _, i, site = key.split(".")
                 block = blocks[int(i)]
-                module = block if site == "resid" else getattr(block, _SUBMODULE[site])
+                module = _site_module(block, site)
                 handles.append(module.register_forward_hook(keep(key)))
         with torch.no_grad():
             model(tokens, **forward_kwargs)

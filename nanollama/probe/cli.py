@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path, help="a training run directory (config.yaml, checkpoints/)")
     parser.add_argument("--checkpoint", default="latest", help="STEP, latest or all (default: latest)")
     parser.add_argument("--layers", default=None, help="embed, block indices, final_norm (comma-separated; all)")
-    parser.add_argument("--sites", default="resid", help="comma-separated: resid, attn, mlp (default: resid)")
+    parser.add_argument("--sites", default="resid", help="comma-separated: resid, attn, mlp, state (default: resid)")
     parser.add_argument("--sequences", type=int, default=512, help="probing sequences, split by sequence (default 512)")
     parser.add_argument("--out", type=Path, default=None, help="records file (default: RUN_DIR/probes.jsonl)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")

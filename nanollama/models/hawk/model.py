@@ -18,7 +18,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanollama.kernels.scan import linear_scan
-from nanollama.models.recurrent import CausalConv1d, RecurrentConfig, RecurrentLM, ResidualBlock, seeded_uniform
+from nanollama.models.recurrent import (
+    CausalConv1d,
+    RecurrentConfig,
+    RecurrentLM,
+    ResidualBlock,
+    StateSite,
+    seeded_uniform,
+)
 from nanollama.models.recurrent.config import positive
 from nanollama.utils.checks import check
 
@@ -66,6 +73,7 @@ class RGLRU(nn.Module):
         self.gate_x_bias = nn.Parameter(torch.empty(width))
         self.decay = nn.Parameter(torch.empty(width))  # Lambda
         self.out_proj = nn.Linear(width, dim, bias=False)
+        self.state_site = StateSite()  # the RG-LRU's h (B, S, E), for probes
 
     def state_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
         return {"h": (batch_size, self.width), **self.conv.state_shapes(batch_size)}
@@ -111,7 +119,7 @@ class RGLRU(nn.Module):
             h, last = linear_scan(a, b)  # (B, S, E), (B, E)
             if state is not None:
                 state.set("h", last)
-        return self.out_proj(F.gelu(gate) * h.to(x.dtype))
+        return self.out_proj(F.gelu(gate) * self.state_site(h).to(x.dtype))
 
 
 ACTIVATION = "gelu"  # Griffin's MLP is GeGLU

@@ -14,7 +14,7 @@ from nanollama.models.minlstm import model as minlstm
 from nanollama.models.recurrent import RecurrentConfig, RecurrentLM, ResidualBlock
 from nanollama.models.recurrent.config import positive
 from nanollama.models.transformer.model import TransformerConfig
-from nanollama.utils.checks import ConfigError, check
+from nanollama.utils.checks import check
 
 KINDS = {"mingru": mingru, "minlstm": minlstm, "hawk": hawk, "mamba2": mamba2}
 DEFAULT_EXPAND = {"mingru": 1, "minlstm": 1, "hawk": 1, "mamba2": 2}
@@ -74,19 +74,9 @@ class HybridConfig(RecurrentConfig):
             vocab_size=self.vocab_size,
         )
 
-    def resets_at_documents(self) -> bool:
-        return self.recurrent != "mamba2"  # see SSD.resets
-
     def check_data(self, data) -> None:
         """prefix_lm works (attention layers see the whole prompt, recurrent ones read it causally);
-        document where the recurrent kind resets at document starts."""
-        mask = getattr(data, "mask", "causal")
-        if mask == "document" and not self.resets_at_documents():
-            raise ConfigError(
-                "data.mask",
-                f"model.arch=hybrid with recurrent={self.recurrent} cannot train with document (its state is not "
-                "reset at document starts); use causal or prefix_lm, or another model.recurrent",
-            )
+        document too: every recurrent kind resets at document starts, the attention blocks take the mask."""
 
 
 def build(cfg: HybridConfig) -> RecurrentLM:

@@ -16,7 +16,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanollama.kernels.scan import ssd_scan, ssd_step
-from nanollama.models.recurrent import CausalConv1d, RecurrentConfig, RecurrentLM, ResidualBlock, seeded_uniform
+from nanollama.models.recurrent import (
+    CausalConv1d,
+    RecurrentConfig,
+    RecurrentLM,
+    ResidualBlock,
+    StateSite,
+    seeded_uniform,
+)
 from nanollama.models.recurrent.config import positive
 from nanollama.models.transformer.model import RMSNorm
 from nanollama.utils.checks import check
@@ -37,9 +44,6 @@ class Mamba2Config(RecurrentConfig):
     def __post_init__(self):
         super().__post_init__()
         check_fields(self)
-
-    def resets_at_documents(self) -> bool:
-        return False  # see SSD.resets
 
 
 def check_fields(cfg) -> None:
@@ -72,6 +76,7 @@ class SSD(nn.Module):
         self.D = nn.Parameter(torch.empty(self.H))
         self.norm = RMSNorm(width, 1e-5)
         self.out_proj = nn.Linear(width, dim, bias=False)
+        self.state_site = StateSite()  # S_t flattened (B, S, H * P * N), built only when a probe hooks it
 
     def state_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
         return {"h": (batch_size, self.H, self.P, self.N), **self.conv.state_shapes(batch_size)}
@@ -92,12 +97,12 @@ class SSD(nn.Module):
             return torch.ones(shape)
         return None
 
-    resets = False  # a reset inside an SSD chunk needs the kernel's support: document packing is refused
+    resets = True  # at packed document starts (positions == 0): a fresh conv window and the SSD state dropped
 
     def forward(self, u: torch.Tensor, state=None, positions=None) -> torch.Tensor:
         Bsz, S, _ = u.shape
         z, xbc, dt = self.in_proj(u).split([self.width, self.conv_channels, self.H], dim=-1)
-        xbc = F.silu(self.conv(xbc, state))  # (B, S, E + 2GN)
+        xbc = F.silu(self.conv(xbc, state, positions))  # (B, S, E + 2GN)
         x, Bm, Cm = xbc.float().split([self.width, self.G * self.N, self.G * self.N], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float())  # (B, S, H)
         A = -torch.exp(self.A_log.float())  # (H,)
@@ -106,16 +111,35 @@ class SSD(nn.Module):
         if state is not None and state.decoding:
             y, h = ssd_step(state.get("h"), x[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0])  # (B, H, P), (B, H, P, N)
             state.set("h", h)
+            if self.state_site.watched:
+                self.state_site(h.reshape(Bsz, 1, -1))
             y = y[:, None]
         else:
             if state is not None and state.valid is not None:
                 dt = torch.where(state.valid[..., None], dt, 0.0)  # dt = 0: decay 1, no input at padding
-            y, last = ssd_scan(x, dt, A, Bm, Cm, chunk_size=self.chunk)  # (B, S, H, P), (B, H, P, N)
+            reset = None if positions is None else positions == 0  # (B, S): a document starts, its state is zero
+            y, last = ssd_scan(x, dt, A, Bm, Cm, chunk_size=self.chunk, reset=reset)  # (B, S, H, P), (B, H, P, N)
             if state is not None:
                 state.set("h", last)
+            if self.state_site.watched:
+                self.state_site(self._states(x, dt, A, Bm, Cm, reset))
         y = y + self.D.float()[:, None] * x  # the D skip
         y = y.reshape(Bsz, S, self.width).to(u.dtype)
         return self.out_proj(self.norm(y * F.silu(z)))  # gated RMSNorm
+
+    def _states(self, x, dt, A, Bm, Cm, reset) -> torch.Tensor:
+        """Every step's state S_t (B, S, H * P * N), by the one-token step: the chunked scan keeps only
+        the chunk boundaries' states, and a probe reads all of them (no grad, float32)."""
+        Bsz, S = x.shape[:2]
+        h = x.new_zeros(Bsz, self.H, self.P, self.N)
+        out = []
+        with torch.no_grad():
+            for t in range(S):
+                if reset is not None:
+                    h = torch.where(reset[:, t, None, None, None], 0.0, h)
+                _, h = ssd_step(h, x[:, t], dt[:, t], A, Bm[:, t], Cm[:, t])  # (B, H, P, N)
+                out.append(h.reshape(Bsz, -1))
+        return torch.stack(out, 1)
 
 
 ACTIVATION = "silu"

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from nanollama.models.recurrent import RecurrentConfig, RecurrentLM, ResidualBlock
 from nanollama.models.recurrent.config import positive
-from nanollama.models.recurrent.layers import gated_log_scan
+from nanollama.models.recurrent.layers import StateSite, gated_log_scan
 
 
 @dataclass
@@ -36,6 +36,7 @@ class MinGRU(nn.Module):
         self.width = width
         self.in_proj = nn.Linear(dim, 2 * width, bias=False)  # gate logits k and candidate pre-activation
         self.out_proj = nn.Linear(width, dim, bias=False)
+        self.state_site = StateSite()  # h (B, S, E), for probes
 
     def state_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
         return {"h": (batch_size, self.width)}
@@ -50,7 +51,7 @@ class MinGRU(nn.Module):
 
     def forward(self, x: torch.Tensor, state=None, positions: torch.Tensor | None = None) -> torch.Tensor:
         k, pre = self.in_proj(x).float().chunk(2, dim=-1)
-        return self.out_proj(gated_log_scan(k, pre, state, positions).to(x.dtype))
+        return self.out_proj(self.state_site(gated_log_scan(k, pre, state, positions)).to(x.dtype))
 
 
 ACTIVATION = "silu"  # of the gated MLP

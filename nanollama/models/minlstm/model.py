@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from nanollama.models.recurrent import RecurrentConfig, RecurrentLM, ResidualBlock
 from nanollama.models.recurrent.config import positive
-from nanollama.models.recurrent.layers import gated_log_scan
+from nanollama.models.recurrent.layers import StateSite, gated_log_scan
 
 
 @dataclass
@@ -38,6 +38,7 @@ class MinLSTM(nn.Module):
         self.width = width
         self.in_proj = nn.Linear(dim, 3 * width, bias=False)  # forget, input and candidate pre-activations
         self.out_proj = nn.Linear(width, dim, bias=False)
+        self.state_site = StateSite()  # h (B, S, E), for probes
 
     def state_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
         return {"h": (batch_size, self.width)}
@@ -53,7 +54,7 @@ class MinLSTM(nn.Module):
     def forward(self, x: torch.Tensor, state=None, positions: torch.Tensor | None = None) -> torch.Tensor:
         kf, ki, pre = self.in_proj(x).float().chunk(3, dim=-1)  # (B, S, E) each, in float32
         d = F.softplus(-kf) - F.softplus(-ki)  # the input gate i' = sigmoid(d), the forget gate 1 - i'
-        return self.out_proj(gated_log_scan(d, pre, state, positions).to(x.dtype))
+        return self.out_proj(self.state_site(gated_log_scan(d, pre, state, positions)).to(x.dtype))
 
 
 ACTIVATION = "silu"  # of the gated MLP

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from torch import nn
 
 from nanollama.models.recurrent.config import RecurrentConfig
-from nanollama.models.recurrent.layers import CausalConv1d, GatedMLP, ResidualBlock
+from nanollama.models.recurrent.layers import CausalConv1d, GatedMLP, ResidualBlock, StateSite
 from nanollama.models.recurrent.model import RecurrentLM, seeded_uniform
 from nanollama.models.recurrent.state import RecurrentState
 from nanollama.models.registry import ModelSpec
@@ -37,6 +37,7 @@ __all__ = [
     "RecurrentLM",
     "RecurrentState",
     "ResidualBlock",
+    "StateSite",
     "make_spec",
     "seeded_uniform",
 ]

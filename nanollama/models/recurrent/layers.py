@@ -51,6 +51,21 @@ def gated_log_scan(gate: torch.Tensor, pre: torch.Tensor, state=None, positions:
     return log_h.exp()
 
 
+class StateSite(nn.Module):
+    """Where a mixer shows its recurrent state to forward hooks (the probe's "state" site): the identity,
+    no parameters, so checkpoints and results are unchanged. Input and output (B, S, F): the numbers the
+    layer carries from step t to t + 1, per token (conv windows excluded)."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h
+
+    @property
+    def watched(self) -> bool:
+        """Whether a hook reads the site: a mixer whose per-token state training never materialises
+        (Mamba-2's SSD) builds it only then."""
+        return bool(self._forward_hooks or self._forward_pre_hooks)
+
+
 class CausalConv1d(nn.Module):
     """Depthwise causal convolution over time, (B, S, C) -> (B, S, C); weight (C, 1, W), bias (C,).
 
