@@ -1,5 +1,11 @@
-"""Mamba-2's SSD (state-space duality) scan: the chunked form (eager, differentiable), its sequential
-reference and the one-token step. Re-exported by nanollama.kernels.scan.
+"""Mamba-2's SSD (state-space duality) scan: the chunked form, its sequential reference and the one-token
+step. Re-exported by nanollama.kernels.scan.
+
+Layers: `ssd_scan` (public; checks once and dispatches) -> either `_SSDScan`, an autograd.Function whose
+forward is the `nanollama::ssd_scan` torch op (Triton: launcher and op in _ssd_launch.py, kernels in
+_ssd_triton.py), or `_ssd_chunked`, the eager chunked form (differentiable by autograd). _SSDScan's
+backward has no kernel yet: it recomputes `_ssd_chunked` on the same inputs and differentiates that
+(exact, at eager speed and memory). Resets always take the eager path (the Triton kernels have none).
 
 Per head h with state S (P, N): S_t = exp(dt_t A_h) S_{t-1} + dt_t x_t B_t^T, y_t = S_t C_t.
 Names: B (batch), T (time), H (heads), P (head dim), G (groups of B/C, H % G == 0), N (state size),
@@ -11,6 +17,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from nanollama.kernels import _ssd_launch  # noqa: F401  (registers the nanollama::ssd_scan op)
+from nanollama.kernels.dispatch import use_triton
 
 __all__ = ["ssd_scan", "ssd_scan_ref", "ssd_step"]
 
@@ -129,8 +138,47 @@ def ssd_scan(
 
     reset: (B, T) bool or None: where True the sequence restarts (the state before t, h0 included, is
     dropped), for packed documents; the decay there becomes exp(-inf) = 0 inside and across chunks.
+
+    Triton on CUDA tensors (NANOLLAMA_KERNELS, nanollama.kernels.dispatch) for 16/32-bit x without
+    reset; its backward is the eager chunked form's (see the module docstring). Else the eager chunked form.
     """
     _check("ssd_scan", x, dt, A, B, C, h0, chunk_size, reset)
+    if reset is None and x.shape[1] > 0:
+        tensors = (x, dt, A, B, C) if h0 is None else (x, dt, A, B, C, h0)
+        if use_triton(*tensors):
+            return _SSDScan.apply(x, dt, A, B, C, h0, chunk_size)
+    return _ssd_chunked(x, dt, A, B, C, h0, chunk_size, reset)
+
+
+class _SSDScan(torch.autograd.Function):
+    """Triton forward; the backward differentiates the eager chunked form recomputed on the saved inputs."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, h0, chunk_size: int):
+        ctx.save_for_backward(x, dt, A, B, C, h0)
+        ctx.chunk_size = chunk_size
+        return torch.ops.nanollama.ssd_scan(x, dt, A, B, C, h0, chunk_size)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_last):
+        saved = ctx.saved_tensors
+        wants = ctx.needs_input_grad[:6]
+        leaves = [None if t is None else t.detach().requires_grad_(w) for t, w in zip(saved, wants)]
+        with torch.enable_grad():
+            y, last = _ssd_chunked(*leaves, ctx.chunk_size, None)
+            outs, grads = [], []
+            for out, g in ((y, grad_y), (last, grad_last)):
+                if g is not None:
+                    outs.append(out)
+                    grads.append(g)
+            wrt = [t for t, w in zip(leaves, wants) if t is not None and w]
+            got = iter(torch.autograd.grad(outs, wrt, grads, allow_unused=True) if wrt and outs else [])
+        result = [next(got) if t is not None and w else None for t, w in zip(leaves, wants)]
+        return (*result, None)
+
+
+def _ssd_chunked(x, dt, A, B, C, h0, chunk_size: int, reset):
+    """The eager chunked form (ssd_scan's contract; inputs already checked)."""
     b, T, H, P = x.shape
     N = B.shape[3]
     compute = torch.promote_types(x.dtype, torch.float32)

@@ -1,0 +1,108 @@
+"""The SSD launcher and torch op (private to ssd.py, which imports this module so the op is registered; the
+Triton kernels themselves, _ssd_triton.py, are imported at the first launch).
+
+One route: ssd.py's _SSDScan calls torch.ops.nanollama.ssd_scan, whose implementation is `_launch_ssd`
+(fake impl for torch.compile).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nanollama.kernels._triton import cdiv, launch_device, pow2_at_least
+
+__all__ = ["GPU_TILE"]
+
+GPU_TILE = (64, 64, 4, 2)  # (BLOCK_P, BLOCK_N, num_warps, num_stages) on a GPU: fixed, so rounding is reproducible
+_MIN_DOT = 16  # tl.dot needs every dimension >= 16
+
+
+def _blocks(L: int, P: int, N: int, on_gpu: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_L, BLOCK_P, BLOCK_N, num_warps, num_stages). Under the interpreter, whose cost is per operation,
+    whole P and N blocks; on a GPU the fixed GPU_TILE (bounded by the sizes)."""
+    block_l = max(_MIN_DOT, pow2_at_least(L))
+    block_p, block_n = max(_MIN_DOT, pow2_at_least(P)), max(_MIN_DOT, pow2_at_least(N))
+    if not on_gpu:
+        return block_l, block_p, block_n, 1, 1
+    tp, tn, warps, stages = GPU_TILE
+    return block_l, min(tp, block_p), min(tn, block_n), warps, stages
+
+
+def _check_kernel_side(x: torch.Tensor) -> None:
+    if not x.is_cuda:
+        from nanollama.kernels import _ssd_triton
+
+        if type(_ssd_triton._ssd_state_kernel).__name__ != "InterpretedFunction":
+            raise RuntimeError(
+                "the SSD Triton kernels were defined before TRITON_INTERPRET=1 was set: "
+                "set it before the first Triton call (and before importing triton)"
+            )
+
+
+def _strides(t: torch.Tensor | None, dims: int) -> tuple[int, ...]:
+    return (0,) * dims if t is None else tuple(t.stride())
+
+
+def _launch_ssd(x, dt, A, B, C, h0, chunk_size: int):
+    """Chunked SSD forward; returns (y, h_last), new contiguous tensors of x's dtype.
+
+    Shape contract (ssd.py's _check has run; names as there):
+      x (B, T, H, P), fp16/bf16/fp32, any strides, T >= 1
+      dt (B, T, H) and A (H,): any float dtype and strides (read as float32)
+      B, C (B, T, G, N) with H % G == 0, x's dtype, any strides; head h reads group h // (H // G)
+      h0 (B, H, P, N) or None (zeros), any strides
+      chunk_size L >= 1 (any int; the kernels pad it to a power of two >= 16)
+      y (B, T, H, P), h_last (B, H, P, N): x's dtype
+    Work: three launches. The chunk states (B, K, H, P, N) float32 are the only intermediate.
+    """
+    _check_kernel_side(x)
+    from nanollama.kernels._ssd_triton import _ssd_carry_kernel, _ssd_output_kernel, _ssd_state_kernel
+
+    b, T, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    L = min(chunk_size, T)
+    K = cdiv(T, L)
+    block_l, block_p, block_n, warps, stages = _blocks(L, P, N, x.is_cuda)
+    ieee = x.dtype == torch.float32
+    y = torch.empty((b, T, H, P), dtype=x.dtype, device=x.device)
+    h_last = torch.empty((b, H, P, N), dtype=x.dtype, device=x.device)
+    states = torch.empty((b, K, H, P, N), dtype=torch.float32, device=x.device)
+    hpg = H // G
+    with launch_device(x):
+        _ssd_state_kernel[(K, b * H, cdiv(P, block_p) * cdiv(N, block_n))](
+            x, dt, A, B, states, T, H, P, N, L, hpg,
+            *x.stride(), *dt.stride(), *B.stride(), *states.stride(),
+            IEEE=ieee, BLOCK_L=block_l, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+        block_e = min(1024 if x.is_cuda else 4096, pow2_at_least(P * N))
+        _ssd_carry_kernel[(b * H, cdiv(P * N, block_e))](
+            dt, A, states, h0 if h0 is not None else x, h_last, T, H, P, N, L, K,
+            *dt.stride(), *states.stride(), *_strides(h0, 4), *h_last.stride(),
+            HAS_H0=h0 is not None, BLOCK_L=block_l, BLOCK=block_e, num_warps=4 if x.is_cuda else 1,
+        )  # fmt: skip
+        _ssd_output_kernel[(K, b * H, cdiv(P, block_p))](
+            x, dt, A, B, C, states, y, T, H, P, N, L, hpg,
+            *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *states.stride(), *y.stride(),
+            IEEE=ieee, BLOCK_L=block_l, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+    return y, h_last
+
+
+# ----------------------------------------------------------------------------- torch op
+#
+# One route, eager and traced: _SSDScan -> this op (Triton forward); its backward is ssd.py's.
+
+
+@torch.library.custom_op(
+    "nanollama::ssd_scan",
+    mutates_args=(),
+    schema="(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? h0, int chunk_size) -> (Tensor, Tensor)",
+)
+def _ssd_scan_op(x, dt, A, B, C, h0, chunk_size):
+    return _launch_ssd(x, dt, A, B, C, h0, chunk_size)
+
+
+@_ssd_scan_op.register_fake
+def _ssd_scan_fake(x, dt, A, B, C, h0, chunk_size):
+    b, T, H, P = x.shape
+    return x.new_empty((b, T, H, P)), x.new_empty((b, H, P, B.shape[3]))

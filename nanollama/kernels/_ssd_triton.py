@@ -1,0 +1,159 @@
+"""The SSD (Mamba-2) Triton kernels: private to _ssd_launch.py, which imports this module at its first launch
+(importing triton costs ~0.25 s, which `import nanollama.kernels` must not pay). TRITON_INTERPRET=1 must be
+set before this module is imported, since triton.jit picks the interpreter when it decorates a function.
+
+Three kernels, the usual chunked SSD (names as in ssd.py: L chunk length, K chunks, P head dim, N state):
+  _ssd_state_kernel   per (chunk, batch x head, P x N tile): the chunk's cumulative log decay (a cumsum of
+                      dt A within the chunk) and its final state from a zero start, (w x)^T B with
+                      w_l = dt_l exp(A_cum[end] - A_cum[l]): one dot over the chunk's L rows.
+  _ssd_carry_kernel   per (batch x head, P*N block): the short sequential scan over the K chunks,
+                      S_k = exp(A_cum_k[end]) S_{k-1} + state_k, writing in place the state entering each chunk.
+  _ssd_output_kernel  per (chunk, batch x head, P tile): y = ((C B^T) o decay) (dt x) + exp(A_cum) C S_in,
+                      the decay exp(A_cum[l] - A_cum[s]) for s <= l.
+Rows past T (the last chunk's padding) and past L (when L is not a power of two) load dt = x = B = C = 0:
+decay 1 and no input, so the state passes through. Each kernel recomputes the chunk's cumsum from dt: L
+floats, cheaper than a round trip through memory.
+
+Dots take their operands in x's dtype when it is 16-bit (tensor cores, as mamba_ssm does) and in float32
+with IEEE precision otherwise (no TF32: the fp32 path must match the eager path to fp32 rounding);
+accumulation is always float32.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _chunk_cumsum(DT, A, pid_b, h, t, valid, stride_dt_b, stride_dt_t, stride_dt_h):
+    # (BLOCK_L,) dt and the cumulative sum of dt A over the chunk's rows (0 past the valid ones)
+    dt = tl.load(DT + pid_b * stride_dt_b + t * stride_dt_t + h * stride_dt_h, mask=valid, other=0.0).to(tl.float32)
+    a = tl.load(A + h).to(tl.float32)
+    return dt, tl.cumsum(dt * a, axis=0)
+
+
+@triton.jit
+def _ssd_state_kernel(
+    X, DT, A, BM, STATES,
+    T, H, P, N, L, HPG,
+    stride_x_b, stride_x_t, stride_x_h, stride_x_p,
+    stride_dt_b, stride_dt_t, stride_dt_h,
+    stride_bm_b, stride_bm_t, stride_bm_g, stride_bm_n,
+    stride_s_b, stride_s_k, stride_s_h, stride_s_p, stride_s_n,
+    IEEE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # Program (chunk k, b * H + h, P x N tile) writes STATES[b, k, h, p, n] (float32): the chunk's final
+    # state from zero. HPG = H // G heads per group of B.
+    pid_k, pid_bh, pid_pn = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_b, h = pid_bh // H, pid_bh % H
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    p = (pid_pn // n_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)  # (BLOCK_P,)
+    n = (pid_pn % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    rows = tl.arange(0, BLOCK_L)
+    t = pid_k * L + rows  # (BLOCK_L,)
+    valid = (rows < L) & (t < T)
+    dt, a_cum = _chunk_cumsum(DT, A, pid_b, h, t, valid, stride_dt_b, stride_dt_t, stride_dt_h)
+    total = tl.sum(tl.where(valid, dt, 0.0) * tl.load(A + h).to(tl.float32), axis=0)
+    w = tl.where(valid, dt * tl.exp(total - a_cum), 0.0)  # (BLOCK_L,): dt_l times the decay from l to the end
+    x_ptr = X + pid_b * stride_x_b + t[:, None] * stride_x_t + h * stride_x_h + p[None, :] * stride_x_p
+    x = tl.load(x_ptr, mask=valid[:, None] & (p[None, :] < P), other=0.0)  # (BLOCK_L, BLOCK_P)
+    b_ptr = BM + pid_b * stride_bm_b + t[:, None] * stride_bm_t + (h // HPG) * stride_bm_g + n[None, :] * stride_bm_n
+    bm = tl.load(b_ptr, mask=valid[:, None] & (n[None, :] < N), other=0.0)  # (BLOCK_L, BLOCK_N)
+    xw = (x.to(tl.float32) * w[:, None]).to(X.dtype.element_ty)
+    if IEEE:
+        state = tl.dot(tl.trans(xw), bm.to(xw.dtype), input_precision="ieee")  # (BLOCK_P, BLOCK_N)
+    else:
+        state = tl.dot(tl.trans(xw), bm.to(xw.dtype))
+    s_ptr = STATES + pid_b * stride_s_b + pid_k * stride_s_k + h * stride_s_h
+    tl.store(s_ptr + p[:, None] * stride_s_p + n[None, :] * stride_s_n, state, mask=(p[:, None] < P) & (n[None, :] < N))
+
+
+@triton.jit
+def _ssd_carry_kernel(
+    DT, A, STATES, H0, H_LAST,
+    T, H, P, N, L, K,
+    stride_dt_b, stride_dt_t, stride_dt_h,
+    stride_s_b, stride_s_k, stride_s_h, stride_s_p, stride_s_n,
+    stride_h0_b, stride_h0_h, stride_h0_p, stride_h0_n,
+    stride_hl_b, stride_hl_h, stride_hl_p, stride_hl_n,
+    HAS_H0: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # Program (b * H + h, block of the flattened P * N state) walks the K chunks in order; STATES[b, k, h]
+    # holds chunk k's own final state on entry and the state entering chunk k on exit. H_LAST in x's dtype.
+    pid_bh, pid_e = tl.program_id(0), tl.program_id(1)
+    pid_b, h = pid_bh // H, pid_bh % H
+    e = pid_e * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) flat index p * N + n
+    p, n = e // N, e % N
+    mask = e < P * N
+    if HAS_H0:
+        h0_ptr = H0 + pid_b * stride_h0_b + h * stride_h0_h + p * stride_h0_p + n * stride_h0_n
+        carry = tl.load(h0_ptr, mask=mask, other=0.0).to(tl.float32)
+    else:
+        carry = tl.zeros((BLOCK,), tl.float32)
+    a = tl.load(A + h).to(tl.float32)
+    rows = tl.arange(0, BLOCK_L)
+    s_ptr = STATES + pid_b * stride_s_b + h * stride_s_h + p * stride_s_p + n * stride_s_n
+    for k in range(0, K):
+        t = k * L + rows
+        dt = tl.load(DT + pid_b * stride_dt_b + t * stride_dt_t + h * stride_dt_h, mask=(rows < L) & (t < T), other=0.0)
+        decay = tl.exp(tl.sum(dt.to(tl.float32), axis=0) * a)  # the chunk's total decay
+        own = tl.load(s_ptr + k * stride_s_k, mask=mask, other=0.0)
+        tl.store(s_ptr + k * stride_s_k, carry, mask=mask)
+        carry = decay * carry + own
+    hl_ptr = H_LAST + pid_b * stride_hl_b + h * stride_hl_h + p * stride_hl_p + n * stride_hl_n
+    tl.store(hl_ptr, carry.to(H_LAST.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ssd_output_kernel(
+    X, DT, A, BM, CM, STATES, Y,
+    T, H, P, N, L, HPG,
+    stride_x_b, stride_x_t, stride_x_h, stride_x_p,
+    stride_dt_b, stride_dt_t, stride_dt_h,
+    stride_bm_b, stride_bm_t, stride_bm_g, stride_bm_n,
+    stride_cm_b, stride_cm_t, stride_cm_g, stride_cm_n,
+    stride_s_b, stride_s_k, stride_s_h, stride_s_p, stride_s_n,
+    stride_y_b, stride_y_t, stride_y_h, stride_y_p,
+    IEEE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # Program (chunk k, b * H + h, P tile) writes Y[b, t, h, p] for the chunk's rows, looping over N in
+    # BLOCK_N slices for both C B^T (BLOCK_L, BLOCK_L) and C S_in^T (BLOCK_L, BLOCK_P).
+    pid_k, pid_bh, pid_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_b, h = pid_bh // H, pid_bh % H
+    g = h // HPG
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    rows = tl.arange(0, BLOCK_L)
+    t = pid_k * L + rows
+    valid = (rows < L) & (t < T)
+    dt, a_cum = _chunk_cumsum(DT, A, pid_b, h, t, valid, stride_dt_b, stride_dt_t, stride_dt_h)
+    dtype = X.dtype.element_ty
+    scores = tl.zeros((BLOCK_L, BLOCK_L), tl.float32)
+    from_state = tl.zeros((BLOCK_L, BLOCK_P), tl.float32)
+    s_base = STATES + pid_b * stride_s_b + pid_k * stride_s_k + h * stride_s_h
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = n[None, :] < N
+        c_ptr = CM + pid_b * stride_cm_b + t[:, None] * stride_cm_t + g * stride_cm_g + n[None, :] * stride_cm_n
+        b_ptr = BM + pid_b * stride_bm_b + t[:, None] * stride_bm_t + g * stride_bm_g + n[None, :] * stride_bm_n
+        cm = tl.load(c_ptr, mask=valid[:, None] & mask_n, other=0.0).to(dtype)  # (BLOCK_L, BLOCK_N)
+        bm = tl.load(b_ptr, mask=valid[:, None] & mask_n, other=0.0).to(dtype)
+        s_ptr = s_base + p[:, None] * stride_s_p + n[None, :] * stride_s_n
+        s_in = tl.load(s_ptr, mask=(p[:, None] < P) & mask_n, other=0.0).to(dtype)  # (BLOCK_P, BLOCK_N)
+        if IEEE:
+            scores += tl.dot(cm, tl.trans(bm), input_precision="ieee")
+            from_state += tl.dot(cm, tl.trans(s_in), input_precision="ieee")
+        else:
+            scores += tl.dot(cm, tl.trans(bm))
+            from_state += tl.dot(cm, tl.trans(s_in))
+    causal = rows[None, :] <= rows[:, None]  # (BLOCK_L, BLOCK_L): s <= l
+    decay = tl.exp(tl.where(causal, a_cum[:, None] - a_cum[None, :], float("-inf")))
+    weights = (scores * decay).to(dtype)
+    x_ptr = X + pid_b * stride_x_b + t[:, None] * stride_x_t + h * stride_x_h + p[None, :] * stride_x_p
+    x = tl.load(x_ptr, mask=valid[:, None] & (p[None, :] < P), other=0.0)
+    xdt = (x.to(tl.float32) * dt[:, None]).to(dtype)  # (BLOCK_L, BLOCK_P): the discretised input
+    if IEEE:
+        y = tl.dot(weights, xdt, input_precision="ieee")
+    else:
+        y = tl.dot(weights, xdt)
+    y += tl.exp(a_cum)[:, None] * from_state
+    y_ptr = Y + pid_b * stride_y_b + t[:, None] * stride_y_t + h * stride_y_h + p[None, :] * stride_y_p
+    tl.store(y_ptr, y.to(Y.dtype.element_ty), mask=valid[:, None] & (p[None, :] < P))
