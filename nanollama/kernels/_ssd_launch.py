@@ -1,8 +1,8 @@
 """The SSD launcher and torch op (private to ssd.py, which imports this module so the op is registered; the
 Triton kernels themselves, _ssd_triton.py, are imported at the first launch).
 
-One route: ssd.py's _SSDScan calls torch.ops.nanollama.ssd_scan, whose implementation is `_launch_ssd`
-(fake impl for torch.compile).
+One route: ssd.py's _SSDScan calls torch.ops.nanollama.ssd_scan and ssd_scan_bwd, whose implementations are
+`_launch_ssd` and `_launch_ssd_bwd` (fake impls for torch.compile).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _strides(t: torch.Tensor | None, dims: int) -> tuple[int, ...]:
 
 
 def _launch_ssd(x, dt, A, B, C, h0, chunk_size: int):
-    """Chunked SSD forward; returns (y, h_last), new contiguous tensors of x's dtype.
+    """Chunked SSD forward; returns (y, h_last, states), new contiguous tensors.
 
     Shape contract (ssd.py's _check has run; names as there):
       x (B, T, H, P), fp16/bf16/fp32, any strides, T >= 1
@@ -53,7 +53,8 @@ def _launch_ssd(x, dt, A, B, C, h0, chunk_size: int):
       h0 (B, H, P, N) or None (zeros), any strides
       chunk_size L >= 1 (any int; the kernels pad it to a power of two >= 16)
       y (B, T, H, P), h_last (B, H, P, N): x's dtype
-    Work: three launches. The chunk states (B, K, H, P, N) float32 are the only intermediate.
+      states (B, K, H, P, N) float32: the state entering each chunk (K = ceil(T / L)), kept for the backward
+    Work: three launches (chunk states, the carry over chunks in place, the output).
     """
     _check_kernel_side(x)
     from nanollama.kernels._ssd_triton import _ssd_carry_kernel, _ssd_output_kernel, _ssd_state_kernel
@@ -72,20 +73,75 @@ def _launch_ssd(x, dt, A, B, C, h0, chunk_size: int):
         _ssd_state_kernel[(K, b * H, cdiv(P, block_p) * cdiv(N, block_n))](
             x, dt, A, B, states, T, H, P, N, L, hpg,
             *x.stride(), *dt.stride(), *B.stride(), *states.stride(),
+            FROM_START=False,
             IEEE=ieee, BLOCK_L=block_l, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
         )  # fmt: skip
         block_e = min(1024 if x.is_cuda else 4096, pow2_at_least(P * N))
         _ssd_carry_kernel[(b * H, cdiv(P * N, block_e))](
             dt, A, states, h0 if h0 is not None else x, h_last, T, H, P, N, L, K,
             *dt.stride(), *states.stride(), *_strides(h0, 4), *h_last.stride(),
-            HAS_H0=h0 is not None, BLOCK_L=block_l, BLOCK=block_e, num_warps=4 if x.is_cuda else 1,
+            HAS_H0=h0 is not None, REVERSE=False, BLOCK_L=block_l, BLOCK=block_e, num_warps=4 if x.is_cuda else 1,
         )  # fmt: skip
         _ssd_output_kernel[(K, b * H, cdiv(P, block_p))](
             x, dt, A, B, C, states, y, T, H, P, N, L, hpg,
             *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *states.stride(), *y.stride(),
             IEEE=ieee, BLOCK_L=block_l, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
         )  # fmt: skip
-    return y, h_last
+    return y, h_last, states
+
+
+def _launch_ssd_bwd(x, dt, A, B, C, states, grad_y, grad_last, chunk_size: int):
+    """Chunked SSD backward; returns (dx, ddt, dA, dB, dC, dh0) in the dtypes of x, dt, A, B, C and x.
+
+    Shape contract: as _launch_ssd; states is its third output; grad_y (B, T, H, P) and grad_last
+    (B, H, P, N), any strides. dh0 is the gradient of the initial state (also when h0 was zeros).
+    Work: the output's gradient into each chunk's entering state (the state kernel, FROM_START), the
+    reverse carry over chunks (the carry kernel, REVERSE), then one program per (chunk, batch x head) for
+    every input's gradient; per-head dB and dC are summed over each group's heads here.
+    """
+    _check_kernel_side(x)
+    from nanollama.kernels._ssd_triton import _ssd_bwd_kernel, _ssd_carry_kernel, _ssd_state_kernel
+
+    b, T, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    L = min(chunk_size, T)
+    K = cdiv(T, L)
+    block_l, block_p, block_n, warps, stages = _blocks(L, P, N, x.is_cuda)
+    ieee = x.dtype == torch.float32
+    hpg = H // G
+    dev = x.device
+    dstates = torch.empty((b, K, H, P, N), dtype=torch.float32, device=dev)
+    dh0 = torch.empty((b, H, P, N), dtype=torch.float32, device=dev)
+    dx = torch.empty((b, T, H, P), dtype=x.dtype, device=dev)
+    ddt = torch.empty((b, T, H), dtype=torch.float32, device=dev)
+    dB = torch.empty((b, T, H, N), dtype=torch.float32, device=dev)  # per head: summed over groups below
+    dC = torch.empty_like(dB)
+    dA = torch.empty((b * H, K), dtype=torch.float32, device=dev)
+    with launch_device(x):
+        _ssd_state_kernel[(K, b * H, cdiv(P, block_p) * cdiv(N, block_n))](
+            grad_y, dt, A, C, dstates, T, H, P, N, L, hpg,
+            *grad_y.stride(), *dt.stride(), *C.stride(), *dstates.stride(),
+            FROM_START=True,
+            IEEE=ieee, BLOCK_L=block_l, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+        block_e = min(1024 if x.is_cuda else 4096, pow2_at_least(P * N))
+        _ssd_carry_kernel[(b * H, cdiv(P * N, block_e))](
+            dt, A, dstates, grad_last, dh0, T, H, P, N, L, K,
+            *dt.stride(), *dstates.stride(), *grad_last.stride(), *dh0.stride(),
+            HAS_H0=True, REVERSE=True, BLOCK_L=block_l, BLOCK=block_e, num_warps=4 if x.is_cuda else 1,
+        )  # fmt: skip
+        # one program holds the whole (P, N) state: the chunk end's log-decay gradient sums over all of it
+        full_p, full_n = max(_MIN_DOT, pow2_at_least(P)), max(_MIN_DOT, pow2_at_least(N))
+        _ssd_bwd_kernel[(K, b * H)](
+            x, dt, A, B, C, grad_y, states, dstates, dx, ddt, dB, dC, dA, T, H, P, N, L, K, hpg,
+            *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *grad_y.stride(), *states.stride(),
+            IEEE=ieee, BLOCK_L=block_l, BLOCK_P=full_p, BLOCK_N=full_n, num_warps=8 if x.is_cuda else 1,
+            num_stages=1,
+        )  # fmt: skip
+    dB = dB.view(b, T, G, hpg, N).sum(3)  # (B, T, G, N): a group's gradient is its heads' sum
+    dC = dC.view(b, T, G, hpg, N).sum(3)
+    dA = dA.view(b, H, K).sum((0, 2))  # (H,)
+    return dx, ddt.to(dt.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dh0.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------- torch op
@@ -96,7 +152,8 @@ def _launch_ssd(x, dt, A, B, C, h0, chunk_size: int):
 @torch.library.custom_op(
     "nanollama::ssd_scan",
     mutates_args=(),
-    schema="(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? h0, int chunk_size) -> (Tensor, Tensor)",
+    schema="(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? h0, int chunk_size) "
+    "-> (Tensor, Tensor, Tensor)",
 )
 def _ssd_scan_op(x, dt, A, B, C, h0, chunk_size):
     return _launch_ssd(x, dt, A, B, C, h0, chunk_size)
@@ -105,4 +162,23 @@ def _ssd_scan_op(x, dt, A, B, C, h0, chunk_size):
 @_ssd_scan_op.register_fake
 def _ssd_scan_fake(x, dt, A, B, C, h0, chunk_size):
     b, T, H, P = x.shape
-    return x.new_empty((b, T, H, P)), x.new_empty((b, H, P, B.shape[3]))
+    N = B.shape[3]
+    K = cdiv(T, min(chunk_size, T))
+    states = x.new_empty((b, K, H, P, N), dtype=torch.float32)
+    return x.new_empty((b, T, H, P)), x.new_empty((b, H, P, N)), states
+
+
+@torch.library.custom_op(
+    "nanollama::ssd_scan_bwd",
+    mutates_args=(),
+    schema="(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor states, Tensor grad_y, Tensor grad_last, "
+    "int chunk_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+def _ssd_scan_bwd_op(x, dt, A, B, C, states, grad_y, grad_last, chunk_size):
+    return _launch_ssd_bwd(x, dt, A, B, C, states, grad_y, grad_last, chunk_size)
+
+
+@_ssd_scan_bwd_op.register_fake
+def _ssd_scan_bwd_fake(x, dt, A, B, C, states, grad_y, grad_last, chunk_size):
+    return (torch.empty_like(x), torch.empty_like(dt), torch.empty_like(A), torch.empty_like(B),
+            torch.empty_like(C), x.new_empty(grad_last.shape))  # fmt: skip

@@ -39,10 +39,12 @@ def _ssd_state_kernel(
     stride_dt_b, stride_dt_t, stride_dt_h,
     stride_bm_b, stride_bm_t, stride_bm_g, stride_bm_n,
     stride_s_b, stride_s_k, stride_s_h, stride_s_p, stride_s_n,
+    FROM_START: tl.constexpr,
     IEEE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # Program (chunk k, b * H + h, P x N tile) writes STATES[b, k, h, p, n] (float32): the chunk's final
-    # state from zero. HPG = H // G heads per group of B.
+    # state from zero. HPG = H // G heads per group of B. The backward reuses it with FROM_START, X = dy
+    # and BM = C: sum_l exp(A_cum[l]) dy_l C_l^T, the output's gradient into the state entering the chunk.
     pid_k, pid_bh, pid_pn = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pid_b, h = pid_bh // H, pid_bh % H
     n_tiles = tl.cdiv(N, BLOCK_N)
@@ -53,7 +55,10 @@ def _ssd_state_kernel(
     valid = (rows < L) & (t < T)
     dt, a_cum = _chunk_cumsum(DT, A, pid_b, h, t, valid, stride_dt_b, stride_dt_t, stride_dt_h)
     total = tl.sum(tl.where(valid, dt, 0.0) * tl.load(A + h).to(tl.float32), axis=0)
-    w = tl.where(valid, dt * tl.exp(total - a_cum), 0.0)  # (BLOCK_L,): dt_l times the decay from l to the end
+    if FROM_START:
+        w = tl.where(valid, tl.exp(a_cum), 0.0)  # (BLOCK_L,): the decay from the chunk's start to l
+    else:
+        w = tl.where(valid, dt * tl.exp(total - a_cum), 0.0)  # dt_l times the decay from l to the end
     x_ptr = X + pid_b * stride_x_b + t[:, None] * stride_x_t + h * stride_x_h + p[None, :] * stride_x_p
     x = tl.load(x_ptr, mask=valid[:, None] & (p[None, :] < P), other=0.0)  # (BLOCK_L, BLOCK_P)
     b_ptr = BM + pid_b * stride_bm_b + t[:, None] * stride_bm_t + (h // HPG) * stride_bm_g + n[None, :] * stride_bm_n
@@ -75,10 +80,12 @@ def _ssd_carry_kernel(
     stride_s_b, stride_s_k, stride_s_h, stride_s_p, stride_s_n,
     stride_h0_b, stride_h0_h, stride_h0_p, stride_h0_n,
     stride_hl_b, stride_hl_h, stride_hl_p, stride_hl_n,
-    HAS_H0: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_H0: tl.constexpr, REVERSE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     # Program (b * H + h, block of the flattened P * N state) walks the K chunks in order; STATES[b, k, h]
-    # holds chunk k's own final state on entry and the state entering chunk k on exit. H_LAST in x's dtype.
+    # holds chunk k's own final state on entry and the state entering chunk k on exit. H_LAST in its dtype.
+    # REVERSE (the backward): from the last chunk, H0 = dh_last, STATES the chunks' local gradients; on exit
+    # STATES[k] is the gradient into chunk k's final state and H_LAST the gradient into h0.
     pid_bh, pid_e = tl.program_id(0), tl.program_id(1)
     pid_b, h = pid_bh // H, pid_bh % H
     e = pid_e * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) flat index p * N + n
@@ -92,7 +99,8 @@ def _ssd_carry_kernel(
     a = tl.load(A + h).to(tl.float32)
     rows = tl.arange(0, BLOCK_L)
     s_ptr = STATES + pid_b * stride_s_b + h * stride_s_h + p * stride_s_p + n * stride_s_n
-    for k in range(0, K):
+    for i in range(0, K):
+        k = K - 1 - i if REVERSE else i
         t = k * L + rows
         dt = tl.load(DT + pid_b * stride_dt_b + t * stride_dt_t + h * stride_dt_h, mask=(rows < L) & (t < T), other=0.0)
         decay = tl.exp(tl.sum(dt.to(tl.float32), axis=0) * a)  # the chunk's total decay
@@ -157,3 +165,88 @@ def _ssd_output_kernel(
     y += tl.exp(a_cum)[:, None] * from_state
     y_ptr = Y + pid_b * stride_y_b + t[:, None] * stride_y_t + h * stride_y_h + p[None, :] * stride_y_p
     tl.store(y_ptr, y.to(Y.dtype.element_ty), mask=valid[:, None] & (p[None, :] < P))
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    # float32 operands: IEEE for float32 inputs, TF32 tensor cores on a GPU for 16-bit ones
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _ssd_bwd_kernel(
+    X, DT, A, BM, CM, DY, STATES, DSTATES, DX, DDT, DB, DC, DA,
+    T, H, P, N, L, K, HPG,
+    stride_x_b, stride_x_t, stride_x_h, stride_x_p,
+    stride_dt_b, stride_dt_t, stride_dt_h,
+    stride_bm_b, stride_bm_t, stride_bm_g, stride_bm_n,
+    stride_cm_b, stride_cm_t, stride_cm_g, stride_cm_n,
+    stride_dy_b, stride_dy_t, stride_dy_h, stride_dy_p,
+    stride_s_b, stride_s_k, stride_s_h, stride_s_p, stride_s_n,
+    IEEE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # Program (chunk k, b * H + h) owns the whole (P, N) state. STATES[b, k, h] = S_in (the state entering
+    # the chunk), DSTATES[b, k, h] = dS_out (the gradient into its final state). With X_s = dt_s x_s,
+    # W = (C B^T) o decay, M = dy X^T, e_in = exp(A_cum), e_out = exp(A_cum[end] - A_cum):
+    #   dX = W^T dy + e_out (B dS_out^T)     dC = (M o decay) B + e_in (dy S_in)
+    #   dB = (M o decay)^T C + e_out (X dS_out)
+    # and the log-decay gradient d A_cum from every exp above, summed back through the cumsum into dt A.
+    # Writes DX (x's dtype), DDT (float32, B T H), DB and DC per head (float32, B T H N), DA[b * H + h, k].
+    pid_k, pid_bh = tl.program_id(0), tl.program_id(1)
+    pid_b, h = pid_bh // H, pid_bh % H
+    g = h // HPG
+    p = tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_L)
+    t = pid_k * L + rows
+    valid = (rows < L) & (t < T)
+    mask_p = valid[:, None] & (p[None, :] < P)  # (BLOCK_L, BLOCK_P)
+    mask_n = valid[:, None] & (n[None, :] < N)  # (BLOCK_L, BLOCK_N)
+    mask_pn = (p[:, None] < P) & (n[None, :] < N)  # (BLOCK_P, BLOCK_N)
+    dt, a_cum = _chunk_cumsum(DT, A, pid_b, h, t, valid, stride_dt_b, stride_dt_t, stride_dt_h)
+    a = tl.load(A + h).to(tl.float32)
+    total = tl.sum(dt * a, axis=0)
+    x_off = pid_b * stride_x_b + t[:, None] * stride_x_t + h * stride_x_h + p[None, :] * stride_x_p
+    x = tl.load(X + x_off, mask=mask_p, other=0.0).to(tl.float32)
+    xdt = x * dt[:, None]  # (BLOCK_L, BLOCK_P)
+    dy_ptr = DY + pid_b * stride_dy_b + t[:, None] * stride_dy_t + h * stride_dy_h + p[None, :] * stride_dy_p
+    dy = tl.load(dy_ptr, mask=mask_p, other=0.0).to(tl.float32)
+    b_ptr = BM + pid_b * stride_bm_b + t[:, None] * stride_bm_t + g * stride_bm_g + n[None, :] * stride_bm_n
+    bm = tl.load(b_ptr, mask=mask_n, other=0.0).to(tl.float32)  # (BLOCK_L, BLOCK_N)
+    c_ptr = CM + pid_b * stride_cm_b + t[:, None] * stride_cm_t + g * stride_cm_g + n[None, :] * stride_cm_n
+    cm = tl.load(c_ptr, mask=mask_n, other=0.0).to(tl.float32)
+    s_off = pid_b * stride_s_b + pid_k * stride_s_k + h * stride_s_h + p[:, None] * stride_s_p + n[None, :] * stride_s_n
+    s_in = tl.load(STATES + s_off, mask=mask_pn, other=0.0)  # (BLOCK_P, BLOCK_N) float32
+    ds_out = tl.load(DSTATES + s_off, mask=mask_pn, other=0.0)
+
+    causal = rows[None, :] <= rows[:, None]  # (BLOCK_L, BLOCK_L): s <= l
+    decay = tl.exp(tl.where(causal, a_cum[:, None] - a_cum[None, :], float("-inf")))
+    e_in = tl.where(valid, tl.exp(a_cum), 0.0)  # (BLOCK_L,)
+    e_out = tl.where(valid, tl.exp(total - a_cum), 0.0)
+    scores = _dot(cm, tl.trans(bm), IEEE)  # (BLOCK_L, BLOCK_L): C_l . B_s
+    m = _dot(dy, tl.trans(xdt), IEEE)  # (BLOCK_L, BLOCK_L): dy_l . X_s
+    md = m * decay
+    b_ds = _dot(bm, tl.trans(ds_out), IEEE)  # (BLOCK_L, BLOCK_P): dS_out B_s
+    c_s = _dot(cm, tl.trans(s_in), IEEE)  # (BLOCK_L, BLOCK_P): S_in C_l
+
+    d_xdt = _dot(tl.trans(scores * decay), dy, IEEE) + e_out[:, None] * b_ds  # (BLOCK_L, BLOCK_P)
+    dc = _dot(md, bm, IEEE) + e_in[:, None] * _dot(dy, s_in, IEEE)  # (BLOCK_L, BLOCK_N)
+    db = _dot(tl.trans(md), cm, IEEE) + e_out[:, None] * _dot(xdt, ds_out, IEEE)
+
+    # d A_cum: +rows -columns of scores o M o decay; e_in's and e_out's terms; the chunk end's own gradient
+    q = scores * md
+    u = e_out * tl.sum(xdt * b_ds, axis=1)  # (BLOCK_L,)
+    d_cum = tl.sum(q, axis=1) - tl.sum(q, axis=0) + e_in * tl.sum(dy * c_s, axis=1) - u
+    d_end = tl.sum(u, axis=0) + tl.exp(total) * tl.sum(tl.sum(ds_out * s_in, axis=1), axis=0)
+    d_log = tl.sum(d_cum, axis=0) - tl.cumsum(d_cum, axis=0) + d_cum + d_end  # (BLOCK_L,): d (dt_r A)
+    d_log = tl.where(valid, d_log, 0.0)
+
+    tl.store(DX + x_off, (d_xdt * dt[:, None]).to(DX.dtype.element_ty), mask=mask_p)
+    ddt = tl.sum(d_xdt * x, axis=1) + d_log * a
+    tl.store(DDT + pid_bh // H * (T * H) + t * H + h, ddt, mask=valid)  # (B, T, H) contiguous
+    hn = (pid_b * T + t[:, None]) * (H * N) + h * N + n[None, :]  # (B, T, H, N) contiguous
+    tl.store(DB + hn, db, mask=mask_n)
+    tl.store(DC + hn, dc, mask=mask_n)
+    tl.store(DA + pid_bh * K + pid_k, tl.sum(d_log * dt, axis=0))

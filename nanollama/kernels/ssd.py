@@ -3,9 +3,8 @@ step. Re-exported by nanollama.kernels.scan.
 
 Layers: `ssd_scan` (public; checks once and dispatches) -> either `_SSDScan`, an autograd.Function whose
 forward is the `nanollama::ssd_scan` torch op (Triton: launcher and op in _ssd_launch.py, kernels in
-_ssd_triton.py), or `_ssd_chunked`, the eager chunked form (differentiable by autograd). _SSDScan's
-backward has no kernel yet: it recomputes `_ssd_chunked` on the same inputs and differentiates that
-(exact, at eager speed and memory). Resets always take the eager path (the Triton kernels have none).
+_ssd_triton.py) and whose backward is the `nanollama::ssd_scan_bwd` op, or `_ssd_chunked`, the eager
+chunked form (differentiable by autograd). Resets always take the eager path (the kernels have none).
 
 Per head h with state S (P, N): S_t = exp(dt_t A_h) S_{t-1} + dt_t x_t B_t^T, y_t = S_t C_t.
 Names: B (batch), T (time), H (heads), P (head dim), G (groups of B/C, H % G == 0), N (state size),
@@ -140,7 +139,7 @@ def ssd_scan(
     dropped), for packed documents; the decay there becomes exp(-inf) = 0 inside and across chunks.
 
     Triton on CUDA tensors (NANOLLAMA_KERNELS, nanollama.kernels.dispatch) for 16/32-bit x without
-    reset; its backward is the eager chunked form's (see the module docstring). Else the eager chunked form.
+    reset (forward and backward kernels); else the eager chunked form.
     """
     _check("ssd_scan", x, dt, A, B, C, h0, chunk_size, reset)
     if reset is None and x.shape[1] > 0:
@@ -151,30 +150,26 @@ def ssd_scan(
 
 
 class _SSDScan(torch.autograd.Function):
-    """Triton forward; the backward differentiates the eager chunked form recomputed on the saved inputs."""
+    """The Triton route: saves the inputs and the state entering each chunk (B, K, H, P, N) float32."""
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, h0, chunk_size: int):
-        ctx.save_for_backward(x, dt, A, B, C, h0)
+        y, last, states = torch.ops.nanollama.ssd_scan(x, dt, A, B, C, h0, chunk_size)
+        ctx.save_for_backward(x, dt, A, B, C, h0, states)
         ctx.chunk_size = chunk_size
-        return torch.ops.nanollama.ssd_scan(x, dt, A, B, C, h0, chunk_size)
+        return y, last
 
     @staticmethod
     def backward(ctx, grad_y, grad_last):
-        saved = ctx.saved_tensors
-        wants = ctx.needs_input_grad[:6]
-        leaves = [None if t is None else t.detach().requires_grad_(w) for t, w in zip(saved, wants)]
-        with torch.enable_grad():
-            y, last = _ssd_chunked(*leaves, ctx.chunk_size, None)
-            outs, grads = [], []
-            for out, g in ((y, grad_y), (last, grad_last)):
-                if g is not None:
-                    outs.append(out)
-                    grads.append(g)
-            wrt = [t for t, w in zip(leaves, wants) if t is not None and w]
-            got = iter(torch.autograd.grad(outs, wrt, grads, allow_unused=True) if wrt and outs else [])
-        result = [next(got) if t is not None and w else None for t, w in zip(leaves, wants)]
-        return (*result, None)
+        x, dt, A, B, C, h0, states = ctx.saved_tensors
+        if grad_y is None:
+            grad_y = torch.zeros_like(x)
+        if grad_last is None:
+            grad_last = states.new_zeros(states[:, 0].shape)
+        dx, ddt, dA, dB, dC, dh0 = torch.ops.nanollama.ssd_scan_bwd(
+            x, dt, A, B, C, states, grad_y, grad_last, ctx.chunk_size
+        )
+        return dx, ddt, dA, dB, dC, None if h0 is None else dh0.to(h0.dtype), None
 
 
 def _ssd_chunked(x, dt, A, B, C, h0, chunk_size: int, reset):
