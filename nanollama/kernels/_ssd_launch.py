@@ -43,7 +43,15 @@ def _strides(t: torch.Tensor | None, dims: int) -> tuple[int, ...]:
     return (0,) * dims if t is None else tuple(t.stride())
 
 
-def _launch_ssd(x, dt, A, B, C, h0, chunk_size: int):
+def _reset_args(reset, x):
+    """(pointer, stride_b, stride_t) for the optional (B, T) bool reset (a byte view: Triton loads it as uint8)."""
+    if reset is None:
+        return x, 0, 0
+    r = reset.view(torch.uint8)
+    return r, r.stride(0), r.stride(1)
+
+
+def _launch_ssd(x, dt, A, B, C, h0, reset, chunk_size: int):
     """Chunked SSD forward; returns (y, h_last, states), new contiguous tensors.
 
     Shape contract (ssd.py's _check has run; names as there):
@@ -51,6 +59,7 @@ def _launch_ssd(x, dt, A, B, C, h0, chunk_size: int):
       dt (B, T, H) and A (H,): any float dtype and strides (read as float32)
       B, C (B, T, G, N) with H % G == 0, x's dtype, any strides; head h reads group h // (H // G)
       h0 (B, H, P, N) or None (zeros), any strides
+      reset (B, T) bool or None: where True the state before t (h0 included) is dropped
       chunk_size L >= 1 (any int; the kernels pad it to a power of two >= 16)
       y (B, T, H, P), h_last (B, H, P, N): x's dtype
       states (B, K, H, P, N) float32: the state entering each chunk (K = ceil(T / L)), kept for the backward
@@ -69,28 +78,32 @@ def _launch_ssd(x, dt, A, B, C, h0, chunk_size: int):
     h_last = torch.empty((b, H, P, N), dtype=x.dtype, device=x.device)
     states = torch.empty((b, K, H, P, N), dtype=torch.float32, device=x.device)
     hpg = H // G
+    rst, *r_strides = _reset_args(reset, x)
+    has_reset = reset is not None
     with launch_device(x):
         _ssd_state_kernel[(K, b * H, cdiv(P, block_p) * cdiv(N, block_n))](
-            x, dt, A, B, states, T, H, P, N, L, hpg,
-            *x.stride(), *dt.stride(), *B.stride(), *states.stride(),
-            FROM_START=False,
+            x, dt, A, B, states, rst, T, H, P, N, L, hpg,
+            *x.stride(), *dt.stride(), *B.stride(), *states.stride(), *r_strides,
+            FROM_START=False, HAS_RESET=has_reset,
             IEEE=ieee, BLOCK_L=block_l, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
         )  # fmt: skip
         block_e = min(1024 if x.is_cuda else 4096, pow2_at_least(P * N))
         _ssd_carry_kernel[(b * H, cdiv(P * N, block_e))](
-            dt, A, states, h0 if h0 is not None else x, h_last, T, H, P, N, L, K,
-            *dt.stride(), *states.stride(), *_strides(h0, 4), *h_last.stride(),
-            HAS_H0=h0 is not None, REVERSE=False, BLOCK_L=block_l, BLOCK=block_e, num_warps=4 if x.is_cuda else 1,
+            dt, A, states, h0 if h0 is not None else x, h_last, rst, T, H, P, N, L, K,
+            *dt.stride(), *r_strides, *states.stride(), *_strides(h0, 4), *h_last.stride(),
+            HAS_H0=h0 is not None, REVERSE=False, HAS_RESET=has_reset,
+            BLOCK_L=block_l, BLOCK=block_e, num_warps=4 if x.is_cuda else 1,
         )  # fmt: skip
         _ssd_output_kernel[(K, b * H, cdiv(P, block_p))](
-            x, dt, A, B, C, states, y, T, H, P, N, L, hpg,
-            *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *states.stride(), *y.stride(),
+            x, dt, A, B, C, states, y, rst, T, H, P, N, L, hpg,
+            *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *states.stride(), *y.stride(), *r_strides,
+            HAS_RESET=has_reset,
             IEEE=ieee, BLOCK_L=block_l, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
         )  # fmt: skip
     return y, h_last, states
 
 
-def _launch_ssd_bwd(x, dt, A, B, C, states, grad_y, grad_last, chunk_size: int):
+def _launch_ssd_bwd(x, dt, A, B, C, states, reset, grad_y, grad_last, chunk_size: int):
     """Chunked SSD backward; returns (dx, ddt, dA, dB, dC, dh0) in the dtypes of x, dt, A, B, C and x.
 
     Shape contract: as _launch_ssd; states is its third output; grad_y (B, T, H, P) and grad_last
@@ -117,24 +130,28 @@ def _launch_ssd_bwd(x, dt, A, B, C, states, grad_y, grad_last, chunk_size: int):
     dB = torch.empty((b, T, H, N), dtype=torch.float32, device=dev)  # per head: summed over groups below
     dC = torch.empty_like(dB)
     dA = torch.empty((b * H, K), dtype=torch.float32, device=dev)
+    rst, *r_strides = _reset_args(reset, x)
+    has_reset = reset is not None
     with launch_device(x):
         _ssd_state_kernel[(K, b * H, cdiv(P, block_p) * cdiv(N, block_n))](
-            grad_y, dt, A, C, dstates, T, H, P, N, L, hpg,
-            *grad_y.stride(), *dt.stride(), *C.stride(), *dstates.stride(),
-            FROM_START=True,
+            grad_y, dt, A, C, dstates, rst, T, H, P, N, L, hpg,
+            *grad_y.stride(), *dt.stride(), *C.stride(), *dstates.stride(), *r_strides,
+            FROM_START=True, HAS_RESET=has_reset,
             IEEE=ieee, BLOCK_L=block_l, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
         )  # fmt: skip
         block_e = min(1024 if x.is_cuda else 4096, pow2_at_least(P * N))
         _ssd_carry_kernel[(b * H, cdiv(P * N, block_e))](
-            dt, A, dstates, grad_last, dh0, T, H, P, N, L, K,
-            *dt.stride(), *dstates.stride(), *grad_last.stride(), *dh0.stride(),
-            HAS_H0=True, REVERSE=True, BLOCK_L=block_l, BLOCK=block_e, num_warps=4 if x.is_cuda else 1,
+            dt, A, dstates, grad_last, dh0, rst, T, H, P, N, L, K,
+            *dt.stride(), *r_strides, *dstates.stride(), *grad_last.stride(), *dh0.stride(),
+            HAS_H0=True, REVERSE=True, HAS_RESET=has_reset,
+            BLOCK_L=block_l, BLOCK=block_e, num_warps=4 if x.is_cuda else 1,
         )  # fmt: skip
         # one program holds the whole (P, N) state: the chunk end's log-decay gradient sums over all of it
         full_p, full_n = max(_MIN_DOT, pow2_at_least(P)), max(_MIN_DOT, pow2_at_least(N))
         _ssd_bwd_kernel[(K, b * H)](
-            x, dt, A, B, C, grad_y, states, dstates, dx, ddt, dB, dC, dA, T, H, P, N, L, K, hpg,
-            *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *grad_y.stride(), *states.stride(),
+            x, dt, A, B, C, grad_y, states, dstates, dx, ddt, dB, dC, dA, rst, T, H, P, N, L, K, hpg,
+            *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *grad_y.stride(), *states.stride(), *r_strides,
+            HAS_RESET=has_reset,
             IEEE=ieee, BLOCK_L=block_l, BLOCK_P=full_p, BLOCK_N=full_n, num_warps=8 if x.is_cuda else 1,
             num_stages=1,
         )  # fmt: skip
@@ -152,15 +169,15 @@ def _launch_ssd_bwd(x, dt, A, B, C, states, grad_y, grad_last, chunk_size: int):
 @torch.library.custom_op(
     "nanollama::ssd_scan",
     mutates_args=(),
-    schema="(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? h0, int chunk_size) "
+    schema="(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? h0, Tensor? reset, int chunk_size) "
     "-> (Tensor, Tensor, Tensor)",
 )
-def _ssd_scan_op(x, dt, A, B, C, h0, chunk_size):
-    return _launch_ssd(x, dt, A, B, C, h0, chunk_size)
+def _ssd_scan_op(x, dt, A, B, C, h0, reset, chunk_size):
+    return _launch_ssd(x, dt, A, B, C, h0, reset, chunk_size)
 
 
 @_ssd_scan_op.register_fake
-def _ssd_scan_fake(x, dt, A, B, C, h0, chunk_size):
+def _ssd_scan_fake(x, dt, A, B, C, h0, reset, chunk_size):
     b, T, H, P = x.shape
     N = B.shape[3]
     K = cdiv(T, min(chunk_size, T))
@@ -171,14 +188,14 @@ def _ssd_scan_fake(x, dt, A, B, C, h0, chunk_size):
 @torch.library.custom_op(
     "nanollama::ssd_scan_bwd",
     mutates_args=(),
-    schema="(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor states, Tensor grad_y, Tensor grad_last, "
-    "int chunk_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    schema="(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor states, Tensor? reset, Tensor grad_y, "
+    "Tensor grad_last, int chunk_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
-def _ssd_scan_bwd_op(x, dt, A, B, C, states, grad_y, grad_last, chunk_size):
-    return _launch_ssd_bwd(x, dt, A, B, C, states, grad_y, grad_last, chunk_size)
+def _ssd_scan_bwd_op(x, dt, A, B, C, states, reset, grad_y, grad_last, chunk_size):
+    return _launch_ssd_bwd(x, dt, A, B, C, states, reset, grad_y, grad_last, chunk_size)
 
 
 @_ssd_scan_bwd_op.register_fake
-def _ssd_scan_bwd_fake(x, dt, A, B, C, states, grad_y, grad_last, chunk_size):
+def _ssd_scan_bwd_fake(x, dt, A, B, C, states, reset, grad_y, grad_last, chunk_size):
     return (torch.empty_like(x), torch.empty_like(dt), torch.empty_like(A), torch.empty_like(B),
             torch.empty_like(C), x.new_empty(grad_last.shape))  # fmt: skip

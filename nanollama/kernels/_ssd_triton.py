@@ -2,7 +2,7 @@
 (importing triton costs ~0.25 s, which `import nanollama.kernels` must not pay). TRITON_INTERPRET=1 must be
 set before this module is imported, since triton.jit picks the interpreter when it decorates a function.
 
-Three kernels, the usual chunked SSD (names as in ssd.py: L chunk length, K chunks, P head dim, N state):
+Three forward kernels, the usual chunked SSD (names as in ssd.py: L chunk length, K chunks, P head dim, N state):
   _ssd_state_kernel   per (chunk, batch x head, P x N tile): the chunk's cumulative log decay (a cumsum of
                       dt A within the chunk) and its final state from a zero start, (w x)^T B with
                       w_l = dt_l exp(A_cum[end] - A_cum[l]): one dot over the chunk's L rows.
@@ -10,13 +10,17 @@ Three kernels, the usual chunked SSD (names as in ssd.py: L chunk length, K chun
                       S_k = exp(A_cum_k[end]) S_{k-1} + state_k, writing in place the state entering each chunk.
   _ssd_output_kernel  per (chunk, batch x head, P tile): y = ((C B^T) o decay) (dt x) + exp(A_cum) C S_in,
                       the decay exp(A_cum[l] - A_cum[s]) for s <= l.
-Rows past T (the last chunk's padding) and past L (when L is not a power of two) load dt = x = B = C = 0:
-decay 1 and no input, so the state passes through. Each kernel recomputes the chunk's cumsum from dt: L
-floats, cheaper than a round trip through memory.
+The backward reuses the state kernel (FROM_START: the output's gradient into each chunk's entering state)
+and the carry kernel (REVERSE: that gradient carried from the last chunk), then _ssd_bwd_kernel, one
+program per (chunk, batch x head) holding the whole (P, N) state, for every input's gradient.
+Resets (optional, (B, T)): a reset at t drops the state before t, so every decay across it is zero
+(_chunk_resets: a per-chunk count of resets decides which are). Rows past T (the last chunk's padding) and
+past L (when L is not a power of two) load dt = x = B = C = 0: decay 1 and no input, so the state passes
+through. Each kernel recomputes the chunk's cumsum from dt: L floats, cheaper than a round trip through memory.
 
-Dots take their operands in x's dtype when it is 16-bit (tensor cores, as mamba_ssm does) and in float32
-with IEEE precision otherwise (no TF32: the fp32 path must match the eager path to fp32 rounding);
-accumulation is always float32.
+Forward dots take their operands in x's dtype when it is 16-bit (tensor cores, as mamba_ssm does) and in
+float32 with IEEE precision otherwise (no TF32: the fp32 path must match the eager path to fp32 rounding);
+the backward's dots take float32 operands (TF32 on a GPU for 16-bit inputs); accumulation is float32.
 """
 
 import triton
@@ -32,14 +36,26 @@ def _chunk_cumsum(DT, A, pid_b, h, t, valid, stride_dt_b, stride_dt_t, stride_dt
 
 
 @triton.jit
+def _chunk_resets(RST, pid_b, t, valid, stride_r_b, stride_r_t, HAS_RESET: tl.constexpr):
+    # (BLOCK_L,) count of resets at or before each row of the chunk, and the chunk's total. A reset at t drops
+    # the state before t, so the decay from s to l (s <= l) is zero unless the counts at s and l agree.
+    if HAS_RESET:
+        r = tl.load(RST + pid_b * stride_r_b + t * stride_r_t, mask=valid, other=0).to(tl.int32)
+        return tl.cumsum(r, axis=0), tl.sum(r, axis=0)
+    zero = tl.zeros(t.shape, tl.int32)
+    return zero, tl.sum(zero, axis=0)
+
+
+@triton.jit
 def _ssd_state_kernel(
-    X, DT, A, BM, STATES,
+    X, DT, A, BM, STATES, RST,
     T, H, P, N, L, HPG,
     stride_x_b, stride_x_t, stride_x_h, stride_x_p,
     stride_dt_b, stride_dt_t, stride_dt_h,
     stride_bm_b, stride_bm_t, stride_bm_g, stride_bm_n,
     stride_s_b, stride_s_k, stride_s_h, stride_s_p, stride_s_n,
-    FROM_START: tl.constexpr,
+    stride_r_b, stride_r_t,
+    FROM_START: tl.constexpr, HAS_RESET: tl.constexpr,
     IEEE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # Program (chunk k, b * H + h, P x N tile) writes STATES[b, k, h, p, n] (float32): the chunk's final
@@ -55,10 +71,11 @@ def _ssd_state_kernel(
     valid = (rows < L) & (t < T)
     dt, a_cum = _chunk_cumsum(DT, A, pid_b, h, t, valid, stride_dt_b, stride_dt_t, stride_dt_h)
     total = tl.sum(tl.where(valid, dt, 0.0) * tl.load(A + h).to(tl.float32), axis=0)
+    rc, rc_end = _chunk_resets(RST, pid_b, t, valid, stride_r_b, stride_r_t, HAS_RESET)
     if FROM_START:
-        w = tl.where(valid, tl.exp(a_cum), 0.0)  # (BLOCK_L,): the decay from the chunk's start to l
+        w = tl.where(valid & (rc == 0), tl.exp(a_cum), 0.0)  # (BLOCK_L,): the decay from the chunk's start to l
     else:
-        w = tl.where(valid, dt * tl.exp(total - a_cum), 0.0)  # dt_l times the decay from l to the end
+        w = tl.where(valid & (rc == rc_end), dt * tl.exp(total - a_cum), 0.0)  # dt_l times the decay to the end
     x_ptr = X + pid_b * stride_x_b + t[:, None] * stride_x_t + h * stride_x_h + p[None, :] * stride_x_p
     x = tl.load(x_ptr, mask=valid[:, None] & (p[None, :] < P), other=0.0)  # (BLOCK_L, BLOCK_P)
     b_ptr = BM + pid_b * stride_bm_b + t[:, None] * stride_bm_t + (h // HPG) * stride_bm_g + n[None, :] * stride_bm_n
@@ -74,13 +91,13 @@ def _ssd_state_kernel(
 
 @triton.jit
 def _ssd_carry_kernel(
-    DT, A, STATES, H0, H_LAST,
+    DT, A, STATES, H0, H_LAST, RST,
     T, H, P, N, L, K,
-    stride_dt_b, stride_dt_t, stride_dt_h,
+    stride_dt_b, stride_dt_t, stride_dt_h, stride_r_b, stride_r_t,
     stride_s_b, stride_s_k, stride_s_h, stride_s_p, stride_s_n,
     stride_h0_b, stride_h0_h, stride_h0_p, stride_h0_n,
     stride_hl_b, stride_hl_h, stride_hl_p, stride_hl_n,
-    HAS_H0: tl.constexpr, REVERSE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_H0: tl.constexpr, REVERSE: tl.constexpr, HAS_RESET: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     # Program (b * H + h, block of the flattened P * N state) walks the K chunks in order; STATES[b, k, h]
     # holds chunk k's own final state on entry and the state entering chunk k on exit. H_LAST in its dtype.
@@ -102,8 +119,11 @@ def _ssd_carry_kernel(
     for i in range(0, K):
         k = K - 1 - i if REVERSE else i
         t = k * L + rows
-        dt = tl.load(DT + pid_b * stride_dt_b + t * stride_dt_t + h * stride_dt_h, mask=(rows < L) & (t < T), other=0.0)
+        valid = (rows < L) & (t < T)
+        dt = tl.load(DT + pid_b * stride_dt_b + t * stride_dt_t + h * stride_dt_h, mask=valid, other=0.0)
         decay = tl.exp(tl.sum(dt.to(tl.float32), axis=0) * a)  # the chunk's total decay
+        _, rc_end = _chunk_resets(RST, pid_b, t, valid, stride_r_b, stride_r_t, HAS_RESET)
+        decay = tl.where(rc_end == 0, decay, 0.0)
         own = tl.load(s_ptr + k * stride_s_k, mask=mask, other=0.0)
         tl.store(s_ptr + k * stride_s_k, carry, mask=mask)
         carry = decay * carry + own
@@ -113,7 +133,7 @@ def _ssd_carry_kernel(
 
 @triton.jit
 def _ssd_output_kernel(
-    X, DT, A, BM, CM, STATES, Y,
+    X, DT, A, BM, CM, STATES, Y, RST,
     T, H, P, N, L, HPG,
     stride_x_b, stride_x_t, stride_x_h, stride_x_p,
     stride_dt_b, stride_dt_t, stride_dt_h,
@@ -121,7 +141,8 @@ def _ssd_output_kernel(
     stride_cm_b, stride_cm_t, stride_cm_g, stride_cm_n,
     stride_s_b, stride_s_k, stride_s_h, stride_s_p, stride_s_n,
     stride_y_b, stride_y_t, stride_y_h, stride_y_p,
-    IEEE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_r_b, stride_r_t,
+    HAS_RESET: tl.constexpr, IEEE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # Program (chunk k, b * H + h, P tile) writes Y[b, t, h, p] for the chunk's rows, looping over N in
     # BLOCK_N slices for both C B^T (BLOCK_L, BLOCK_L) and C S_in^T (BLOCK_L, BLOCK_P).
@@ -152,7 +173,8 @@ def _ssd_output_kernel(
         else:
             scores += tl.dot(cm, tl.trans(bm))
             from_state += tl.dot(cm, tl.trans(s_in))
-    causal = rows[None, :] <= rows[:, None]  # (BLOCK_L, BLOCK_L): s <= l
+    rc, _ = _chunk_resets(RST, pid_b, t, valid, stride_r_b, stride_r_t, HAS_RESET)
+    causal = (rows[None, :] <= rows[:, None]) & (rc[None, :] == rc[:, None])  # (BLOCK_L, BLOCK_L): s <= l, no reset
     decay = tl.exp(tl.where(causal, a_cum[:, None] - a_cum[None, :], float("-inf")))
     weights = (scores * decay).to(dtype)
     x_ptr = X + pid_b * stride_x_b + t[:, None] * stride_x_t + h * stride_x_h + p[None, :] * stride_x_p
@@ -162,7 +184,7 @@ def _ssd_output_kernel(
         y = tl.dot(weights, xdt, input_precision="ieee")
     else:
         y = tl.dot(weights, xdt)
-    y += tl.exp(a_cum)[:, None] * from_state
+    y += tl.where(rc == 0, tl.exp(a_cum), 0.0)[:, None] * from_state
     y_ptr = Y + pid_b * stride_y_b + t[:, None] * stride_y_t + h * stride_y_h + p[None, :] * stride_y_p
     tl.store(y_ptr, y.to(Y.dtype.element_ty), mask=valid[:, None] & (p[None, :] < P))
 
@@ -177,7 +199,7 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 @triton.jit
 def _ssd_bwd_kernel(
-    X, DT, A, BM, CM, DY, STATES, DSTATES, DX, DDT, DB, DC, DA,
+    X, DT, A, BM, CM, DY, STATES, DSTATES, DX, DDT, DB, DC, DA, RST,
     T, H, P, N, L, K, HPG,
     stride_x_b, stride_x_t, stride_x_h, stride_x_p,
     stride_dt_b, stride_dt_t, stride_dt_h,
@@ -185,7 +207,8 @@ def _ssd_bwd_kernel(
     stride_cm_b, stride_cm_t, stride_cm_g, stride_cm_n,
     stride_dy_b, stride_dy_t, stride_dy_h, stride_dy_p,
     stride_s_b, stride_s_k, stride_s_h, stride_s_p, stride_s_n,
-    IEEE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_r_b, stride_r_t,
+    HAS_RESET: tl.constexpr, IEEE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # Program (chunk k, b * H + h) owns the whole (P, N) state. STATES[b, k, h] = S_in (the state entering
     # the chunk), DSTATES[b, k, h] = dS_out (the gradient into its final state). With X_s = dt_s x_s,
@@ -221,10 +244,13 @@ def _ssd_bwd_kernel(
     s_in = tl.load(STATES + s_off, mask=mask_pn, other=0.0)  # (BLOCK_P, BLOCK_N) float32
     ds_out = tl.load(DSTATES + s_off, mask=mask_pn, other=0.0)
 
-    causal = rows[None, :] <= rows[:, None]  # (BLOCK_L, BLOCK_L): s <= l
+    # resets zero some decays: those are constants, so their terms below simply vanish
+    rc, rc_end = _chunk_resets(RST, pid_b, t, valid, stride_r_b, stride_r_t, HAS_RESET)
+    causal = (rows[None, :] <= rows[:, None]) & (rc[None, :] == rc[:, None])  # (BLOCK_L, BLOCK_L)
     decay = tl.exp(tl.where(causal, a_cum[:, None] - a_cum[None, :], float("-inf")))
-    e_in = tl.where(valid, tl.exp(a_cum), 0.0)  # (BLOCK_L,)
-    e_out = tl.where(valid, tl.exp(total - a_cum), 0.0)
+    e_in = tl.where(valid & (rc == 0), tl.exp(a_cum), 0.0)  # (BLOCK_L,)
+    e_out = tl.where(valid & (rc == rc_end), tl.exp(total - a_cum), 0.0)
+    e_total = tl.where(rc_end == 0, tl.exp(total), 0.0)  # the chunk's decay as the carry uses it
     scores = _dot(cm, tl.trans(bm), IEEE)  # (BLOCK_L, BLOCK_L): C_l . B_s
     m = _dot(dy, tl.trans(xdt), IEEE)  # (BLOCK_L, BLOCK_L): dy_l . X_s
     md = m * decay
@@ -239,7 +265,7 @@ def _ssd_bwd_kernel(
     q = scores * md
     u = e_out * tl.sum(xdt * b_ds, axis=1)  # (BLOCK_L,)
     d_cum = tl.sum(q, axis=1) - tl.sum(q, axis=0) + e_in * tl.sum(dy * c_s, axis=1) - u
-    d_end = tl.sum(u, axis=0) + tl.exp(total) * tl.sum(tl.sum(ds_out * s_in, axis=1), axis=0)
+    d_end = tl.sum(u, axis=0) + e_total * tl.sum(tl.sum(ds_out * s_in, axis=1), axis=0)
     d_log = tl.sum(d_cum, axis=0) - tl.cumsum(d_cum, axis=0) + d_cum + d_end  # (BLOCK_L,): d (dt_r A)
     d_log = tl.where(valid, d_log, 0.0)
 

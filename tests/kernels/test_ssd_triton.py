@@ -1,7 +1,7 @@
 """Mamba-2's SSD on the Triton path (under the interpreter on the CPU): forward and backward against the
 float64 sequential reference and against the eager chunked form, with random upstream gradients into y and
 h_last; odd T (1, 7, 127, 300), a carried h0, G < H, chunk lengths that are not powers of two, tiled P and N;
-the ops' schemas and fake impls; dispatch; tracing.
+document resets; the ops' schemas and fake impls; dispatch; tracing.
 
 The interpreter cannot do bf16 tl.dot (silent garbage), so bf16 runs only on a GPU. Sizes stay tiny: the
 interpreter costs per operation, not per element, so T (the number of chunks) is what costs.
@@ -97,6 +97,28 @@ def test_triton_halves_carry_the_state(triton_kernels):
     torch.testing.assert_close(last2, last, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=IDS.get)
+def test_triton_resets_match_float64_loop(triton_kernels, dtype):
+    """Resets at t = 0 (h0 dropped), at a chunk border (16), just before it (15) and at random inside chunks."""
+    inputs = _inputs(2, 37, 2, 3, 1, 5, dtype, seed=8)
+    reset = torch.rand(2, 37, generator=torch.Generator().manual_seed(8)) < 0.1
+    reset[0, 0] = reset[1, 15] = reset[1, 16] = True
+    reset = reset.to(DEVICE)
+    got = _grads(lambda *t: ssd_scan(*t, chunk_size=16, reset=reset), inputs)
+    _assert_close(got, _grads(lambda *t: ssd_scan_ref(*t, reset=reset), _as64(inputs)), **TOL[dtype])
+
+
+def test_triton_packed_documents_equal_each_alone(triton_kernels):
+    x, dt, A, Bm, Cm = (t.detach() for t in _inputs(1, 30, 2, 3, 1, 4, torch.float32, with_h0=False)[:5])
+    reset = torch.zeros(1, 30, dtype=torch.bool, device=DEVICE)
+    reset[0, 11] = True  # documents [0, 11) and [11, 30), the border inside the second chunk of 8
+    y, last = ssd_scan(x, dt, A, Bm, Cm, chunk_size=8, reset=reset)
+    y1, _ = ssd_scan(x[:, :11], dt[:, :11], A, Bm[:, :11], Cm[:, :11], chunk_size=8)
+    y2, last2 = ssd_scan(x[:, 11:], dt[:, 11:], A, Bm[:, 11:], Cm[:, 11:], chunk_size=8)
+    torch.testing.assert_close(y, torch.cat((y1, y2), 1), **TOL[torch.float32])
+    torch.testing.assert_close(last, last2, **TOL[torch.float32])
+
+
 def test_strided_inputs(triton_kernels):
     """Non-contiguous views (a transposed x, B and C sliced from one projection) give the contiguous result."""
     x, dt, A, Bm, Cm, h0 = (t.detach() for t in _inputs(1, 19, 2, 3, 2, 4, torch.float32, seed=5))
@@ -109,7 +131,7 @@ def test_strided_inputs(triton_kernels):
 
 
 def test_dispatch_rule(monkeypatch):
-    """auto: Triton only on CUDA tensors; float64 and resets always take the eager chunked form."""
+    """auto: Triton only on CUDA tensors; float64 always takes the eager chunked form; resets go to Triton."""
     calls = []
     real = ssd_mod._SSDScan.apply
     monkeypatch.setattr(ssd_mod._SSDScan, "apply", lambda *a: calls.append("triton") or real(*a))
@@ -119,20 +141,22 @@ def test_dispatch_rule(monkeypatch):
     assert calls == []
     monkeypatch.setenv("NANOLLAMA_KERNELS", "triton")
     ssd_scan(x.double(), dt.double(), A.double(), Bm.double(), Cm.double())
-    ssd_scan(x, dt, A, Bm, Cm, reset=torch.zeros(1, 5, dtype=torch.bool))
     assert calls == []
     if dispatch.triton_available() and dispatch.interpreter_on():
         ssd_scan(x, dt, A, Bm, Cm)
-        assert calls == ["triton"]
+        ssd_scan(x, dt, A, Bm, Cm, reset=torch.zeros(1, 5, dtype=torch.bool))
+        assert calls == ["triton", "triton"]
 
 
 @pytest.mark.slow
 def test_opcheck(triton_kernels):
     """Schema, fake tensors and AOT dispatch of both ops (their autograd is _SSDScan, outside the ops)."""
     x, dt, A, Bm, Cm, h0 = (t.detach() for t in _inputs(1, 9, 2, 3, 1, 4, torch.float32, seed=6))
-    torch.library.opcheck(torch.ops.nanollama.ssd_scan.default, (x, dt, A, Bm, Cm, h0, 4))
-    _, last, states = torch.ops.nanollama.ssd_scan(x, dt, A, Bm, Cm, None, 4)
-    args = (x, dt, A, Bm, Cm, states, torch.randn_like(x), torch.randn_like(last), 4)
+    reset = torch.zeros(1, 9, dtype=torch.bool, device=DEVICE)
+    reset[0, 5] = True
+    torch.library.opcheck(torch.ops.nanollama.ssd_scan.default, (x, dt, A, Bm, Cm, h0, reset, 4))
+    _, last, states = torch.ops.nanollama.ssd_scan(x, dt, A, Bm, Cm, None, None, 4)
+    args = (x, dt, A, Bm, Cm, states, None, torch.randn_like(x), torch.randn_like(last), 4)
     torch.library.opcheck(torch.ops.nanollama.ssd_scan_bwd.default, args)
 
 
