@@ -11,10 +11,20 @@ import torch
 
 from nanollama.kernels._triton import cdiv, launch_device, pow2_at_least
 
-__all__ = ["GPU_TILE"]
+__all__ = ["GPU_TILE", "MAX_CHUNK", "MAX_HEAD_DIM", "supports"]
 
 GPU_TILE = (64, 64, 4, 2)  # (BLOCK_P, BLOCK_N, num_warps, num_stages) on a GPU: fixed, so rounding is reproducible
+BWD_BLOCK_N = 32  # the backward's N slice on a GPU: P = 64, L = 64 then fits an H200's shared memory
 _MIN_DOT = 16  # tl.dot needs every dimension >= 16
+
+
+MAX_CHUNK = 64  # the largest chunk (and head dim, MAX_HEAD_DIM) whose tiles sm90_compile_ssd.py checked to fit
+MAX_HEAD_DIM = 128  # an H200 block's shared memory (227 KiB): larger ones take ssd.py's eager chunked form
+
+
+def supports(L: int, P: int) -> bool:
+    """Whether the kernels take chunk length L (= min(chunk_size, T)) and head dim P (same rule on every device)."""
+    return pow2_at_least(L) <= MAX_CHUNK and pow2_at_least(P) <= MAX_HEAD_DIM
 
 
 def _blocks(L: int, P: int, N: int, on_gpu: bool) -> tuple[int, int, int, int, int]:
@@ -146,13 +156,14 @@ def _launch_ssd_bwd(x, dt, A, B, C, states, reset, grad_y, grad_last, chunk_size
             HAS_H0=True, REVERSE=True, HAS_RESET=has_reset,
             BLOCK_L=block_l, BLOCK=block_e, num_warps=4 if x.is_cuda else 1,
         )  # fmt: skip
-        # one program holds the whole (P, N) state: the chunk end's log-decay gradient sums over all of it
-        full_p, full_n = max(_MIN_DOT, pow2_at_least(P)), max(_MIN_DOT, pow2_at_least(N))
+        # one program holds all of P (the log-decay gradient sums over P and N), N in slices
+        full_p = max(_MIN_DOT, pow2_at_least(P))
+        slice_n = min(BWD_BLOCK_N, block_n) if x.is_cuda else block_n
         _ssd_bwd_kernel[(K, b * H)](
             x, dt, A, B, C, grad_y, states, dstates, dx, ddt, dB, dC, dA, rst, T, H, P, N, L, K, hpg,
             *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *grad_y.stride(), *states.stride(), *r_strides,
             HAS_RESET=has_reset,
-            IEEE=ieee, BLOCK_L=block_l, BLOCK_P=full_p, BLOCK_N=full_n, num_warps=8 if x.is_cuda else 1,
+            IEEE=ieee, BLOCK_L=block_l, BLOCK_P=full_p, BLOCK_N=slice_n, num_warps=8 if x.is_cuda else 1,
             num_stages=1,
         )  # fmt: skip
     dB = dB.view(b, T, G, hpg, N).sum(3)  # (B, T, G, N): a group's gradient is its heads' sum

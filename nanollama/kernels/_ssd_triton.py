@@ -12,7 +12,7 @@ Three forward kernels, the usual chunked SSD (names as in ssd.py: L chunk length
                       the decay exp(A_cum[l] - A_cum[s]) for s <= l.
 The backward reuses the state kernel (FROM_START: the output's gradient into each chunk's entering state)
 and the carry kernel (REVERSE: that gradient carried from the last chunk), then _ssd_bwd_kernel, one
-program per (chunk, batch x head) holding the whole (P, N) state, for every input's gradient.
+program per (chunk, batch x head) holding all of P and walking N twice, for every input's gradient.
 Resets (optional, (B, T)): a reset at t drops the state before t, so every decay across it is zero
 (_chunk_resets: a per-chunk count of resets decides which are). Rows past T (the last chunk's padding) and
 past L (when L is not a power of two) load dt = x = B = C = 0: decay 1 and no input, so the state passes
@@ -210,8 +210,9 @@ def _ssd_bwd_kernel(
     stride_r_b, stride_r_t,
     HAS_RESET: tl.constexpr, IEEE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    # Program (chunk k, b * H + h) owns the whole (P, N) state. STATES[b, k, h] = S_in (the state entering
-    # the chunk), DSTATES[b, k, h] = dS_out (the gradient into its final state). With X_s = dt_s x_s,
+    # Program (chunk k, b * H + h) owns all of P (BLOCK_P >= P) and walks N in BLOCK_N slices twice: first
+    # the sums over N, then the per-N gradients. STATES[b, k, h] = S_in (the state entering the chunk),
+    # DSTATES[b, k, h] = dS_out (the gradient into its final state). With X_s = dt_s x_s,
     # W = (C B^T) o decay, M = dy X^T, e_in = exp(A_cum), e_out = exp(A_cum[end] - A_cum):
     #   dX = W^T dy + e_out (B dS_out^T)     dC = (M o decay) B + e_in (dy S_in)
     #   dB = (M o decay)^T C + e_out (X dS_out)
@@ -221,13 +222,10 @@ def _ssd_bwd_kernel(
     pid_b, h = pid_bh // H, pid_bh % H
     g = h // HPG
     p = tl.arange(0, BLOCK_P)
-    n = tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BLOCK_L)
     t = pid_k * L + rows
     valid = (rows < L) & (t < T)
     mask_p = valid[:, None] & (p[None, :] < P)  # (BLOCK_L, BLOCK_P)
-    mask_n = valid[:, None] & (n[None, :] < N)  # (BLOCK_L, BLOCK_N)
-    mask_pn = (p[:, None] < P) & (n[None, :] < N)  # (BLOCK_P, BLOCK_N)
     dt, a_cum = _chunk_cumsum(DT, A, pid_b, h, t, valid, stride_dt_b, stride_dt_t, stride_dt_h)
     a = tl.load(A + h).to(tl.float32)
     total = tl.sum(dt * a, axis=0)
@@ -236,13 +234,27 @@ def _ssd_bwd_kernel(
     xdt = x * dt[:, None]  # (BLOCK_L, BLOCK_P)
     dy_ptr = DY + pid_b * stride_dy_b + t[:, None] * stride_dy_t + h * stride_dy_h + p[None, :] * stride_dy_p
     dy = tl.load(dy_ptr, mask=mask_p, other=0.0).to(tl.float32)
-    b_ptr = BM + pid_b * stride_bm_b + t[:, None] * stride_bm_t + g * stride_bm_g + n[None, :] * stride_bm_n
-    bm = tl.load(b_ptr, mask=mask_n, other=0.0).to(tl.float32)  # (BLOCK_L, BLOCK_N)
-    c_ptr = CM + pid_b * stride_cm_b + t[:, None] * stride_cm_t + g * stride_cm_g + n[None, :] * stride_cm_n
-    cm = tl.load(c_ptr, mask=mask_n, other=0.0).to(tl.float32)
-    s_off = pid_b * stride_s_b + pid_k * stride_s_k + h * stride_s_h + p[:, None] * stride_s_p + n[None, :] * stride_s_n
-    s_in = tl.load(STATES + s_off, mask=mask_pn, other=0.0)  # (BLOCK_P, BLOCK_N) float32
-    ds_out = tl.load(DSTATES + s_off, mask=mask_pn, other=0.0)
+    b_base = BM + pid_b * stride_bm_b + t[:, None] * stride_bm_t + g * stride_bm_g
+    c_base = CM + pid_b * stride_cm_b + t[:, None] * stride_cm_t + g * stride_cm_g
+    s_base = pid_b * stride_s_b + pid_k * stride_s_k + h * stride_s_h + p[:, None] * stride_s_p
+
+    # pass 1, the sums over N: C_l . B_s, S_in C_l, dS_out B_s and dS_out : S_in
+    scores = tl.zeros((BLOCK_L, BLOCK_L), tl.float32)
+    c_s = tl.zeros((BLOCK_L, BLOCK_P), tl.float32)
+    b_ds = tl.zeros((BLOCK_L, BLOCK_P), tl.float32)
+    ds_dot_s = tl.zeros((BLOCK_P,), tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = valid[:, None] & (n[None, :] < N)  # (BLOCK_L, BLOCK_N)
+        mask_pn = (p[:, None] < P) & (n[None, :] < N)  # (BLOCK_P, BLOCK_N)
+        bm = tl.load(b_base + n[None, :] * stride_bm_n, mask=mask_n, other=0.0).to(tl.float32)
+        cm = tl.load(c_base + n[None, :] * stride_cm_n, mask=mask_n, other=0.0).to(tl.float32)
+        s_in = tl.load(STATES + s_base + n[None, :] * stride_s_n, mask=mask_pn, other=0.0)
+        ds_out = tl.load(DSTATES + s_base + n[None, :] * stride_s_n, mask=mask_pn, other=0.0)
+        scores += _dot(cm, tl.trans(bm), IEEE)
+        c_s += _dot(cm, tl.trans(s_in), IEEE)
+        b_ds += _dot(bm, tl.trans(ds_out), IEEE)
+        ds_dot_s += tl.sum(ds_out * s_in, axis=1)
 
     # resets zero some decays: those are constants, so their terms below simply vanish
     rc, rc_end = _chunk_resets(RST, pid_b, t, valid, stride_r_b, stride_r_t, HAS_RESET)
@@ -251,28 +263,32 @@ def _ssd_bwd_kernel(
     e_in = tl.where(valid & (rc == 0), tl.exp(a_cum), 0.0)  # (BLOCK_L,)
     e_out = tl.where(valid & (rc == rc_end), tl.exp(total - a_cum), 0.0)
     e_total = tl.where(rc_end == 0, tl.exp(total), 0.0)  # the chunk's decay as the carry uses it
-    scores = _dot(cm, tl.trans(bm), IEEE)  # (BLOCK_L, BLOCK_L): C_l . B_s
-    m = _dot(dy, tl.trans(xdt), IEEE)  # (BLOCK_L, BLOCK_L): dy_l . X_s
-    md = m * decay
-    b_ds = _dot(bm, tl.trans(ds_out), IEEE)  # (BLOCK_L, BLOCK_P): dS_out B_s
-    c_s = _dot(cm, tl.trans(s_in), IEEE)  # (BLOCK_L, BLOCK_P): S_in C_l
-
+    md = _dot(dy, tl.trans(xdt), IEEE) * decay  # (BLOCK_L, BLOCK_L): (dy_l . X_s) decay
     d_xdt = _dot(tl.trans(scores * decay), dy, IEEE) + e_out[:, None] * b_ds  # (BLOCK_L, BLOCK_P)
-    dc = _dot(md, bm, IEEE) + e_in[:, None] * _dot(dy, s_in, IEEE)  # (BLOCK_L, BLOCK_N)
-    db = _dot(tl.trans(md), cm, IEEE) + e_out[:, None] * _dot(xdt, ds_out, IEEE)
 
     # d A_cum: +rows -columns of scores o M o decay; e_in's and e_out's terms; the chunk end's own gradient
     q = scores * md
     u = e_out * tl.sum(xdt * b_ds, axis=1)  # (BLOCK_L,)
     d_cum = tl.sum(q, axis=1) - tl.sum(q, axis=0) + e_in * tl.sum(dy * c_s, axis=1) - u
-    d_end = tl.sum(u, axis=0) + e_total * tl.sum(tl.sum(ds_out * s_in, axis=1), axis=0)
+    d_end = tl.sum(u, axis=0) + e_total * tl.sum(ds_dot_s, axis=0)
     d_log = tl.sum(d_cum, axis=0) - tl.cumsum(d_cum, axis=0) + d_cum + d_end  # (BLOCK_L,): d (dt_r A)
     d_log = tl.where(valid, d_log, 0.0)
-
     tl.store(DX + x_off, (d_xdt * dt[:, None]).to(DX.dtype.element_ty), mask=mask_p)
     ddt = tl.sum(d_xdt * x, axis=1) + d_log * a
-    tl.store(DDT + pid_bh // H * (T * H) + t * H + h, ddt, mask=valid)  # (B, T, H) contiguous
-    hn = (pid_b * T + t[:, None]) * (H * N) + h * N + n[None, :]  # (B, T, H, N) contiguous
-    tl.store(DB + hn, db, mask=mask_n)
-    tl.store(DC + hn, dc, mask=mask_n)
+    tl.store(DDT + pid_b * (T * H) + t * H + h, ddt, mask=valid)  # (B, T, H) contiguous
     tl.store(DA + pid_bh * K + pid_k, tl.sum(d_log * dt, axis=0))
+
+    # pass 2, the per-N gradients of B and C
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = valid[:, None] & (n[None, :] < N)
+        mask_pn = (p[:, None] < P) & (n[None, :] < N)
+        bm = tl.load(b_base + n[None, :] * stride_bm_n, mask=mask_n, other=0.0).to(tl.float32)
+        cm = tl.load(c_base + n[None, :] * stride_cm_n, mask=mask_n, other=0.0).to(tl.float32)
+        s_in = tl.load(STATES + s_base + n[None, :] * stride_s_n, mask=mask_pn, other=0.0)
+        ds_out = tl.load(DSTATES + s_base + n[None, :] * stride_s_n, mask=mask_pn, other=0.0)
+        dc = _dot(md, bm, IEEE) + e_in[:, None] * _dot(dy, s_in, IEEE)  # (BLOCK_L, BLOCK_N)
+        db = _dot(tl.trans(md), cm, IEEE) + e_out[:, None] * _dot(xdt, ds_out, IEEE)
+        hn = (pid_b * T + t[:, None]) * (H * N) + h * N + n[None, :]  # (B, T, H, N) contiguous
+        tl.store(DB + hn, db, mask=mask_n)
+        tl.store(DC + hn, dc, mask=mask_n)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nanollama.kernels import _ssd_launch  # noqa: F401  (registers the nanollama::ssd_scan op)
+from nanollama.kernels import _ssd_launch  # also registers the nanollama::ssd_scan ops
 from nanollama.kernels.dispatch import use_triton
 
 __all__ = ["ssd_scan", "ssd_scan_ref", "ssd_step"]
@@ -139,12 +139,13 @@ def ssd_scan(
     dropped), for packed documents; the decay there becomes exp(-inf) = 0 inside and across chunks.
 
     Triton on CUDA tensors (NANOLLAMA_KERNELS, nanollama.kernels.dispatch) for 16/32-bit x (forward and
-    backward kernels); else (float64, or T == 0) the eager chunked form.
+    backward kernels) up to chunk_size 64 and P 128 (_ssd_launch.supports: larger tiles would not fit a
+    GPU block's shared memory); else (float64, T == 0, larger tiles) the eager chunked form.
     """
     _check("ssd_scan", x, dt, A, B, C, h0, chunk_size, reset)
     if x.shape[1] > 0:
         tensors = [t for t in (x, dt, A, B, C, h0, reset) if t is not None]
-        if use_triton(*tensors):
+        if use_triton(*tensors) and _ssd_launch.supports(min(chunk_size, x.shape[1]), x.shape[3]):
             return _SSDScan.apply(x, dt, A, B, C, h0, reset, chunk_size)
     return _ssd_chunked(x, dt, A, B, C, h0, chunk_size, reset)
 

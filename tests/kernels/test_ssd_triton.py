@@ -7,6 +7,11 @@ The interpreter cannot do bf16 tl.dot (silent garbage), so bf16 runs only on a G
 interpreter costs per operation, not per element, so T (the number of chunks) is what costs.
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -146,6 +151,12 @@ def test_dispatch_rule(monkeypatch):
         ssd_scan(x, dt, A, Bm, Cm)
         ssd_scan(x, dt, A, Bm, Cm, reset=torch.zeros(1, 5, dtype=torch.bool))
         assert calls == ["triton", "triton"]
+        # tiles past what fits a GPU block's shared memory: a chunk of 65 rows (padded to 128), P = 129
+        long = [t.detach().cpu() for t in _inputs(1, 65, 1, 2, 1, 4, torch.float32, with_h0=False)[:5]]
+        ssd_scan(*long, chunk_size=128)
+        wide = [t.detach().cpu() for t in _inputs(1, 3, 1, 129, 1, 4, torch.float32, with_h0=False)[:5]]
+        ssd_scan(*wide)
+        assert calls == ["triton", "triton"]
 
 
 @pytest.mark.slow
@@ -176,3 +187,18 @@ def test_compile_has_no_graph_break(triton_kernels):
     torch.testing.assert_close(got, want)
     for a, b in zip(torch.autograd.grad(got, args), torch.autograd.grad(want, args)):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """The real compiler (not the interpreter) accepts the kernels for sm_90 at Mamba-2's tiles (L = P = 64,
+    N = 128), and each fits an H200 block's shared memory. Needs no GPU (about 20 s here)."""
+    pytest.importorskip("triton")
+    script = Path(__file__).with_name("sm90_compile_ssd.py")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(ssd_mod.__file__).parents[2]), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    if done.returncode and ("ptxas" in done.stderr and "not found" in done.stderr or "ImportError" in done.stderr):
+        pytest.skip(f"no offline CUDA compiler here: {done.stderr.strip().splitlines()[-1]}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ok" in done.stdout
