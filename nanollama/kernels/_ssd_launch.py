@@ -11,20 +11,22 @@ import torch
 
 from nanollama.kernels._triton import cdiv, launch_device, pow2_at_least
 
-__all__ = ["GPU_TILE", "MAX_CHUNK", "MAX_HEAD_DIM", "supports"]
+__all__ = ["GPU_TILE", "MAX_CHUNK", "MAX_HEAD_DIM", "MAX_TILE", "supports"]
 
 GPU_TILE = (64, 64, 4, 2)  # (BLOCK_P, BLOCK_N, num_warps, num_stages) on a GPU: fixed, so rounding is reproducible
 BWD_BLOCK_N = 32  # the backward's N slice on a GPU: P = 64, L = 64 then fits an H200's shared memory
 _MIN_DOT = 16  # tl.dot needs every dimension >= 16
 
 
-MAX_CHUNK = 64  # the largest chunk (and head dim, MAX_HEAD_DIM) whose tiles sm90_compile_ssd.py checked to fit
-MAX_HEAD_DIM = 128  # an H200 block's shared memory (227 KiB): larger ones take ssd.py's eager chunked form
+# The tiles sm90_compile_ssd.py --all checked to fit an H200 block's shared memory (227 KiB), as (chunk rows,
+# head dim) padded to powers of two: (64, 64), (64, 128), (128, 64). Larger take ssd.py's eager chunked form.
+MAX_CHUNK, MAX_HEAD_DIM, MAX_TILE = 128, 128, 128 * 64
 
 
 def supports(L: int, P: int) -> bool:
     """Whether the kernels take chunk length L (= min(chunk_size, T)) and head dim P (same rule on every device)."""
-    return pow2_at_least(L) <= MAX_CHUNK and pow2_at_least(P) <= MAX_HEAD_DIM
+    rows, cols = pow2_at_least(L), pow2_at_least(P)
+    return rows <= MAX_CHUNK and cols <= MAX_HEAD_DIM and rows * cols <= MAX_TILE
 
 
 def _blocks(L: int, P: int, N: int, on_gpu: bool) -> tuple[int, int, int, int, int]:

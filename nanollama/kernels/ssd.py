@@ -139,8 +139,9 @@ def ssd_scan(
     dropped), for packed documents; the decay there becomes exp(-inf) = 0 inside and across chunks.
 
     Triton on CUDA tensors (NANOLLAMA_KERNELS, nanollama.kernels.dispatch) for 16/32-bit x (forward and
-    backward kernels) up to chunk_size 64 and P 128 (_ssd_launch.supports: larger tiles would not fit a
-    GPU block's shared memory); else (float64, T == 0, larger tiles) the eager chunked form.
+    backward kernels) for chunks up to 128 rows and P up to 128, not both over 64 (_ssd_launch.supports:
+    larger tiles would not fit a GPU block's shared memory); else (float64, T == 0, larger tiles) the
+    eager chunked form.
     """
     _check("ssd_scan", x, dt, A, B, C, h0, chunk_size, reset)
     if x.shape[1] > 0:

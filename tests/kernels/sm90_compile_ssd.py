@@ -55,7 +55,10 @@ if __name__ == "__main__":
             for has_h0, reverse in carries:
                 flags = dict(HAS_H0=has_h0, REVERSE=reverse, HAS_RESET=reset, BLOCK_L=64, BLOCK=1024)
                 compile_kernel(k._ssd_carry_kernel, dtype, **flags)
-            for block_p in (64, 128) if every else (64,):  # the backward holds all of P: head dims 64 and 128
-                bwd = dict(IEEE=ieee, HAS_RESET=reset, BLOCK_L=64, BLOCK_P=block_p, BLOCK_N=32, num_warps=8)
+            # the backward holds all of P: _ssd_launch.supports' largest (rows, head dim) tiles
+            for block_l, block_p in ((64, 64), (64, 128), (128, 64)) if every else ((64, 64),):
+                bwd = dict(IEEE=ieee, HAS_RESET=reset, BLOCK_L=block_l, BLOCK_P=block_p, BLOCK_N=32, num_warps=8)
                 compile_kernel(k._ssd_bwd_kernel, dtype, **bwd)
+                if block_l > 64:
+                    compile_kernel(k._ssd_output_kernel, dtype, **{**tile, "BLOCK_L": block_l})
     print("ok")

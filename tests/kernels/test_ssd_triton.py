@@ -151,9 +151,11 @@ def test_dispatch_rule(monkeypatch):
         ssd_scan(x, dt, A, Bm, Cm)
         ssd_scan(x, dt, A, Bm, Cm, reset=torch.zeros(1, 5, dtype=torch.bool))
         assert calls == ["triton", "triton"]
-        # tiles past what fits a GPU block's shared memory: a chunk of 65 rows (padded to 128), P = 129
-        long = [t.detach().cpu() for t in _inputs(1, 65, 1, 2, 1, 4, torch.float32, with_h0=False)[:5]]
-        ssd_scan(*long, chunk_size=128)
+        # tiles past what fits a GPU block's shared memory: 129 rows (padded to 256), P = 129, or both 65
+        long = [t.detach().cpu() for t in _inputs(1, 129, 1, 2, 1, 4, torch.float32, with_h0=False)[:5]]
+        ssd_scan(*long, chunk_size=256)
+        both = [t.detach().cpu() for t in _inputs(1, 65, 1, 65, 1, 4, torch.float32, with_h0=False)[:5]]
+        ssd_scan(*both, chunk_size=128)
         wide = [t.detach().cpu() for t in _inputs(1, 3, 1, 129, 1, 4, torch.float32, with_h0=False)[:5]]
         ssd_scan(*wide)
         assert calls == ["triton", "triton"]
