@@ -273,7 +273,8 @@ def _ssd_bwd_kernel(
     d_end = tl.sum(u, axis=0) + e_total * tl.sum(ds_dot_s, axis=0)
     d_log = tl.sum(d_cum, axis=0) - tl.cumsum(d_cum, axis=0) + d_cum + d_end  # (BLOCK_L,): d (dt_r A)
     d_log = tl.where(valid, d_log, 0.0)
-    tl.store(DX + x_off, (d_xdt * dt[:, None]).to(DX.dtype.element_ty), mask=mask_p)
+    dx_off = ((pid_b * T + t[:, None]) * H + h) * P + p[None, :]  # (B, T, H, P) contiguous, whatever x's strides
+    tl.store(DX + dx_off, (d_xdt * dt[:, None]).to(DX.dtype.element_ty), mask=mask_p)
     ddt = tl.sum(d_xdt * x, axis=1) + d_log * a
     tl.store(DDT + pid_b * (T * H) + t * H + h, ddt, mask=valid)  # (B, T, H) contiguous
     tl.store(DA + pid_bh * K + pid_k, tl.sum(d_log * dt, axis=0))

@@ -125,14 +125,23 @@ def test_triton_packed_documents_equal_each_alone(triton_kernels):
 
 
 def test_strided_inputs(triton_kernels):
-    """Non-contiguous views (a transposed x, B and C sliced from one projection) give the contiguous result."""
-    x, dt, A, Bm, Cm, h0 = (t.detach() for t in _inputs(1, 19, 2, 3, 2, 4, torch.float32, seed=5))
-    xt = x.transpose(1, 2).contiguous().transpose(1, 2)  # (B, T, H, P) with T not the outer-most stride
-    bc = torch.cat((Bm, Cm), -1)  # (B, T, G, 2N): B and C as slices, strided along N's row
-    want = ssd_scan(x, dt, A, Bm, Cm, h0.contiguous(), chunk_size=8)
-    got = ssd_scan(xt, dt, A, bc[..., :4], bc[..., 4:], h0.transpose(2, 3).contiguous().transpose(2, 3), chunk_size=8)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, **TOL[torch.float32])
+    """Non-contiguous views (x, B and C split from one projection as Mamba-2 does; a transposed h0) give the
+    contiguous inputs' outputs and gradients."""
+    x, dt, A, Bm, Cm, h0 = _inputs(1, 19, 2, 3, 2, 4, torch.float32, seed=5)
+    want = _grads(lambda *t: ssd_scan(*t, chunk_size=8), [x, dt, A, Bm, Cm, h0])
+
+    def split(xbc, dt, A, h0t):
+        xs, bs, cs = xbc.split([6, 8, 8], dim=-1)  # (B, T, 22) -> views with row stride 22
+        x_, B_, C_ = xs.view(1, 19, 2, 3), bs.view(1, 19, 2, 4), cs.view(1, 19, 2, 4)
+        return ssd_scan(x_, dt, A, B_, C_, h0t.transpose(2, 3), chunk_size=8)
+
+    xbc = torch.cat((x.detach().flatten(2), Bm.detach().flatten(2), Cm.detach().flatten(2)), -1).requires_grad_()
+    h0t = h0.detach().transpose(2, 3).contiguous().requires_grad_()  # (B, H, N, P): h0 is its transposed view
+    dt_, A_ = dt.detach().requires_grad_(), A.detach().requires_grad_()
+    y, last, dxbc, ddt, dA, dh0t = _grads(split, [xbc, dt_, A_, h0t])
+    dx, dB, dC = (d.view(1, 19, 2, -1) for d in dxbc.split([6, 8, 8], dim=-1))
+    got = [y, last, dx, ddt, dA, dB, dC, dh0t.transpose(2, 3)]
+    _assert_close(got, want, **TOL[torch.float32])
 
 
 def test_dispatch_rule(monkeypatch):
