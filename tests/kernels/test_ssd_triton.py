@@ -213,3 +213,29 @@ def test_kernels_compile_for_sm90():
         pytest.skip(f"no offline CUDA compiler here: {done.stderr.strip().splitlines()[-1]}")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ok" in done.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=IDS.get)
+@pytest.mark.parametrize("chunk, P", [(64, 64), (128, 64), (64, 128)])
+def test_cuda_model_shapes(monkeypatch, dtype, chunk, P):
+    """auto on CUDA runs the kernels at Mamba-2's sizes (N = 128, G = 1 < H = 8, T = 1000 not a multiple of
+    the chunk, h0 and resets): every output and gradient within a dtype-sized fraction of its largest entry
+    of the float64 eager chunked form on the same inputs."""
+    if DEVICE.type != "cuda":
+        pytest.skip("needs a CUDA device")
+    monkeypatch.delenv("NANOLLAMA_KERNELS", raising=False)
+    inputs = _inputs(2, 1000, 8, P, 1, 128, dtype, seed=9)
+    reset = torch.rand(2, 1000, generator=torch.Generator().manual_seed(9)) < 0.01
+    reset = reset.to(DEVICE)
+    calls = []
+    real = ssd_mod._SSDScan.apply
+    monkeypatch.setattr(ssd_mod._SSDScan, "apply", lambda *a: calls.append(1) or real(*a))
+    got = _grads(lambda *t: ssd_scan(*t, chunk_size=chunk, reset=reset), inputs)
+    assert calls, "auto did not take the Triton path on CUDA"
+    want = _grads(lambda *t: ssd_scan(*t, chunk_size=chunk, reset=reset), _as64(inputs))
+    bound = {torch.bfloat16: 3e-2, torch.float16: 4e-3, torch.float32: 5e-5}[dtype]
+    names = ["y", "h_last", "dx", "ddt", "dA", "dB", "dC", "dh0"]
+    for name, a, b in zip(names, got, want):
+        err = (a.double() - b).abs().max().item() / b.abs().max().item()
+        assert err < bound, f"{name}: max error {err:.2e} of the largest entry (bound {bound:.0e})"
