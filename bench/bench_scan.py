@@ -15,7 +15,8 @@ Variants: loop (linear_scan_ref, CPU only), eager (linear_scan's eager parallel 
 replayed from a CUDA graph: the kernel-bound figure).
 
 SSD vs attention (forward+backward, tokens/s): width H * P = 2048 on a GPU (H = 32 heads of P = 64,
-N = 128, G = 1, chunk 64; attention 32 heads of 64), T = 4096 and 16384, B = 2, bf16; ssd-compile is
+N = 128, G = 1, chunk 64; attention 32 heads of 64), T = 4096 and 16384, B = 2, bf16; ssd is the eager chunked
+SSD, ssd-triton the Triton kernels (GPU only: the interpreter is no performance path), ssd-compile
 torch.compile of the eager chunked SSD (GPU only: on 2 CPU cores its compile alone takes minutes). Attention FLOPs
 (causal, fwd+bwd) = 3.5 * 2 * B H T^2 D; the SSD's chunked form is O(T) and is reported in time only.
 """
@@ -157,14 +158,21 @@ def _sdpa_step(q, k, v, g):
     return torch.autograd.grad(out, (q, k, v), g)
 
 
-@pytest.mark.parametrize("variant", ["sdpa-causal", "ssd"] + (["ssd-compile"] if DEVICE.type == "cuda" else []))
+SSD_VARIANTS = ["sdpa-causal", "ssd", "ssd-triton"] + (["ssd-compile"] if DEVICE.type == "cuda" else [])
+
+
+@pytest.mark.parametrize("variant", SSD_VARIANTS)
 @pytest.mark.parametrize("case", SSD_CASES, ids=_case_id)
-def test_ssd_vs_attention(benchmark, case, variant):
+def test_ssd_vs_attention(benchmark, case, variant, monkeypatch):
     """Forward + backward of one mixing layer's core at width H * P: the chunked SSD (no projections,
     conv or gate) against causal attention with H heads of P. tokens/s in extra_info."""
     B, T, H, P, N = case
     dtype = DTYPE
     benchmark.group = f"ssd-vs-attention-{_case_id(case)}"
+    if variant == "ssd-triton":
+        requires_gpu()
+    # ssd and ssd-compile time the eager chunked form even on a GPU, where auto would pick Triton
+    monkeypatch.setenv("NANOLLAMA_KERNELS", "triton" if variant == "ssd-triton" else "reference")
 
     if variant.startswith("ssd"):
 

@@ -1,5 +1,10 @@
-"""Mamba-2's SSD (state-space duality) scan: the chunked form (eager, differentiable), its sequential
-reference and the one-token step. Re-exported by nanollama.kernels.scan.
+"""Mamba-2's SSD (state-space duality) scan: the chunked form, its sequential reference and the one-token
+step. Re-exported by nanollama.kernels.scan.
+
+Layers: `ssd_scan` (public; checks once and dispatches) -> either `_SSDScan`, an autograd.Function whose
+forward is the `nanollama::ssd_scan` torch op (Triton: launcher and op in _ssd_launch.py, kernels in
+_ssd_triton.py) and whose backward is the `nanollama::ssd_scan_bwd` op, or `_ssd_chunked`, the eager
+chunked form (differentiable by autograd). Both take resets.
 
 Per head h with state S (P, N): S_t = exp(dt_t A_h) S_{t-1} + dt_t x_t B_t^T, y_t = S_t C_t.
 Names: B (batch), T (time), H (heads), P (head dim), G (groups of B/C, H % G == 0), N (state size),
@@ -11,6 +16,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from nanollama.kernels import _ssd_launch  # also registers the nanollama::ssd_scan ops
+from nanollama.kernels.dispatch import use_triton
 
 __all__ = ["ssd_scan", "ssd_scan_ref", "ssd_step"]
 
@@ -129,8 +137,45 @@ def ssd_scan(
 
     reset: (B, T) bool or None: where True the sequence restarts (the state before t, h0 included, is
     dropped), for packed documents; the decay there becomes exp(-inf) = 0 inside and across chunks.
+
+    Triton on CUDA tensors (NANOLLAMA_KERNELS, nanollama.kernels.dispatch) for 16/32-bit x (forward and
+    backward kernels) for chunks up to 128 rows and P up to 128, not both over 64 (_ssd_launch.supports:
+    larger tiles would not fit a GPU block's shared memory); else (float64, T == 0, larger tiles) the
+    eager chunked form.
     """
     _check("ssd_scan", x, dt, A, B, C, h0, chunk_size, reset)
+    if x.shape[1] > 0:
+        tensors = [t for t in (x, dt, A, B, C, h0, reset) if t is not None]
+        if use_triton(*tensors) and _ssd_launch.supports(min(chunk_size, x.shape[1]), x.shape[3]):
+            return _SSDScan.apply(x, dt, A, B, C, h0, reset, chunk_size)
+    return _ssd_chunked(x, dt, A, B, C, h0, chunk_size, reset)
+
+
+class _SSDScan(torch.autograd.Function):
+    """The Triton route: saves the inputs and the state entering each chunk (B, K, H, P, N) float32."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, h0, reset, chunk_size: int):
+        y, last, states = torch.ops.nanollama.ssd_scan(x, dt, A, B, C, h0, reset, chunk_size)
+        ctx.save_for_backward(x, dt, A, B, C, h0, reset, states)
+        ctx.chunk_size = chunk_size
+        return y, last
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_last):
+        x, dt, A, B, C, h0, reset, states = ctx.saved_tensors
+        if grad_y is None:
+            grad_y = torch.zeros_like(x)
+        if grad_last is None:
+            grad_last = states.new_zeros(states[:, 0].shape)
+        dx, ddt, dA, dB, dC, dh0 = torch.ops.nanollama.ssd_scan_bwd(
+            x, dt, A, B, C, states, reset, grad_y, grad_last, ctx.chunk_size
+        )
+        return dx, ddt, dA, dB, dC, None if h0 is None else dh0.to(h0.dtype), None, None
+
+
+def _ssd_chunked(x, dt, A, B, C, h0, chunk_size: int, reset):
+    """The eager chunked form (ssd_scan's contract; inputs already checked)."""
     b, T, H, P = x.shape
     N = B.shape[3]
     compute = torch.promote_types(x.dtype, torch.float32)
