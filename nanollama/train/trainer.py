@@ -33,11 +33,11 @@ from nanollama.train import checkpoint, rng
 from nanollama.train.checkpoint import step_dir
 from nanollama.train.config import TrainConfig, set_vocab_size
 from nanollama.train.lock import RunLock
-from nanollama.train.logs import format_eval, log, setup_logging
+from nanollama.train.logs import format_eval, format_train, log, setup_logging, warmup_warning
 from nanollama.train.loss import lm_loss
 from nanollama.train.optim import build_optimizer, lr_at
 from nanollama.train.probe_hook import run_probe
-from nanollama.train.progress import Progress, format_eta
+from nanollama.train.progress import Progress
 from nanollama.train.relaunch import check_relaunch, save_config
 from nanollama.train.resources import check_memory, set_threads
 from nanollama.train.signals import StopRequest
@@ -338,11 +338,7 @@ class Trainer:
         self.info(f"tokens per step: {tokens_per_step} (batch_size x seq_len x accum_steps x {dp})")
         self.profiler.start(self.step, tokens_per_step, world, self.info)
         if cfg.optim.warmup >= cfg.steps:
-            self.info(
-                f"warning: optim.warmup={cfg.optim.warmup} >= steps={cfg.steps}: the learning rate rises for the "
-                f"whole run and never reaches optim.lr{'' if cfg.optim.schedule == 'constant' else ' nor decays'} "
-                f"(lower optim.warmup, e.g. optim.warmup={max(cfg.steps // 10, 1)})"
-            )
+            self.info(warmup_warning(cfg.optim, cfg.steps))
         self.model.train()
         self.progress = Progress(self.step, cfg.steps, live=None if self.dist.is_main else False)
         for handler in log.handlers:  # any log line (other modules' too) first erases the live line
@@ -419,14 +415,9 @@ class Trainer:
             self._params_logged = True
         if not self.dist.is_main:
             return
-        eta = self.progress.eta() if self.progress is not None else None
-        r["eta_s"] = eta
+        r["eta_s"] = self.progress.eta() if self.progress is not None else None
         self.metrics.write(r)
-        mfu = f" | mfu {r['mfu']:.1%}" if r["mfu"] is not None else ""
-        log.info(
-            f"step {r['step']:>6}/{self.cfg.steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
-            f"grad_norm {r['grad_norm']:.3f} | tok/s {r['tokens_per_s']:,.0f}{mfu} | eta {format_eta(eta)}"
-        )
+        log.info(format_train(r, self.cfg.steps))
 
     def log_eval(self, r: dict) -> None:
         if not self.dist.is_main:
