@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         print(note)
     runs = sum(len(s.runs) for s in sections)
     out = interactive.write_html(figs, args.out, args.title or "nanollama report: " + ", ".join(args.paths), notes)
-    print(f"wrote {out}: {len(figs)} figures of {runs} runs in {time.perf_counter() - start:.1f} s")
+    took = time.perf_counter() - start
+    print(f"wrote {out}: {len(figs)} figures of {runs} run{'' if runs == 1 else 's'} in {took:.1f} s")
     if args.png is not None:
         print(interactive.write_png(figs, args.png))
     return 0
