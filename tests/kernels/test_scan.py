@@ -10,6 +10,7 @@ import types
 
 import pytest
 import torch
+from scan_inputs import ssd_inputs
 from sm90 import compile_offline
 
 from nanollama.kernels import _scan_launch, dispatch
@@ -291,25 +292,10 @@ def test_log_step_matches_the_scan(eager):
 # ----------------------------------------------------------------------------- SSD
 
 
-def _ssd_inputs(B, T, H, P, G, N, dtype, with_h0=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def leaf(t):
-        return t.to(DEVICE, dtype).requires_grad_()
-
-    x = leaf(torch.randn(B, T, H, P, generator=g))
-    dt = leaf(torch.nn.functional.softplus(torch.randn(B, T, H, generator=g) - 1))
-    A = leaf(-torch.exp(torch.randn(H, generator=g) * 0.5))
-    Bm = leaf(torch.randn(B, T, G, N, generator=g) / N**0.5)
-    Cm = leaf(torch.randn(B, T, G, N, generator=g) / N**0.5)
-    h0 = leaf(torch.randn(B, H, P, N, generator=g)) if with_h0 else None
-    return [x, dt, A, Bm, Cm, h0]
-
-
 @pytest.mark.parametrize("with_h0", [True, False], ids=["h0", "zeros"])
 @pytest.mark.parametrize("T, chunk", [(1, 16), (7, 4), (37, 16), (130, 64)])
 def test_ssd_chunked_matches_float64_loop(T, chunk, with_h0):
-    inputs = _ssd_inputs(2, T, 4, 3, 2, 5, torch.float64, with_h0, seed=T)
+    inputs = ssd_inputs(2, T, 4, 3, 2, 5, torch.float64, with_h0, seed=T)
     _assert_close(
         _grads(lambda *t: ssd_scan(*t, chunk_size=chunk), inputs), _grads(ssd_scan_ref, inputs), torch.float64
     )
@@ -317,14 +303,14 @@ def test_ssd_chunked_matches_float64_loop(T, chunk, with_h0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 def test_ssd_low_precision_against_float64(dtype):
-    inputs = _ssd_inputs(1, 45, 2, 4, 1, 8, dtype, seed=11)
+    inputs = ssd_inputs(1, 45, 2, 4, 1, 8, dtype, seed=11)
     got = _grads(lambda *t: ssd_scan(*t, chunk_size=16), inputs)
     _assert_close(got, _grads(ssd_scan_ref, _as64(inputs)), dtype)
     assert got[0].dtype == dtype and got[1].dtype == dtype
 
 
 def test_ssd_chunked_equals_stepwise_and_halves_carry_the_state():
-    x, dt, A, Bm, Cm, h0 = (t.detach() for t in _ssd_inputs(2, 21, 4, 3, 2, 5, torch.float32, seed=12))
+    x, dt, A, Bm, Cm, h0 = (t.detach() for t in ssd_inputs(2, 21, 4, 3, 2, 5, torch.float32, seed=12))
     y, last = ssd_scan(x, dt, A, Bm, Cm, h0, chunk_size=8)
     state, ys = h0, []
     for t in range(21):
@@ -341,7 +327,7 @@ def test_ssd_chunked_equals_stepwise_and_halves_carry_the_state():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_ssd_resets_match_float64_loop(dtype):
     """Resets at the start, at a chunk border (16), just before it (15) and at random inside chunks."""
-    inputs = _ssd_inputs(2, 37, 4, 3, 2, 5, dtype, seed=19)
+    inputs = ssd_inputs(2, 37, 4, 3, 2, 5, dtype, seed=19)
     reset = torch.rand(2, 37, generator=torch.Generator().manual_seed(19)) < 0.1
     reset[0, 0] = reset[1, 15] = reset[1, 16] = True
     reset = reset.to(DEVICE)
@@ -352,7 +338,7 @@ def test_ssd_resets_match_float64_loop(dtype):
 
 def test_ssd_packed_documents_equal_each_alone():
     x, dt, A, Bm, Cm, _ = (
-        t.detach() if t is not None else None for t in _ssd_inputs(1, 30, 2, 3, 1, 4, torch.float32, seed=20)
+        t.detach() if t is not None else None for t in ssd_inputs(1, 30, 2, 3, 1, 4, torch.float32, seed=20)
     )
     reset = torch.zeros(1, 30, dtype=torch.bool, device=DEVICE)
     reset[0, 11] = True  # documents [0, 11) and [11, 30)
@@ -364,7 +350,7 @@ def test_ssd_packed_documents_equal_each_alone():
 
 
 def test_ssd_chunk_size_does_not_change_the_result():
-    inputs = [t.detach() for t in _ssd_inputs(1, 50, 2, 3, 2, 4, torch.float64, seed=13)]
+    inputs = [t.detach() for t in ssd_inputs(1, 50, 2, 3, 2, 4, torch.float64, seed=13)]
     want = ssd_scan(*inputs, chunk_size=1)
     for chunk in (3, 16, 50, 64):
         _assert_close(ssd_scan(*inputs, chunk_size=chunk), want, torch.float64)

@@ -9,6 +9,7 @@ interpreter costs per operation, not per element, so T (the number of chunks) is
 
 import pytest
 import torch
+from scan_inputs import ssd_inputs
 from sm90 import compile_offline
 
 from nanollama.kernels import _ssd_launch, dispatch
@@ -26,21 +27,6 @@ TOL = {
 }
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
 IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def _inputs(B, T, H, P, G, N, dtype, with_h0=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def leaf(t):
-        return t.to(DEVICE, dtype).requires_grad_()
-
-    x = leaf(torch.randn(B, T, H, P, generator=g))
-    dt = leaf(torch.nn.functional.softplus(torch.randn(B, T, H, generator=g) - 1))
-    A = leaf(-torch.exp(torch.randn(H, generator=g) * 0.5))
-    Bm = leaf(torch.randn(B, T, G, N, generator=g) / N**0.5)
-    Cm = leaf(torch.randn(B, T, G, N, generator=g) / N**0.5)
-    h0 = leaf(torch.randn(B, H, P, N, generator=g)) if with_h0 else None
-    return [x, dt, A, Bm, Cm, h0]
 
 
 def _as64(inputs):
@@ -68,7 +54,7 @@ def _assert_close(got, want, **tol):
 @pytest.mark.parametrize("T, chunk", [(1, 16), (7, 4), (127, 32), pytest.param(300, 64, marks=pytest.mark.slow)])
 def test_triton_matches_float64_loop(triton_kernels, T, chunk, dtype):
     """G = 2 < H = 4, h0 carried, T not a multiple of the chunk (but 1)."""
-    inputs = _inputs(2 if T < 100 else 1, T, 4, 3, 2, 5, dtype, seed=T)
+    inputs = ssd_inputs(2 if T < 100 else 1, T, 4, 3, 2, 5, dtype, seed=T)
     got = _grads(lambda *t: ssd_scan(*t, chunk_size=chunk), inputs)
     _assert_close(got, _grads(ssd_scan_ref, _as64(inputs)), **TOL[dtype])
     assert got[0].dtype == dtype and got[1].dtype == dtype
@@ -81,7 +67,7 @@ def test_triton_matches_eager_chunked(triton_kernels, monkeypatch, with_h0):
     monkeypatch.setattr(_ssd_launch, "GPU_TILE", (16, 16, 1, 1))
     blocks = _ssd_launch._blocks
     monkeypatch.setattr(_ssd_launch, "_blocks", lambda L, P, N, on_gpu: blocks(L, P, N, True))
-    inputs = _inputs(1, 53, 2, 20, 1, 40, torch.float32, with_h0, seed=3)
+    inputs = ssd_inputs(1, 53, 2, 20, 1, 40, torch.float32, with_h0, seed=3)
     got = _grads(lambda *t: ssd_scan(*t, chunk_size=24), inputs)
     monkeypatch.setenv("NANOLLAMA_KERNELS", "reference")
     want = _grads(lambda *t: ssd_scan(*t, chunk_size=24), inputs)
@@ -90,7 +76,7 @@ def test_triton_matches_eager_chunked(triton_kernels, monkeypatch, with_h0):
 
 def test_triton_halves_carry_the_state(triton_kernels):
     """Two calls, the second from the first's h_last, equal one call (the carried h0 as generation uses it)."""
-    x, dt, A, Bm, Cm, h0 = (t.detach() for t in _inputs(1, 29, 2, 3, 1, 6, torch.float32, seed=4))
+    x, dt, A, Bm, Cm, h0 = (t.detach() for t in ssd_inputs(1, 29, 2, 3, 1, 6, torch.float32, seed=4))
     y, last = ssd_scan(x, dt, A, Bm, Cm, h0, chunk_size=8)
     y1, mid = ssd_scan(x[:, :13], dt[:, :13], A, Bm[:, :13], Cm[:, :13], h0, chunk_size=8)
     y2, last2 = ssd_scan(x[:, 13:], dt[:, 13:], A, Bm[:, 13:], Cm[:, 13:], mid, chunk_size=8)
@@ -101,7 +87,7 @@ def test_triton_halves_carry_the_state(triton_kernels):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=IDS.get)
 def test_triton_resets_match_float64_loop(triton_kernels, dtype):
     """Resets at t = 0 (h0 dropped), at a chunk border (16), just before it (15) and at random inside chunks."""
-    inputs = _inputs(2, 37, 2, 3, 1, 5, dtype, seed=8)
+    inputs = ssd_inputs(2, 37, 2, 3, 1, 5, dtype, seed=8)
     reset = torch.rand(2, 37, generator=torch.Generator().manual_seed(8)) < 0.1
     reset[0, 0] = reset[1, 15] = reset[1, 16] = True
     reset = reset.to(DEVICE)
@@ -110,7 +96,7 @@ def test_triton_resets_match_float64_loop(triton_kernels, dtype):
 
 
 def test_triton_packed_documents_equal_each_alone(triton_kernels):
-    x, dt, A, Bm, Cm = (t.detach() for t in _inputs(1, 30, 2, 3, 1, 4, torch.float32, with_h0=False)[:5])
+    x, dt, A, Bm, Cm = (t.detach() for t in ssd_inputs(1, 30, 2, 3, 1, 4, torch.float32, with_h0=False)[:5])
     reset = torch.zeros(1, 30, dtype=torch.bool, device=DEVICE)
     reset[0, 11] = True  # documents [0, 11) and [11, 30), the border inside the second chunk of 8
     y, last = ssd_scan(x, dt, A, Bm, Cm, chunk_size=8, reset=reset)
@@ -123,7 +109,7 @@ def test_triton_packed_documents_equal_each_alone(triton_kernels):
 def test_strided_inputs(triton_kernels):
     """Non-contiguous views (x, B and C split from one projection as Mamba-2 does; a transposed h0) give the
     contiguous inputs' outputs and gradients."""
-    x, dt, A, Bm, Cm, h0 = _inputs(1, 19, 2, 3, 2, 4, torch.float32, seed=5)
+    x, dt, A, Bm, Cm, h0 = ssd_inputs(1, 19, 2, 3, 2, 4, torch.float32, seed=5)
     want = _grads(lambda *t: ssd_scan(*t, chunk_size=8), [x, dt, A, Bm, Cm, h0])
 
     def split(xbc, dt, A, h0t):
@@ -145,7 +131,7 @@ def test_dispatch_rule(monkeypatch):
     calls = []
     real = ssd_mod._SSDScan.apply
     monkeypatch.setattr(ssd_mod._SSDScan, "apply", lambda *a: calls.append("triton") or real(*a))
-    x, dt, A, Bm, Cm = (t.detach().cpu() for t in _inputs(1, 5, 2, 3, 1, 4, torch.float32, with_h0=False)[:5])
+    x, dt, A, Bm, Cm = (t.detach().cpu() for t in ssd_inputs(1, 5, 2, 3, 1, 4, torch.float32, with_h0=False)[:5])
     monkeypatch.setenv("NANOLLAMA_KERNELS", "auto")
     ssd_scan(x, dt, A, Bm, Cm)
     assert calls == []
@@ -157,11 +143,11 @@ def test_dispatch_rule(monkeypatch):
         ssd_scan(x, dt, A, Bm, Cm, reset=torch.zeros(1, 5, dtype=torch.bool))
         assert calls == ["triton", "triton"]
         # tiles past what fits a GPU block's shared memory: 129 rows (padded to 256), P = 129, or both 65
-        long = [t.detach().cpu() for t in _inputs(1, 129, 1, 2, 1, 4, torch.float32, with_h0=False)[:5]]
+        long = [t.detach().cpu() for t in ssd_inputs(1, 129, 1, 2, 1, 4, torch.float32, with_h0=False)[:5]]
         ssd_scan(*long, chunk_size=256)
-        both = [t.detach().cpu() for t in _inputs(1, 65, 1, 65, 1, 4, torch.float32, with_h0=False)[:5]]
+        both = [t.detach().cpu() for t in ssd_inputs(1, 65, 1, 65, 1, 4, torch.float32, with_h0=False)[:5]]
         ssd_scan(*both, chunk_size=128)
-        wide = [t.detach().cpu() for t in _inputs(1, 3, 1, 129, 1, 4, torch.float32, with_h0=False)[:5]]
+        wide = [t.detach().cpu() for t in ssd_inputs(1, 3, 1, 129, 1, 4, torch.float32, with_h0=False)[:5]]
         ssd_scan(*wide)
         assert calls == ["triton", "triton"]
 
@@ -169,7 +155,7 @@ def test_dispatch_rule(monkeypatch):
 @pytest.mark.slow
 def test_opcheck(triton_kernels):
     """Schema, fake tensors and AOT dispatch of both ops (their autograd is _SSDScan, outside the ops)."""
-    x, dt, A, Bm, Cm, h0 = (t.detach() for t in _inputs(1, 9, 2, 3, 1, 4, torch.float32, seed=6))
+    x, dt, A, Bm, Cm, h0 = (t.detach() for t in ssd_inputs(1, 9, 2, 3, 1, 4, torch.float32, seed=6))
     reset = torch.zeros(1, 9, dtype=torch.bool, device=DEVICE)
     reset[0, 5] = True
     torch.library.opcheck(torch.ops.nanollama.ssd_scan.default, (x, dt, A, Bm, Cm, h0, reset, 4))
@@ -180,7 +166,7 @@ def test_opcheck(triton_kernels):
 
 @pytest.mark.slow
 def test_compile_has_no_graph_break(triton_kernels):
-    x, dt, A, Bm, Cm, h0 = _inputs(1, 11, 2, 3, 1, 4, torch.float32, seed=7)
+    x, dt, A, Bm, Cm, h0 = ssd_inputs(1, 11, 2, 3, 1, 4, torch.float32, seed=7)
 
     def loss(x, dt, A, Bm, Cm, h0):
         y, last = ssd_scan(x, dt, A, Bm, Cm, h0, chunk_size=4)
@@ -214,7 +200,7 @@ def test_cuda_model_shapes(monkeypatch, dtype, chunk, P):
     if DEVICE.type != "cuda":
         pytest.skip("needs a CUDA device")
     monkeypatch.delenv("NANOLLAMA_KERNELS", raising=False)
-    inputs = _inputs(2, 1000, 8, P, 1, 128, dtype, seed=9)
+    inputs = ssd_inputs(2, 1000, 8, P, 1, 128, dtype, seed=9)
     reset = torch.rand(2, 1000, generator=torch.Generator().manual_seed(9)) < 0.01
     reset = reset.to(DEVICE)
     calls = []
