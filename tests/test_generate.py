@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from greedy import greedy_alone, random_prompts
 from tiny_run import train_tiny_run
 
 from nanollama.generate import cli as gen
@@ -33,19 +34,7 @@ def tiny(n_layers: int = 2, max_seq_len: int = 40, gain: float = 12.0, **kw) -> 
 
 
 def ragged_prompts(lengths, seed: int = 1) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
-
-
-@torch.no_grad()
-def greedy_alone(model, prompt: list[int], n: int) -> list[int]:
-    """Greedy decoding of one prompt by full recomputation: no cache, no batch, no padding."""
-    seq, new = list(prompt), []
-    for _ in range(n):
-        token = int(model(torch.tensor([seq]))[0, -1].argmax())
-        new.append(token)
-        seq.append(token)
-    return new
+    return random_prompts(lengths, VOCAB, seed)
 
 
 # ----------------------------------------------------------------------------- exactness

@@ -3,26 +3,14 @@
 from __future__ import annotations
 
 import pytest
-import torch
+from greedy import greedy_alone, random_prompts
 from recurrent_models import ARCHS, VOCAB, tiny
 
 from nanollama.generate import generate
 
 
 def ragged_prompts(lengths, seed: int = 1) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
-
-
-@torch.no_grad()
-def greedy_alone(model, prompt: list[int], n: int) -> list[int]:
-    """Greedy decoding of one prompt by full recomputation: no state, no batch, no padding."""
-    seq, new = list(prompt), []
-    for _ in range(n):
-        token = int(model(torch.tensor([seq]))[0, -1].argmax())
-        new.append(token)
-        seq.append(token)
-    return new
+    return random_prompts(lengths, VOCAB, seed)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
