@@ -277,6 +277,20 @@ def _size_id(size: Size) -> str:
     return f"{size.name}-B{size.batch}-S{size.seq_len}"
 
 
+def _training_step(model):
+    """(step(tokens, *params), params): one AdamW training step of `model` (forward, backward, update)."""
+    optimizer = build_optimizer(model, OptimConfig())
+
+    def step(tokens, *_params):
+        with autocast():
+            loss = lm_loss(model, tokens)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, list(model.parameters())
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("size", SIZES, ids=_size_id)
 def test_train_step(benchmark, size: Size, variant: str, monkeypatch, attention_cache):
@@ -293,15 +307,7 @@ def test_train_step(benchmark, size: Size, variant: str, monkeypatch, attention_
     model = build_plain(size) if variant == "plain" else build_ours(size)
     if variant == "compile":
         compile_blocks(model)
-    optimizer = build_optimizer(model, OptimConfig())
-    params = list(model.parameters())
-
-    def step(tokens, *_params):
-        with autocast():
-            loss = lm_loss(model, tokens)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    step, params = _training_step(model)
 
     def make():
         # The parameters ride along so the harness sees what a step reads (far more than the L2):
@@ -374,15 +380,7 @@ def test_train_step_profiler(benchmark, size: Size, profiler: str, tmp_path, mon
     monkeypatch.setenv("NANOLLAMA_CACHE_DIR", attention_cache)
     monkeypatch.setenv("NANOLLAMA_KERNELS", "auto")
     model = build_ours(size)
-    optimizer = build_optimizer(model, OptimConfig())
-    params = list(model.parameters())
-
-    def step(tokens, *_params):
-        with autocast():
-            loss = lm_loss(model, tokens)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    step, params = _training_step(model)
 
     tokens_per_step = size.batch * size.seq_len
     with torch.device("meta"):
